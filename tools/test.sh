@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run every test of the project: notebooks/package sync, nbdev_test, the offline docs build, pytest.
+# Expects the environment from README command 1 (.venv with `pip install -e '.[dev]'`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ] && . .venv/bin/activate
+T0=$SECONDS
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
+export MPLBACKEND=Agg
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+echo "[test] notebooks clean and package in sync"
+nbdev_clean
+nbdev_export
+if [ -n "$(git status --porcelain -uno -- nbs torchebm)" ]; then
+  git status --short -uno -- nbs torchebm
+  echo "[test] FAIL: notebooks not clean or torchebm/ not in sync with nbs/: run 'nbdev_clean && nbdev_export' and commit"
+  exit 1
+fi
+
+echo "[test] nbdev_test"
+timeout 1500 nbdev_test --n_workers 2 --timing
+echo "[test] nbdev_test done at $((SECONDS-T0))s"
+
+echo "[test] pytest"
+set +e
+timeout 1500 python -m pytest -q -ra -p no:cacheprovider
+rc=$?
+set -e
+echo "[test] total $((SECONDS-T0))s"
+if [ "$rc" -eq 5 ]; then rc=0; fi
+exit "$rc"
