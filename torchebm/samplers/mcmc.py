@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['DEFAULT_N_STEPS', 'ChainState', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
            'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
-           'check_chains_finite', 'run_chain', 'MCMCSampler']
+           'check_chains_finite', 'run_chain', 'MCMCSampler', 'DualAveraging', 'acceptance_probability',
+           'StepSizeAdaptation']
 
-# %% ../../nbs/12_mcmc.ipynb #be5247c5
+# %% ../../nbs/12_mcmc.ipynb #5cd3816e
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -18,14 +19,14 @@ from tqdm.auto import tqdm
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_finite, check_nonnegative_int,
                                 resolve_model, warn_deprecated)
 
-# %% ../../nbs/12_mcmc.ipynb #5b539975
+# %% ../../nbs/12_mcmc.ipynb #817c352c
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-# %% ../../nbs/12_mcmc.ipynb #db2c248e
+# %% ../../nbs/12_mcmc.ipynb #04005401
 def model_energy(model, x: torch.Tensor) -> torch.Tensor:
     "Energies `[batch]` of `x: [batch, *dim]`, without a graph."
     with torch.no_grad(): return model(x)
@@ -50,7 +51,7 @@ def evaluated(model, state: ChainState) -> ChainState:
     energy, grad = model_energy_and_gradient(model, state.x)
     return ChainState(state.x, energy, grad)
 
-# %% ../../nbs/12_mcmc.ipynb #7b1a9009
+# %% ../../nbs/12_mcmc.ipynb #a211c9e3
 def warn_deprecated_arguments(owner: str, used: Dict[str, str]) -> None:
     "One `DeprecationWarning` for all deprecated constructor arguments in `used` (`old name -> replacement`)."
     if not used: return
@@ -62,7 +63,7 @@ def resolve_sampler_model(owner: str, model, energy_function):
         warnings.simplefilter('ignore', DeprecationWarning)
         return resolve_model(model, energy_function, owner)
 
-# %% ../../nbs/12_mcmc.ipynb #e15f4a1d
+# %% ../../nbs/12_mcmc.ipynb #1b0c9811
 def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[str, List[float]]:
     "The value of every scheduler at steps `0 .. n_steps-1` (after resetting it); the schedulers end reset."
     values = {}
@@ -78,7 +79,7 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
-# %% ../../nbs/12_mcmc.ipynb #22ec80e3
+# %% ../../nbs/12_mcmc.ipynb #6d7908c8
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
     energy = state.energy if state.energy is not None else model_energy(model, x)
@@ -104,7 +105,7 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
                          f"(chains [{shown}]) between steps {first_step} and {last_step}; "
                          "reduce step_size or check the model's energy")
 
-# %% ../../nbs/12_mcmc.ipynb #d9ef19e0
+# %% ../../nbs/12_mcmc.ipynb #b6cf9de3
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler'):
@@ -135,7 +136,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner)
     return state, trajectory, diagnostics
 
-# %% ../../nbs/12_mcmc.ipynb #a928e144
+# %% ../../nbs/12_mcmc.ipynb #f276c155
 DEFAULT_N_STEPS = 100
 
 class MCMCSampler(BaseSampler):
@@ -205,3 +206,63 @@ class MCMCSampler(BaseSampler):
                 final_x = state.x
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
+
+# %% ../../nbs/12_mcmc.ipynb #d40dc9dc
+class DualAveraging:
+    "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
+    def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
+                 kappa: float = 0.75):
+        if not 0 < target < 1: raise ValueError(f"target acceptance must be in (0, 1), got {target!r}")
+        self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
+        self.restart(step_size)
+
+    def restart(self, step_size: torch.Tensor) -> None:
+        "Start adapting again from `step_size` (e.g. after the mass matrix changed)."
+        log_eps = step_size.log()
+        self.mu = log_eps + math.log(10.0)
+        self.h_bar = torch.zeros_like(log_eps)
+        self.log_eps_bar = log_eps.clone()
+        self.m = 0
+
+    def update(self, accept_prob: torch.Tensor) -> torch.Tensor:
+        "Record acceptance probabilities `[n_chains]`; returns the next step size."
+        if self.h_bar.ndim == 0: accept_prob = accept_prob.mean()
+        self.m += 1
+        w = 1.0 / (self.m + self.t0)
+        self.h_bar = (1 - w) * self.h_bar + w * (self.target - accept_prob)
+        log_eps = self.mu - (math.sqrt(self.m) / self.gamma) * self.h_bar
+        eta = self.m ** -self.kappa
+        self.log_eps_bar = eta * log_eps + (1 - eta) * self.log_eps_bar
+        return log_eps.exp()
+
+    @property
+    def final_step_size(self) -> torch.Tensor:
+        "The averaged step size $\\bar\\epsilon$ to use after warm-up."
+        return self.log_eps_bar.exp()
+
+# %% ../../nbs/12_mcmc.ipynb #006318bd
+def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:
+    "$\\min(1, e^{\\log r})$ per chain, with NaN ratios (diverged proposals) counted as 0."
+    return torch.nan_to_num(log_accept_ratio, nan=-math.inf).clamp(max=0.0).exp()
+
+class StepSizeAdaptation:
+    "A run's step size: dual averaging for the first `n_adapt` steps, then frozen; `value` is 0-d or `[n_chains]`."
+    def __init__(self, step_size: float, x: torch.Tensor, n_adapt: int, target: float, per_chain: bool = False):
+        shape = (x.shape[0],) if per_chain else ()
+        self.value = torch.full(shape, float(step_size), dtype=x.dtype, device=x.device)
+        self.dual_averaging = DualAveraging(self.value, target)
+        self.n_adapt = n_adapt
+
+    def update(self, i: int, accept_prob: torch.Tensor) -> None:
+        "After step `i`, with acceptance probabilities `[n_chains]`."
+        if i >= self.n_adapt: return
+        self.value = self.dual_averaging.update(accept_prob)
+        if i == self.n_adapt - 1: self.value = self.dual_averaging.final_step_size
+
+    def restart(self) -> None:
+        "Restart dual averaging from the current step size."
+        self.dual_averaging.restart(self.value)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        "The step size shaped to broadcast against `x: [n_chains, *dim]`."
+        return self.value.reshape(-1, *([1] * (x.ndim - 1))) if self.value.ndim else self.value
