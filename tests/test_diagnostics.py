@@ -1,0 +1,147 @@
+"Tests of torchebm.diagnostics: MCMC diagnostics against ArviZ and closed forms, sample-quality distances."
+import math
+
+import pytest
+import torch
+
+from torchebm.diagnostics import (autocorrelation, effective_sample_size, ess_bulk, ess_tail, r_hat,
+                                  maximum_mean_discrepancy, sliced_wasserstein_distance, energy_distance_test,
+                                  mcmc_summary)
+
+
+def ar1(rho, n_chains, n_steps, dim, seed, dtype=torch.float64):
+    "Stationary AR(1) chains `[n_chains, n_steps, dim]` with unit variance."
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(n_chains, n_steps, dim, generator=g, dtype=dtype)
+    x = torch.empty_like(eps)
+    x[:, 0] = eps[:, 0]
+    for t in range(1, n_steps):
+        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho ** 2) * eps[:, t]
+    return x
+
+
+def _arrays():
+    "A mix of awkward chains: correlated, heavy-tailed, odd length, sticky (repeated draws), disagreeing chains."
+    g = torch.Generator().manual_seed(0)
+    yield ar1(0.9, 4, 501, 3, seed=1)
+    yield torch.distributions.StudentT(2.0).sample((3, 200, 2)).double()
+    sticky = ar1(0.3, 4, 300, 2, seed=2)
+    keep = torch.rand(4, 300, 2, generator=g) < 0.4
+    for t in range(1, 300):
+        sticky[:, t] = torch.where(keep[:, t], sticky[:, t - 1], sticky[:, t])
+    yield sticky
+    yield ar1(0.5, 4, 100, 2, seed=3) * torch.tensor([1., 1., 3., 1.], dtype=torch.float64)[:, None, None] \
+        + torch.tensor([0., 0.5, 0., 0.], dtype=torch.float64)[:, None, None]
+    yield ar1(-0.6, 2, 7, 1, seed=4)
+
+
+@pytest.mark.parametrize('case', list(range(5)))
+def test_matches_arviz(case):
+    az = pytest.importorskip('arviz')
+    x = list(_arrays())[case]
+    for j in range(x.shape[-1]):
+        a = x[..., j].numpy()
+        for method in ('bulk', 'tail', 'mean'):
+            ours = effective_sample_size(x, method)[j].item()
+            assert ours == pytest.approx(float(az.ess(a, method=method)), rel=1e-8), (method, j)
+        for method in ('rank', 'split'):
+            assert r_hat(x, method)[j].item() == pytest.approx(float(az.rhat(a, method=method)), rel=1e-10)
+        acf = az.autocorr(a[0])
+        assert autocorrelation(x)[0, :, j].numpy() == pytest.approx(acf, abs=1e-10)
+
+
+@pytest.mark.parametrize('rho', [0.9, 0.5, 0.0, -0.3])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_ar1_ess_closed_form(rho, seed):
+    x = ar1(rho, n_chains=4, n_steps=4000, dim=16, seed=seed)
+    expected = (1 - rho) / (1 + rho)
+    for method in ('bulk', 'mean'):
+        ratio = effective_sample_size(x, method).mean().item() / x.shape[0] / x.shape[1]
+        assert ratio == pytest.approx(expected, rel=0.08)
+    assert (r_hat(x) < 1.02).all()
+
+
+def test_shapes_dtypes_and_images():
+    x = torch.randn(3, 50, 2, 4, 4)
+    assert ess_bulk(x).shape == (2, 4, 4) and ess_bulk(x).dtype == torch.float32
+    assert r_hat(x).shape == (2, 4, 4)
+    assert ess_tail(x.double()).dtype == torch.float64
+    assert autocorrelation(x, max_lag=5).shape == (3, 6, 2, 4, 4)
+    assert ess_bulk(torch.randn(2, 40)).shape == ()
+
+
+def test_constant_chain_ess_is_total_draws():
+    x = torch.ones(2, 20, 1)
+    assert ess_bulk(x).item() == 40
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match='trajectory'):
+        ess_bulk([[1.0, 2.0]])
+    with pytest.raises(ValueError, match='2 chains'):
+        r_hat(torch.randn(1, 10))
+    with pytest.raises(ValueError, match="method='x'"):
+        r_hat(torch.randn(2, 10), 'x')
+    with pytest.raises(ValueError, match='diagnostics='):
+        mcmc_summary()
+    with pytest.raises(TypeError, match='energy'):
+        mcmc_summary(diagnostics={'mean': torch.zeros(3, 2)})
+
+
+def test_summary_from_sampler_diagnostics():
+    x = ar1(0.5, 3, 200, 2, seed=0)
+    diag = {'energy': x.pow(2).sum(-1).T / 2, 'mean': x.mean(0), 'var': x.var(0),
+            'acceptance_rate': torch.full((200,), 0.6, dtype=torch.float64)}
+    s = mcmc_summary(x, diag)
+    assert set(s) == {'ess_bulk', 'ess_tail', 'r_hat', 'energy_ess_bulk', 'energy_ess_tail', 'energy_r_hat',
+                      'acceptance_rate'}
+    assert s['energy_ess_bulk'].item() == pytest.approx(ess_bulk(diag['energy'].T).item())
+
+
+def test_mmd_closed_form_and_symmetry():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 3, generator=g, dtype=torch.float64)
+    y = 2 * torch.randn(1500, 3, generator=g, dtype=torch.float64)
+    # Closed form for N(0, I) vs N(0, 4 I), one RBF kernel of width h:
+    # E k(x,x') = (h^2/(h^2+2))^{d/2}, E k(y,y') = (h^2/(h^2+8))^{d/2}, E k(x,y) = (h^2/(h^2+5))^{d/2}.
+    h, d = 1.5, 3
+    exact = sum(c * (h ** 2 / (h ** 2 + s)) ** (d / 2) for c, s in ((1, 2), (1, 8), (-2, 5)))
+    est = maximum_mean_discrepancy(x, y, bandwidths=[h]).item()
+    assert est == pytest.approx(exact, abs=0.01)
+    assert maximum_mean_discrepancy(y, x).item() == pytest.approx(maximum_mean_discrepancy(x, y).item())
+
+
+def test_mmd_unbiased_under_null():
+    g = torch.Generator().manual_seed(1)
+    vals = torch.stack([maximum_mean_discrepancy(torch.randn(100, 2, generator=g), torch.randn(100, 2, generator=g),
+                                                 bandwidths=[1.0]) for _ in range(200)])
+    assert abs(vals.mean().item()) < 3 * vals.std().item() / math.sqrt(200)
+    assert (vals < 0).any()
+
+
+def test_sliced_wasserstein_shift_and_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 4, generator=g, dtype=torch.float64)
+    mu = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    sw = sliced_wasserstein_distance(x, x + mu, n_projections=4000, generator=g)
+    assert sw.item() ** 2 == pytest.approx(mu.pow(2).sum().item() / 4, rel=0.05)
+    # Scaling by 2 doubles every projected quantile: SW_2 = ||x-projections||, close to 1 for N(0, I).
+    sw_scale = sliced_wasserstein_distance(x, 2 * x, n_projections=500, generator=g)
+    assert sw_scale.item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match='n_projections'):
+        sliced_wasserstein_distance(x, x, n_projections=0)
+
+
+def test_energy_test_calibrated_and_powerful():
+    g = torch.Generator().manual_seed(0)
+    pvals = torch.stack([energy_distance_test(torch.randn(40, 2, generator=g), torch.randn(50, 2, generator=g),
+                                              n_permutations=99, generator=g).p_value for _ in range(100)])
+    assert 0.02 <= (pvals <= 0.1).float().mean().item() <= 0.2   # nominal 0.1
+    res = energy_distance_test(torch.randn(100, 2, generator=g), torch.randn(100, 2, generator=g) + 0.8,
+                               n_permutations=199, generator=g)
+    assert res.p_value.item() == pytest.approx(1 / 200)
+    again = energy_distance_test(torch.zeros(5, 1) + torch.arange(5.)[:, None], torch.arange(6.)[:, None],
+                                 generator=torch.Generator().manual_seed(3))
+    same = energy_distance_test(torch.zeros(5, 1) + torch.arange(5.)[:, None], torch.arange(6.)[:, None],
+                                generator=torch.Generator().manual_seed(3))
+    assert again.p_value == same.p_value
