@@ -152,3 +152,16 @@ def test_checkerboard_is_uniform_on_black_cells():
     black = counts[(torch.arange(4)[:, None] + torch.arange(4)) % 2 == 1]
     assert black.min() > 1800 and black.max() < 2200
     assert counts.sum() == black.sum()
+
+
+@pytest.mark.parametrize('cls, kwargs', [(GaussianMixtureDataset, dict(n_components=3, std=0.3)),
+                                         (EightGaussiansDataset, dict(std=0.2)), (GridDataset, dict(grid_size=2, std=0.4))])
+def test_mixture_log_prob_is_a_normalised_density_matching_the_sample(cls, kwargs):
+    ds = cls(n_samples=20000, seed=0, dtype=torch.float64, **kwargs)
+    side = torch.linspace(-4, 4, 401, dtype=torch.float64)
+    mesh = torch.stack(torch.meshgrid(side, side, indexing='ij'), -1).reshape(-1, 2)
+    assert abs(ds.log_prob(mesh).exp().sum() * (8 / 400) ** 2 - 1) < 2e-3
+    # the sample's average log-density estimates -entropy; compare with an independent sample's
+    other = cls(n_samples=20000, seed=1, dtype=torch.float64, **kwargs).get_data()
+    assert abs(ds.log_prob(ds.get_data()).mean() - ds.log_prob(other).mean()) < 0.05
+    with pytest.raises(ValueError, match='std > 0'): cls(n_samples=10, **{**kwargs, 'std': 0.0}).log_prob(mesh)

@@ -6,7 +6,7 @@
 __all__ = ['SyntheticDataset', 'GaussianMixtureDataset', 'EightGaussiansDataset', 'GridDataset', 'TwoMoonsDataset',
            'CircleDataset', 'SwissRollDataset', 'SpiralDataset', 'PinwheelDataset', 'CheckerboardDataset']
 
-# %% ../../nbs/30_datasets.ipynb #95890d95
+# %% ../../nbs/30_datasets.ipynb #2647d1f9
 import math
 from typing import Optional, Union
 
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..core.base import check_nonnegative_int, check_positive
 
-# %% ../../nbs/30_datasets.ipynb #5c41e60b
+# %% ../../nbs/30_datasets.ipynb #15b1213f
 def _check_nonnegative(name: str, value) -> None:
     "Raise unless `value` is a finite number >= 0."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -31,7 +31,7 @@ def _check_seed(seed) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
 
-# %% ../../nbs/30_datasets.ipynb #6297a8f3
+# %% ../../nbs/30_datasets.ipynb #056b3528
 class SyntheticDataset(Dataset):
     "A seeded sample `[n_samples, 2]` of a 2-D distribution; items are `[2]` tensors."
     def __init__(self, n_samples: int = 2000, device: Union[str, torch.device, None] = None,
@@ -69,7 +69,7 @@ class SyntheticDataset(Dataset):
         return (f"{type(self).__name__}(n_samples={self.n_samples}{', ' + extra if extra else ''}, "
                 f"seed={self.seed}, device={self.device}, dtype={self.dtype})")
 
-# %% ../../nbs/30_datasets.ipynb #355f2208
+# %% ../../nbs/30_datasets.ipynb #86305448
 def _ring_centers(n_components: int, radius: float) -> torch.Tensor:
     angles = torch.arange(n_components, dtype=torch.float64) * (2 * math.pi / n_components)
     return radius * torch.stack((angles.cos(), angles.sin()), dim=1)
@@ -80,7 +80,15 @@ class _MixtureDataset(SyntheticDataset):
         labels = torch.randint(len(self.centers), (n,), generator=generator)
         return self.centers[labels] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
-# %% ../../nbs/30_datasets.ipynb #92f9a8f8
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        "Exact log-density `[batch]` of the mixture at `x: [batch, 2]` (needs `std > 0`)."
+        if self.std <= 0: raise ValueError("log_prob needs std > 0 (a zero-width mixture has no density)")
+        centers = self.centers.to(device=x.device, dtype=x.dtype)
+        sq = (x[:, None, :] - centers[None]).square().sum(-1)
+        log_norm = math.log(len(centers)) + math.log(2 * math.pi * self.std ** 2)
+        return torch.logsumexp(-0.5 * sq / self.std ** 2, dim=1) - log_norm
+
+# %% ../../nbs/30_datasets.ipynb #267a6118
 class GaussianMixtureDataset(_MixtureDataset):
     "`n_components` equal-weight Gaussians with standard deviation `std`, centred evenly on a circle of `radius`."
     def __init__(self, n_samples: int = 2000, n_components: int = 8, std: float = 0.05, radius: float = 1.0,
@@ -94,7 +102,7 @@ class GaussianMixtureDataset(_MixtureDataset):
 
     def _extra_repr(self): return f"n_components={self.n_components}, std={self.std}, radius={self.radius}"
 
-# %% ../../nbs/30_datasets.ipynb #477eda9d
+# %% ../../nbs/30_datasets.ipynb #c54c2f41
 class EightGaussiansDataset(_MixtureDataset):
     "Eight equal-weight Gaussians with standard deviation `std` at the compass points of a circle of radius `scale`."
     def __init__(self, n_samples: int = 2000, std: float = 0.02, scale: float = 2.0,
@@ -107,7 +115,7 @@ class EightGaussiansDataset(_MixtureDataset):
 
     def _extra_repr(self): return f"std={self.std}, scale={self.scale}"
 
-# %% ../../nbs/30_datasets.ipynb #d7105510
+# %% ../../nbs/30_datasets.ipynb #b0790854
 class GridDataset(_MixtureDataset):
     "Equal-weight Gaussians (standard deviation `std`) on a `grid_size` x `grid_size` grid spanning `[-range_limit, range_limit]^2`."
     def __init__(self, n_samples: int = 2000, grid_size: int = 5, range_limit: float = 2.0, std: float = 0.05,
@@ -124,7 +132,7 @@ class GridDataset(_MixtureDataset):
 
     def _extra_repr(self): return f"grid_size={self.grid_size}, range_limit={self.range_limit}, std={self.std}"
 
-# %% ../../nbs/30_datasets.ipynb #daaf5867
+# %% ../../nbs/30_datasets.ipynb #d0656a73
 class TwoMoonsDataset(SyntheticDataset):
     "Two interleaving half circles with isotropic Gaussian noise of standard deviation `noise`."
     def __init__(self, n_samples: int = 2000, noise: float = 0.05,
@@ -144,7 +152,7 @@ class TwoMoonsDataset(SyntheticDataset):
 
     def _extra_repr(self): return f"noise={self.noise}"
 
-# %% ../../nbs/30_datasets.ipynb #656ba81c
+# %% ../../nbs/30_datasets.ipynb #9b91e471
 class CircleDataset(SyntheticDataset):
     "Points at a uniform angle on a circle of `radius`, with Gaussian noise of standard deviation `noise`."
     def __init__(self, n_samples: int = 2000, noise: float = 0.05, radius: float = 1.0,
@@ -161,7 +169,7 @@ class CircleDataset(SyntheticDataset):
 
     def _extra_repr(self): return f"noise={self.noise}, radius={self.radius}"
 
-# %% ../../nbs/30_datasets.ipynb #318ab15d
+# %% ../../nbs/30_datasets.ipynb #d9cb735e
 class SwissRollDataset(SyntheticDataset):
     "A 2-D swiss roll: `t (cos t, sin t)` for `t` uniform in `[pi a, 3 pi a]` (a = `arclength`), scaled to outer radius `radius`."
     def __init__(self, n_samples: int = 2000, noise: float = 0.05, arclength: float = 1.5, radius: float = 2.5,
@@ -179,7 +187,7 @@ class SwissRollDataset(SyntheticDataset):
 
     def _extra_repr(self): return f"noise={self.noise}, arclength={self.arclength}, radius={self.radius}"
 
-# %% ../../nbs/30_datasets.ipynb #8402fdb4
+# %% ../../nbs/30_datasets.ipynb #c2838cae
 class SpiralDataset(SyntheticDataset):
     "`n_arms` interleaved Archimedean spirals of `turns` turns reaching `radius`, uniform along the arc, plus noise."
     def __init__(self, n_samples: int = 2000, n_arms: int = 2, turns: float = 1.5, radius: float = 2.5,
@@ -200,7 +208,7 @@ class SpiralDataset(SyntheticDataset):
 
     def _extra_repr(self): return f"n_arms={self.n_arms}, turns={self.turns}, radius={self.radius}, noise={self.noise}"
 
-# %% ../../nbs/30_datasets.ipynb #cba56bc5
+# %% ../../nbs/30_datasets.ipynb #c230ea67
 class PinwheelDataset(SyntheticDataset):
     "`n_classes` curved blades: radius `radial_scale*sqrt(u)`, angle bent by `spiral_scale*sqrt(u)` and jittered by `angular_scale`."
     def __init__(self, n_samples: int = 2000, n_classes: int = 5, noise: float = 0.05, radial_scale: float = 2.0,
@@ -226,7 +234,7 @@ class PinwheelDataset(SyntheticDataset):
         return (f"n_classes={self.n_classes}, noise={self.noise}, radial_scale={self.radial_scale}, "
                 f"angular_scale={self.angular_scale}, spiral_scale={self.spiral_scale}")
 
-# %% ../../nbs/30_datasets.ipynb #b4dad875
+# %% ../../nbs/30_datasets.ipynb #5d8b1c8e
 class CheckerboardDataset(SyntheticDataset):
     "Uniform on the black cells of an `n_cells` x `n_cells` checkerboard over `[-range_limit, range_limit]^2`."
     def __init__(self, n_samples: int = 2000, range_limit: float = 2.0, n_cells: int = 4, noise: float = 0.0,

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EqMEnergy', 'ClassifierFreeGuidance', 'VectorFieldEnergy']
 
-# %% ../../nbs/34_wrappers.ipynb #0de966fa
+# %% ../../nbs/34_wrappers.ipynb #f4b777bc
 import math
 from typing import Optional, Union
 
@@ -15,7 +15,7 @@ from torch import nn
 from ..core.base import BaseModel, check_choice
 from .components import as_time_batch
 
-# %% ../../nbs/34_wrappers.ipynb #e02a0280
+# %% ../../nbs/34_wrappers.ipynb #3c437a9a
 def _batch_double(value, batch: int):
     "Repeat a batch-aligned tensor twice along the batch axis; leave anything else as is."
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
@@ -35,6 +35,9 @@ class ClassifierFreeGuidance(BaseModel):
             raise ValueError("null_label is required: the wrapped model has no null_label attribute "
                              "(build it with num_classes=..., or pass null_label=)")
         self.model, self.guidance_scale, self.null_label, self.y = model, float(guidance_scale), null_label, y
+
+    @property
+    def dim(self) -> Optional[int]: return getattr(self.model, 'dim', None)
 
     def _labels(self, y, batch: int, device) -> torch.Tensor:
         y = torch.as_tensor(y, device=device)
@@ -62,7 +65,7 @@ class ClassifierFreeGuidance(BaseModel):
         cond, uncond = out.chunk(2)
         return uncond + w * (cond - uncond)
 
-# %% ../../nbs/34_wrappers.ipynb #504266d2
+# %% ../../nbs/34_wrappers.ipynb #3a375bfb
 class VectorFieldEnergy(BaseModel):
     "Scalar energy `[batch]` built from a vector field `f(x)`: `<x, f(x)>` ('dot'), `-|f(x)|^2/2` ('l2') or `f` as the gradient ('implicit')."
     ENERGY_TYPES = ('dot', 'l2', 'implicit')
