@@ -6,7 +6,7 @@
 __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'RK4Integrator', 'Dopri5Integrator', 'INTEGRATORS',
            'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4', 'MassMatrix', 'Leapfrog', 'Dopri5', 'get_integrator']
 
-# %% ../../nbs/10_integrators.ipynb #4fbea40e
+# %% ../../nbs/10_integrators.ipynb #11265948
 import math
 from typing import Callable, Dict, Optional, Union
 
@@ -15,7 +15,7 @@ import torch
 from ..core.base import (BaseIntegrator, DeviceMixin, check_choice, check_nonnegative_int, check_positive,
                                 resolve_option)
 
-# %% ../../nbs/10_integrators.ipynb #d120a610
+# %% ../../nbs/10_integrators.ipynb #8a8f1a9f
 def _check_step_size(step_size):
     if not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
 
@@ -42,7 +42,7 @@ def _diffusion(x: torch.Tensor, step_size, noise_scale, generator) -> torch.Tens
     scale = (2 * step_size) ** 0.5 * noise_scale
     return eps.mul_(scale)
 
-# %% ../../nbs/10_integrators.ipynb #3738227c
+# %% ../../nbs/10_integrators.ipynb #5fdc5608
 class FixedStepIntegrator(BaseIntegrator):
     "Base of fixed-step integrators: `integrate` runs `n_steps` steps of size `step_size` from time `t0`."
     def integrate(self, state: Dict[str, torch.Tensor], step_size: float, n_steps: int, *, drift: Callable,
@@ -58,7 +58,7 @@ class FixedStepIntegrator(BaseIntegrator):
                               **step_kwargs)
         return state
 
-# %% ../../nbs/10_integrators.ipynb #a45c5595
+# %% ../../nbs/10_integrators.ipynb #8541db89
 class EulerMaruyama(FixedStepIntegrator):
     "Euler-Maruyama: `x + h f(x, t) + sqrt(2 h) * noise_scale * eps` (explicit Euler when `noise_scale=0`)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -77,7 +77,7 @@ def _advance(state: Dict[str, torch.Tensor], x_new: torch.Tensor, new_drift=None
     if new_drift is not None: out['drift'] = new_drift
     return out
 
-# %% ../../nbs/10_integrators.ipynb #7adc2c92
+# %% ../../nbs/10_integrators.ipynb #19a5f5c3
 class Heun(FixedStepIntegrator):
     "Heun's predictor-corrector (trapezoidal) method; second order for ODEs, additive noise for SDEs."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -94,7 +94,7 @@ class Heun(FixedStepIntegrator):
         if noise is not None: x_new += noise
         return _advance(state, x_new)
 
-# %% ../../nbs/10_integrators.ipynb #e2a40586
+# %% ../../nbs/10_integrators.ipynb #792918f3
 class RK4(FixedStepIntegrator):
     "Classical fourth-order Runge-Kutta for ODEs (`noise_scale` must be 0)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -110,7 +110,7 @@ class RK4(FixedStepIntegrator):
         k4 = drift(x + h * k3, _later(t, h))
         return _advance(state, x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4))
 
-# %% ../../nbs/10_integrators.ipynb #53010338
+# %% ../../nbs/10_integrators.ipynb #b3a9fd06
 class MassMatrix(DeviceMixin):
     "A mass matrix $M$ (scalar, diagonal or dense): velocities $M^{-1}p$, kinetic energy, momenta $p\\sim N(0, M)$."
     def __init__(self, mass: Union[float, torch.Tensor] = 1.0, kind: Optional[str] = None):
@@ -163,7 +163,7 @@ class MassMatrix(DeviceMixin):
 
     def velocity(self, p: torch.Tensor) -> torch.Tensor:
         "$M^{-1} p$ for momenta `p: [batch, *dim]`."
-        if self.kind == 'scalar': return p / self.scalar
+        if self.kind == 'scalar': return p if self.scalar == 1.0 else p / self.scalar
         if self.kind == 'diagonal': return p * self._event(p, self.inverse)
         return self._dense(p, self.inverse)
 
@@ -174,14 +174,14 @@ class MassMatrix(DeviceMixin):
     def sample_momentum(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         "Momenta $p \\sim N(0, M)$ shaped like `x: [batch, *dim]`."
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if self.kind == 'scalar': return eps.mul_(self.scalar ** 0.5)
+        if self.kind == 'scalar': return eps if self.scalar == 1.0 else eps.mul_(self.scalar ** 0.5)
         if self.kind == 'diagonal': return eps.mul_(self._event(eps, self.sqrt))
         return self._dense(eps, self.chol)
 
     def __repr__(self):
         return f"MassMatrix({self.kind}{'' if self.kind == 'scalar' else ', shape=' + str(tuple(self.mass.shape))})"
 
-# %% ../../nbs/10_integrators.ipynb #c769b28a
+# %% ../../nbs/10_integrators.ipynb #7b768206
 def _as_mass(mass) -> Optional[MassMatrix]:
     if mass is None or isinstance(mass, MassMatrix): return mass
     return MassMatrix(mass)
@@ -206,7 +206,7 @@ class Leapfrog(FixedStepIntegrator):
         return super().integrate(state, step_size, n_steps, drift=drift, t0=t0, noise_scale=noise_scale,
                                  generator=generator, mass=_as_mass(mass))
 
-# %% ../../nbs/10_integrators.ipynb #327152a9
+# %% ../../nbs/10_integrators.ipynb #93a0f9b2
 _DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DOPRI_A = ((),
             (1 / 5,),
@@ -226,7 +226,7 @@ def _combine(x: torch.Tensor, h, coeffs, ks) -> torch.Tensor:
         if c != 0.0: out = out + (h * c) * k
     return out
 
-# %% ../../nbs/10_integrators.ipynb #2f0251c4
+# %% ../../nbs/10_integrators.ipynb #c70bce44
 class Dopri5(BaseIntegrator):
     "Adaptive Dormand-Prince 5(4) Runge-Kutta for ODEs with relative/absolute tolerances."
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_steps: int = 10_000, safety: float = 0.9,
@@ -297,7 +297,7 @@ class Dopri5(BaseIntegrator):
             return drift(x, t)
         return counted
 
-# %% ../../nbs/10_integrators.ipynb #3936769f
+# %% ../../nbs/10_integrators.ipynb #efe4978b
 EulerMaruyamaIntegrator, HeunIntegrator, LeapfrogIntegrator = EulerMaruyama, Heun, Leapfrog
 RK4Integrator, Dopri5Integrator = RK4, Dopri5
 

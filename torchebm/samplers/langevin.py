@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_schedulable', 'langevin_integrator', 'LangevinDynamics']
 
-# %% ../../nbs/13_langevin.ipynb #a670b555
+# %% ../../nbs/13_langevin.ipynb #166bc0b6
 import math
 from typing import Dict, List, Optional, Union
 
@@ -16,7 +16,7 @@ from ..integrators import Dopri5, EulerMaruyama, Leapfrog, RK4, get_integrator
 from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_probability,
                                     check_schedule, evaluated, model_energy_and_gradient, model_gradient)
 
-# %% ../../nbs/13_langevin.ipynb #1a0f6f6d
+# %% ../../nbs/13_langevin.ipynb #ee5eda4d
 def check_schedulable(name: str, value, allow_zero: bool = False) -> None:
     "A constructor argument that may be a number or a `BaseScheduler`."
     if isinstance(value, BaseScheduler): return
@@ -34,7 +34,7 @@ def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
                          f"known in closed form for that step, got {type(resolved).__name__}")
     return resolved
 
-# %% ../../nbs/13_langevin.ipynb #8dda1338
+# %% ../../nbs/13_langevin.ipynb #33365b42
 class LangevinDynamics(MCMCSampler):
     "Langevin dynamics `x - step_size * grad E + sqrt(2 step_size) * noise_scale * eps`; `metropolis=True` for MALA."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3,
