@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
-# %% ../../nbs/14_hmc.ipynb #b56ae94a
+# %% ../../nbs/14_hmc.ipynb #8aa6f006
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -15,9 +15,10 @@ from ..core.base import BaseScheduler, check_nonnegative_int
 from ..integrators import Leapfrog, MassMatrix
 from .langevin import check_schedulable
 from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_probability,
-                                    check_schedule, evaluated, model_energy_and_gradient)
+                                    check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
+                                    model_energy_and_gradient, per_step_tensor)
 
-# %% ../../nbs/14_hmc.ipynb #5f7f8325
+# %% ../../nbs/14_hmc.ipynb #f3f93154
 def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     "Stan-style `(start, end)` step windows in which the variance of the chains is estimated."
     if n_adapt < 20: return []
@@ -31,7 +32,7 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
         start, size = end, 2 * size
     return windows
 
-# %% ../../nbs/14_hmc.ipynb #91da6637
+# %% ../../nbs/14_hmc.ipynb #84483e37
 class RunningVariance:
     "Running mean and variance over batches `x: [n_chains, *dim]` (pooled over chains and calls)."
     def __init__(self): self.count, self.mean, self.m2 = 0, None, None
@@ -54,7 +55,7 @@ class RunningVariance:
         n = self.count
         return (n / (n + 5.0)) * (self.m2 / max(n - 1, 1)) + 1e-3 * (5.0 / (n + 5.0))
 
-# %% ../../nbs/14_hmc.ipynb #6d3b6ce1
+# %% ../../nbs/14_hmc.ipynb #a6aebc53
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,
@@ -84,6 +85,21 @@ class HamiltonianMonteCarlo(MCMCSampler):
             mass = MassMatrix(mass.mass.to(device=x.device, dtype=x.dtype), kind=mass.kind)
         mass.velocity(x[:1])
         return mass
+
+    def fused_sample(self, x, values, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        "The whole chain in one compiled call (analytic energies, scalar mass, no adaptation), else `None`."
+        if not self.use_kernels or n_steps == 0 or self.adapt_step_size or self.adapt_mass: return None
+        if self.mass is not None and self.mass.kind != 'scalar': return None
+        mass = 1.0 if self.mass is None else self.mass.scalar
+        kernels = fused_kernels()
+        if kernels is None or not kernels.fused_hmc_supported(self.model, x, mass=mass): return None
+        check_schedule('step_size', values['step_size'])
+        out = kernels.fused_hmc(self.model, x, step_sizes=per_step_tensor(values['step_size']),
+                                n_leapfrog_steps=self.n_leapfrog_steps, mass=mass, thin=thin,
+                                return_trajectory=return_trajectory, return_diagnostics=return_diagnostics,
+                                seed=kernel_seed(generator))
+        check_chains_finite(out[0], 1, n_steps, type(self).__name__)
+        return out
 
     def make_step(self, x, values, n_steps, generator):
         "The HMC transition for one run (with warm-up adaptation when enabled)."

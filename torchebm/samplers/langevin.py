@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_schedulable', 'langevin_integrator', 'LangevinDynamics']
 
-# %% ../../nbs/13_langevin.ipynb #166bc0b6
+# %% ../../nbs/13_langevin.ipynb #1aaff6e8
 import math
 from typing import Dict, List, Optional, Union
 
@@ -14,9 +14,10 @@ import torch
 from ..core.base import BaseIntegrator, BaseScheduler, check_nonnegative_int, check_positive
 from ..integrators import Dopri5, EulerMaruyama, Leapfrog, RK4, get_integrator
 from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_probability,
-                                    check_schedule, evaluated, model_energy_and_gradient, model_gradient)
+                                    check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
+                                    model_energy_and_gradient, model_gradient, per_step_tensor)
 
-# %% ../../nbs/13_langevin.ipynb #ee5eda4d
+# %% ../../nbs/13_langevin.ipynb #2082027e
 def check_schedulable(name: str, value, allow_zero: bool = False) -> None:
     "A constructor argument that may be a number or a `BaseScheduler`."
     if isinstance(value, BaseScheduler): return
@@ -34,7 +35,7 @@ def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
                          f"known in closed form for that step, got {type(resolved).__name__}")
     return resolved
 
-# %% ../../nbs/13_langevin.ipynb #33365b42
+# %% ../../nbs/13_langevin.ipynb #ce1f90eb
 class LangevinDynamics(MCMCSampler):
     "Langevin dynamics `x - step_size * grad E + sqrt(2 step_size) * noise_scale * eps`; `metropolis=True` for MALA."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3,
@@ -66,6 +67,23 @@ class LangevinDynamics(MCMCSampler):
         if self.metropolis: return self._mala_step(x, values, n_steps, generator)
         if type(self.integrator) is EulerMaruyama: return self._ula_step(values, generator)
         return self._integrator_step(values, generator)
+
+    def fused_sample(self, x, values, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        "The whole chain in one compiled call (analytic energies, no adaptation, Euler-Maruyama), else `None`."
+        if not self.use_kernels or n_steps == 0 or self.adapt_step_size: return None
+        if type(self.integrator) is not EulerMaruyama: return None
+        # the kernels' MALA targets e^{-E} for every noise scale; ours targets e^{-E/s^2}: they agree at s = 1
+        if self.metropolis and any(s != 1.0 for s in values['noise_scale']): return None
+        kernels = fused_kernels()
+        if kernels is None or not kernels.fused_langevin_supported(self.model, x, metropolis=self.metropolis): return None
+        check_schedule('step_size', values['step_size'])
+        check_schedule('noise_scale', values['noise_scale'], allow_zero=not self.metropolis)
+        out = kernels.fused_langevin(self.model, x, step_sizes=per_step_tensor(values['step_size']),
+                                     noise_scales=per_step_tensor(values['noise_scale']), metropolis=self.metropolis,
+                                     thin=thin, return_trajectory=return_trajectory,
+                                     return_diagnostics=return_diagnostics, seed=kernel_seed(generator))
+        check_chains_finite(out[0], 1, n_steps, type(self).__name__)
+        return out
 
     def _ula_step(self, values, generator):
         model, step_sizes, noise_scales = self.model, values['step_size'], values['noise_scale']

@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', 'model_energy', 'model_gradient', 'model_energy_and_gradient',
            'evaluated', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
-           'check_chains_finite', 'run_chain', 'MCMCSampler', 'DualAveraging', 'acceptance_probability',
-           'StepSizeAdaptation']
+           'check_chains_finite', 'run_chain', 'MCMCSampler', 'fused_kernels', 'kernel_seed', 'per_step_tensor',
+           'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
-# %% ../../nbs/12_mcmc.ipynb #b1cc1973
+# %% ../../nbs/12_mcmc.ipynb #36f0ea32
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_finite, check_nonnegative_int,
                                 resolve_model, warn_deprecated)
 
-# %% ../../nbs/12_mcmc.ipynb #feeec6a5
+# %% ../../nbs/12_mcmc.ipynb #902d5040
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-# %% ../../nbs/12_mcmc.ipynb #402fe3f9
+# %% ../../nbs/12_mcmc.ipynb #87674a0f
 def model_energy(model, x: torch.Tensor) -> torch.Tensor:
     "Energies `[batch]` of `x: [batch, *dim]`, without a graph."
     with torch.no_grad(): return model(x)
@@ -51,7 +51,7 @@ def evaluated(model, state: ChainState) -> ChainState:
     energy, grad = model_energy_and_gradient(model, state.x)
     return ChainState(state.x, energy, grad)
 
-# %% ../../nbs/12_mcmc.ipynb #80e775e5
+# %% ../../nbs/12_mcmc.ipynb #8ad9739e
 def warn_deprecated_arguments(owner: str, used: Dict[str, str]) -> None:
     "One `DeprecationWarning` for all deprecated constructor arguments in `used` (`old name -> replacement`)."
     if not used: return
@@ -63,7 +63,7 @@ def resolve_sampler_model(owner: str, model, energy_function):
         warnings.simplefilter('ignore', DeprecationWarning)
         return resolve_model(model, energy_function, owner)
 
-# %% ../../nbs/12_mcmc.ipynb #5cac9ee7
+# %% ../../nbs/12_mcmc.ipynb #707f0070
 def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[str, List[float]]:
     "The value of every scheduler at steps `0 .. n_steps-1` (after resetting it); the schedulers end reset."
     values = {}
@@ -79,7 +79,7 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
-# %% ../../nbs/12_mcmc.ipynb #ebf65004
+# %% ../../nbs/12_mcmc.ipynb #b524b0d3
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
     energy = state.energy if state.energy is not None else model_energy(model, x)
@@ -105,7 +105,7 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
                          f"(chains [{shown}]) between steps {first_step} and {last_step}; "
                          "reduce step_size or check the model's energy")
 
-# %% ../../nbs/12_mcmc.ipynb #6af5a64b
+# %% ../../nbs/12_mcmc.ipynb #7d581d2b
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler'):
@@ -136,7 +136,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner)
     return state, trajectory, diagnostics
 
-# %% ../../nbs/12_mcmc.ipynb #1ac68bec
+# %% ../../nbs/12_mcmc.ipynb #8fc2dda7
 DEFAULT_N_STEPS = 100
 
 class MCMCSampler(BaseSampler):
@@ -207,7 +207,25 @@ class MCMCSampler(BaseSampler):
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
 
-# %% ../../nbs/12_mcmc.ipynb #df5f6733
+# %% ../../nbs/12_mcmc.ipynb #cfe29183
+def fused_kernels():
+    "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
+    try:
+        from torchebm.cuda import kernels
+    except ImportError:
+        return None
+    return kernels
+
+def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
+    "One 62-bit seed for a fused kernel, drawn from `generator` (or the global RNG)."
+    device = generator.device if generator is not None else 'cpu'
+    return int(torch.randint(0, 2 ** 62, (), generator=generator, device=device))
+
+def per_step_tensor(values: List[float]) -> torch.Tensor:
+    "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
+    return torch.tensor(values, dtype=torch.float64)
+
+# %% ../../nbs/12_mcmc.ipynb #f0dafa07
 class DualAveraging:
     "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
     def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
@@ -240,7 +258,7 @@ class DualAveraging:
         "The averaged step size $\\bar\\epsilon$ to use after warm-up."
         return self.log_eps_bar.exp()
 
-# %% ../../nbs/12_mcmc.ipynb #e739b359
+# %% ../../nbs/12_mcmc.ipynb #308f9623
 PER_CHAIN_GAMMA = 0.2
 
 def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:
