@@ -378,3 +378,15 @@ def test_mlp_energy_drives_langevin_with_inferred_dim():
     sampler = langevin.LangevinDynamics(model=MLPEnergy(3, hidden_dims=(8,)), step_size=0.01)
     out = sampler.sample(x=torch.randn(7, 3), n_steps=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (7, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(time_conditioned=False), dict(time_conditioned=False, num_classes=3)])
+def test_time_conditioned_mlp_has_no_dead_parameters(kwargs):
+    torch.manual_seed(0)
+    model = TimeConditionedMLP(2, hidden_dim=16, depth=2, **kwargs)
+    x, t = torch.randn(16, 2), torch.rand(16)
+    y = torch.randint(0, 3, (16,)) if 'num_classes' in kwargs else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad(); (model(x, t, y=y) - x.flip(1)).square().mean().backward(); opt.step()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []

@@ -7,7 +7,7 @@ __all__ = ['timestep_embedding', 'as_time_batch', 'MLPTimestepEmbedder', 'LabelE
            'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed', 'modulate', 'MultiheadSelfAttention',
            'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock', 'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead']
 
-# %% ../../nbs/32_components.ipynb #c1e1e2ac
+# %% ../../nbs/32_components.ipynb #ee05dffa
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -17,13 +17,13 @@ from torch import nn
 
 from ..core.base import check_nonnegative_int, check_positive
 
-# %% ../../nbs/32_components.ipynb #ced5ad3b
+# %% ../../nbs/32_components.ipynb #3e252112
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     "Sinusoidal embedding `[batch, dim]` of times `t: [batch]` (cosines first, then sines; odd `dim` pads a zero)."
     check_nonnegative_int('dim', dim, minimum=1)
     if t.ndim != 1:
         raise ValueError(f"t must have shape [batch], got shape {tuple(t.shape)}")
-    dtype = t.dtype if t.is_floating_point() and t.dtype != torch.float16 and t.dtype != torch.bfloat16 else torch.float32
+    dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32   # half precision loses the phases
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / max(half, 1))
     args = t.to(dtype)[:, None] * freqs[None]
@@ -42,7 +42,7 @@ def as_time_batch(t, batch: int, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t must be a scalar or have shape [batch] = ({batch},), got shape {tuple(t.shape)}")
     return t
 
-# %% ../../nbs/32_components.ipynb #7d007423
+# %% ../../nbs/32_components.ipynb #e4fb6333
 class MLPTimestepEmbedder(nn.Module):
     "Sinusoidal features of `t: [batch]` followed by Linear-SiLU-Linear: `[batch] -> [batch, out_dim]`."
     def __init__(self, out_dim: int, frequency_embedding_size: int = 256, max_period: float = 10000.0,
@@ -60,7 +60,7 @@ class MLPTimestepEmbedder(nn.Module):
         freq = timestep_embedding(t * self.time_scale, self.frequency_embedding_size, self.max_period)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
-# %% ../../nbs/32_components.ipynb #aaf0c890
+# %% ../../nbs/32_components.ipynb #a6b3674a
 class LabelEmbedder(nn.Module):
     "Embedding table for class labels `[batch] -> [batch, out_dim]` with an optional null label `num_classes` for CFG."
     def __init__(self, num_classes: int, out_dim: int, dropout_prob: float = 0.0, null_token: Optional[bool] = None):
@@ -96,17 +96,18 @@ class LabelEmbedder(nn.Module):
             labels = self.drop_labels(labels, force_drop_mask, generator)
         return self.embedding(labels)
 
-# %% ../../nbs/32_components.ipynb #90fc33a5
+# %% ../../nbs/32_components.ipynb #2740a89a
 class ConditionEmbedder(nn.Module):
     "Sum of the embeddings of time `t: [batch]`, labels `y: [batch]` and a raw `cond: [batch, cond_dim]`."
     def __init__(self, cond_dim: int, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0,
-                 frequency_embedding_size: int = 256, time_scale: float = 1.0):
+                 frequency_embedding_size: int = 256, time_scale: float = 1.0, time_embedding: bool = True):
         super().__init__()
         check_nonnegative_int('cond_dim', cond_dim, minimum=1)
         if class_dropout_prob and num_classes is None:
             raise ValueError("class_dropout_prob > 0 needs num_classes")
         self.cond_dim = cond_dim
-        self.t_embedder = MLPTimestepEmbedder(cond_dim, frequency_embedding_size, time_scale=time_scale)
+        self.t_embedder = (MLPTimestepEmbedder(cond_dim, frequency_embedding_size, time_scale=time_scale)
+                           if time_embedding else None)
         self.y_embedder = (LabelEmbedder(num_classes, cond_dim, class_dropout_prob, null_token=True)
                            if num_classes is not None else None)
 
@@ -117,7 +118,9 @@ class ConditionEmbedder(nn.Module):
                 cond: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         "The conditioning vector `[batch, cond_dim]` for a batch shaped like `batch_like`."
         batch, parts = batch_like.shape[0], []
-        if t is not None: parts.append(self.t_embedder(as_time_batch(t, batch, batch_like)))
+        if t is not None:
+            if self.t_embedder is None: raise ValueError("a time t was given but this embedder has no time embedding")
+            parts.append(self.t_embedder(as_time_batch(t, batch, batch_like)))
         if y is not None:
             if self.y_embedder is None:
                 raise ValueError("labels y were given but the model was built without num_classes")
@@ -130,9 +133,9 @@ class ConditionEmbedder(nn.Module):
             parts.append(cond)
         if not parts:
             raise ValueError("the model needs a condition: pass a time t, labels y or a vector cond")
-        return torch.stack(torch.broadcast_tensors(*parts)).sum(0) if len(parts) > 1 else parts[0]
+        return sum(parts[1:], parts[0])
 
-# %% ../../nbs/32_components.ipynb #1137a49c
+# %% ../../nbs/32_components.ipynb #9885e3a5
 def _grid(input_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
@@ -177,7 +180,7 @@ class ConvPatchEmbed2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
-# %% ../../nbs/32_components.ipynb #b3f43c8d
+# %% ../../nbs/32_components.ipynb #43742ace
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     out = pos.double()[:, None] * omega[None]
@@ -193,7 +196,7 @@ def build_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, i
     emb = torch.cat([_sincos_1d(embed_dim // 2, cols.flatten()), _sincos_1d(embed_dim // 2, rows.flatten())], dim=1)
     return emb.to(device=device, dtype=dtype)
 
-# %% ../../nbs/32_components.ipynb #05dabf19
+# %% ../../nbs/32_components.ipynb #beb39057
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     "adaLN modulation `x * (1 + scale) + shift`, broadcasting `[B, D]` over the token axis of `x: [B, N, D]`."
     if x.ndim == 3: shift, scale = shift[:, None], scale[:, None]
@@ -228,7 +231,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.net(x)
 
-# %% ../../nbs/32_components.ipynb #2dd6e4c4
+# %% ../../nbs/32_components.ipynb #ce2bfe74
 def _zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
     layer = nn.Linear(in_dim, out_dim)
     nn.init.zeros_(layer.weight); nn.init.zeros_(layer.bias)
@@ -273,7 +276,7 @@ class AdaLNZeroMLPBlock(nn.Module):
         shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
-# %% ../../nbs/32_components.ipynb #ab06c916
+# %% ../../nbs/32_components.ipynb #d05b11d9
 class AdaLNZeroLinearHead(nn.Module):
     "Final adaLN-Zero layer on a vector stream: `[B, D] -> [B, out_dim]`, exactly zero at init."
     def __init__(self, embed_dim: int, out_dim: int, cond_dim: Optional[int] = None, eps: float = 1e-6):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'activation_factory', 'MLPEnergy', 'TimeConditionedMLP']
 
-# %% ../../nbs/31_models.ipynb #514c53dd
+# %% ../../nbs/31_models.ipynb #e815000c
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -15,7 +15,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 from ..core.base import BaseModel, check_batch, check_choice, check_nonnegative_int, check_positive
 from .components import (AdaLNZeroLinearHead, AdaLNZeroMLPBlock, ConditionEmbedder, _xavier_init)
 
-# %% ../../nbs/31_models.ipynb #236255bc
+# %% ../../nbs/31_models.ipynb #00bd1f46
 ACTIVATIONS = {'silu': nn.SiLU, 'swish': nn.SiLU, 'gelu': nn.GELU, 'relu': nn.ReLU, 'leaky_relu': nn.LeakyReLU,
                'elu': nn.ELU, 'selu': nn.SELU, 'softplus': nn.Softplus, 'tanh': nn.Tanh, 'sigmoid': nn.Sigmoid}
 
@@ -29,7 +29,7 @@ def activation_factory(activation: Union[str, Callable[[], nn.Module]]) -> Calla
         raise TypeError(f"activation must be a name in {sorted(ACTIVATIONS)} or a module class, got {activation!r}")
     return activation
 
-# %% ../../nbs/31_models.ipynb #233d0672
+# %% ../../nbs/31_models.ipynb #3002c598
 class MLPEnergy(BaseModel):
     "A scalar energy network `x: [batch, input_dim] -> [batch]` (a `BaseModel`)."
     def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (128, 128),
@@ -57,7 +57,7 @@ class MLPEnergy(BaseModel):
         check_batch(x, 'x', dim=self.input_dim)
         return self.net(x).squeeze(-1)
 
-# %% ../../nbs/31_models.ipynb #dd8b0012
+# %% ../../nbs/31_models.ipynb #5937492c
 class TimeConditionedMLP(nn.Module):
     "A conditioned residual MLP `model(x: [batch, input_dim], t: [batch], y=None) -> [batch, output_dim]`, zero at init."
     def __init__(self, input_dim: int, output_dim: Optional[int] = None, hidden_dim: int = 256, depth: int = 3,
@@ -73,9 +73,11 @@ class TimeConditionedMLP(nn.Module):
         self.input_dim, self.output_dim = input_dim, output_dim or input_dim
         self.time_conditioned = bool(time_conditioned)
         self.cond_dim = hidden_dim if cond_dim is None else cond_dim
-        self.condition = ConditionEmbedder(self.cond_dim, num_classes, class_dropout_prob, time_scale=time_scale)
-        # the modulation of a time-invariant, label-free field comes from one learned vector
-        self.constant_cond = None if time_conditioned else nn.Parameter(torch.zeros(self.cond_dim))
+        self.condition = ConditionEmbedder(self.cond_dim, num_classes, class_dropout_prob, time_scale=time_scale,
+                                           time_embedding=self.time_conditioned)
+        # a time-invariant field is modulated by one learned vector (std 0.02 like DiT's embeddings; a zero vector
+        # would stay zero, since SiLU(0) = 0 blocks the gradient of the zero-initialised modulation weights)
+        self.constant_cond = None if time_conditioned else nn.Parameter(0.02 * torch.randn(self.cond_dim))
         self.stem = nn.Linear(input_dim, hidden_dim)
         _xavier_init(self.stem)
         self.blocks = nn.ModuleList(AdaLNZeroMLPBlock(hidden_dim, self.cond_dim, mlp_ratio, act_layer=act)
