@@ -1,0 +1,260 @@
+"Tests of torchebm.training: bit-for-bit resume after a crash, atomic checkpoints, divergence, callbacks."
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import torchebm
+import torchebm.training as training
+from torchebm.training import (Trainer, Callback, EarlyStopping, LambdaCallback, TrainingDivergedError,
+                               latest_checkpoint, list_checkpoints, make_dataloader, atomic_save, checkpoint_path)
+
+REPO = Path(torchebm.__file__).resolve().parents[1]
+
+
+class GaussianEnergy(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(dim))
+        self.chol = nn.Parameter(torch.eye(dim))
+
+    def precision(self): return self.chol @ self.chol.T + 1e-3 * torch.eye(len(self.mu))
+
+    def forward(self, x):
+        d = x - self.mu
+        return 0.5 * ((d @ self.precision()) * d).sum(-1)
+
+
+class ToyPCD(nn.Module):
+    "Persistent CD: replay buffer, Langevin steps from the global RNG; returns (loss, negatives)."
+    def __init__(self, model, dim, buffer_size=32, k=3, step_size=0.05):
+        super().__init__()
+        self.model, self.k, self.step_size = model, k, step_size
+        self.register_buffer('replay_buffer', torch.randn(buffer_size, dim))
+
+    def forward(self, x):
+        idx = torch.randint(len(self.replay_buffer), (len(x),))
+        neg = self.replay_buffer[idx]
+        for _ in range(self.k):
+            neg = neg.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(self.model(neg).sum(), neg)
+            neg = neg - self.step_size * grad + math.sqrt(2 * self.step_size) * torch.randn_like(neg)
+        neg = neg.detach()
+        self.replay_buffer[idx] = neg
+        return self.model(x).mean() - self.model(neg).mean() + 0.1 * self.model(x).pow(2).mean(), neg
+
+
+class NoisyScalarLoss(nn.Module):
+    "A scalar loss with its own generator (denoising-style noise), to check generator states are resumed."
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.generator = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        noisy = x + 0.1 * torch.randn(x.shape, generator=self.generator)
+        return self.model(noisy).mean() + 0.05 * self.model(noisy).pow(2).mean()
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(96, 2, generator=g) @ torch.tensor([[1.0, 0.0], [0.8, 0.5]]) + 1.0
+
+
+def _run(ckpt, loss_kind='pcd', epochs=3, callbacks=(), resume=None, every=4):
+    torch.manual_seed(1)
+    model = GaussianEnergy(2)
+    loss = ToyPCD(model, 2) if loss_kind == 'pcd' else NoisyScalarLoss(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(model, loss, opt, lr_scheduler=torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9),
+                      ema_decay=0.8, grad_clip=1.0, checkpoint_dir=ckpt, checkpoint_every=every,
+                      callbacks=callbacks, seed=0, progress=False, log_every=3)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16, seed=3), epochs, resume=resume)
+    return trainer
+
+
+def _assert_same(a: Trainer, b: Trainer):
+    for name, value in a.model.state_dict().items(): assert torch.equal(b.model.state_dict()[name], value), name
+    for name, value in a.ema_model.state_dict().items(): assert torch.equal(b.ema_model.state_dict()[name], value)
+    for name, value in a.loss_fn.state_dict().items(): assert torch.equal(b.loss_fn.state_dict()[name], value)
+    assert a.optimizer.param_groups[0]['lr'] == b.optimizer.param_groups[0]['lr']
+    assert a.step == b.step and a.epoch == b.epoch
+    assert [h['loss'] for h in a.history] == pytest.approx([h['loss'] for h in b.history], rel=1e-6)
+
+
+class Crash(Callback):
+    def __init__(self, at): self.at = at
+    def on_step(self, trainer, logs):
+        if trainer.step == self.at: raise RuntimeError('simulated crash')
+
+
+@pytest.mark.parametrize('loss_kind', ['pcd', 'scalar'])
+@pytest.mark.parametrize('crash_at', [6, 13])
+def test_resume_after_crash_is_bit_for_bit(tmp_path, loss_kind, crash_at):
+    reference = _run(tmp_path / 'ref', loss_kind)
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        _run(tmp_path / 'run', loss_kind, callbacks=[Crash(crash_at)])
+    assert latest_checkpoint(tmp_path / 'run').name == f'checkpoint-{(crash_at // 4) * 4:09d}.pt'
+    resumed = _run(tmp_path / 'run', loss_kind, resume=True)
+    _assert_same(reference, resumed)
+
+
+def test_resume_after_killed_process(tmp_path):
+    "A subprocess dies abruptly (os._exit, no cleanup) mid-epoch; resuming here matches an uninterrupted run."
+    script = tmp_path / 'killed.py'
+    script.write_text(textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        torch.set_num_threads(1)
+        from test_training import _run
+        from torchebm.training import LambdaCallback
+        die = LambdaCallback(on_step=lambda trainer, logs: os._exit(9) if trainer.step == 10 else None)
+        _run({str(tmp_path / 'run')!r}, callbacks=[die])
+    '''))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / 'run').name == 'checkpoint-000000008.pt'
+    _assert_same(_run(tmp_path / 'ref'), _run(tmp_path / 'run', resume=True))
+
+
+def test_atomic_write_survives_crash_during_write(tmp_path, monkeypatch):
+    trainer = _run(tmp_path, epochs=1, every=2)
+    good = latest_checkpoint(tmp_path)
+    before = good.read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'partial garbage')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(training.torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        trainer.save_checkpoint()
+    with pytest.raises(OSError, match='disk full'):
+        atomic_save({'x': 1}, good)   # even overwriting the same file keeps the old bytes
+    monkeypatch.setattr(training.torch, 'save', real_save)
+    assert good.read_bytes() == before
+    assert latest_checkpoint(tmp_path) == good
+    assert not [p for p in tmp_path.iterdir() if 'tmp' in p.name]
+    state = torch.load(good, weights_only=False)
+    assert state['step'] == trainer.step
+
+
+def test_keeps_only_recent_checkpoints(tmp_path):
+    _run(tmp_path, epochs=2, every=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['checkpoint-000000011.pt', 'checkpoint-000000012.pt']
+
+
+class NaNAtStep(nn.Module):
+    "Finite loss until call `bad_call`, then NaN."
+    def __init__(self, model, bad_call):
+        super().__init__()
+        self.model, self.bad_call, self.calls = model, bad_call, 0
+
+    def forward(self, x):
+        self.calls += 1
+        loss = self.model(x).pow(2).mean()
+        return loss * float('nan') if self.calls >= self.bad_call else loss
+
+
+@pytest.mark.parametrize('log_every', [1, 4])
+def test_divergence_names_the_step_and_keeps_last_good_checkpoint(tmp_path, log_every):
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, NaNAtStep(model, 7), torch.optim.SGD(model.parameters(), lr=0.01),
+                      checkpoint_dir=tmp_path, checkpoint_every=2, log_every=log_every, progress=False)
+    with pytest.raises(TrainingDivergedError, match='at step 7 .*checkpoint-000000006.pt'):
+        trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=2)
+    assert latest_checkpoint(tmp_path).name == 'checkpoint-000000006.pt'
+    state = torch.load(latest_checkpoint(tmp_path), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_nonfinite_negatives_are_divergence(tmp_path):
+    class BadNegatives(nn.Module):
+        def __init__(self, model):
+            super().__init__(); self.model = model
+        def forward(self, x):
+            return self.model(x).mean(), torch.full_like(x, float('inf'))
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, BadNegatives(model), torch.optim.SGD(model.parameters(), lr=0.01), progress=False)
+    with pytest.raises(TrainingDivergedError, match='at step 1 '):
+        trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=1)
+
+
+def test_callbacks_order_and_early_stopping():
+    events = []
+    model = GaussianEnergy(2)
+    cb = LambdaCallback(on_fit_start=lambda t: events.append('start'),
+                        on_step=lambda t, logs: events.append(('step', logs['step'])),
+                        on_epoch=lambda t, logs: events.append(('epoch', logs['epoch'])),
+                        on_fit_end=lambda t: events.append('end'))
+    stopper = EarlyStopping(patience=2, min_delta=1e9)
+    trainer = Trainer(model, lambda x: model(x).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.01),
+                      callbacks=[cb, stopper], progress=False)
+    history = trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=48), epochs=10)
+    assert len(history) == 3 and 'early stopping' in trainer.stop_reason
+    assert events == ['start', ('step', 1), ('step', 2), ('epoch', 1), ('step', 3), ('step', 4), ('epoch', 2),
+                      ('step', 5), ('step', 6), ('epoch', 3), 'end']
+
+
+def test_stop_from_step_callback_and_resume_continues(tmp_path):
+    stopper = LambdaCallback(on_step=lambda t, logs: t.stop('enough') if t.step == 5 else None)
+    t1 = _run(tmp_path / 'a', callbacks=[stopper])
+    assert t1.step == 5 and t1.stop_reason == 'enough'
+    assert latest_checkpoint(tmp_path / 'a').name == 'checkpoint-000000005.pt'
+    _assert_same(_run(tmp_path / 'ref'), _run(tmp_path / 'a', resume=True))
+
+
+def test_mixed_precision_bf16_on_cpu_trains():
+    torch.manual_seed(0)
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.Adam(model.parameters(), lr=0.01),
+                      mixed_precision='bf16', progress=False)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)
+    assert trainer.autocast_dtype is torch.bfloat16 and model.mu.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_progress_bar_shows_energies(capsys):
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), log_every=1)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=1)
+    err = capsys.readouterr().err
+    assert 'e_pos' in err and 'e_neg' in err and 'loss' in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_fp16_with_grad_scaler():
+    model = GaussianEnergy(2).cuda()
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.Adam(model.parameters(), lr=0.01),
+                      mixed_precision='fp16', progress=False)
+    trainer.fit(make_dataloader(TensorDataset(_data().cuda()), batch_size=16), epochs=1)
+    assert trainer.scaler is not None and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_arguments(tmp_path):
+    model = GaussianEnergy(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = ToyPCD(model, 2)
+    with pytest.raises(TypeError, match='optimizer'): Trainer(model, loss, 'sgd')
+    with pytest.raises(TypeError, match='loss_fn'): Trainer(model, 3, opt)
+    with pytest.raises(ValueError, match='grad_clip'): Trainer(model, loss, opt, grad_clip=-1.0)
+    with pytest.raises(ValueError, match='ema_decay'): Trainer(model, loss, opt, ema_decay=1.0)
+    with pytest.raises(ValueError, match='scheduler_interval'): Trainer(model, loss, opt, scheduler_interval='batch')
+    with pytest.raises(TypeError, match='callbacks'): Trainer(model, loss, opt, callbacks=[print])
+    with pytest.raises(ValueError, match='checkpoint_every'): Trainer(model, loss, opt, checkpoint_every=0)
+    t = Trainer(model, loss, opt, progress=False)
+    with pytest.raises(ValueError, match='epochs'): t.fit(make_dataloader(TensorDataset(_data()), 16), epochs=0)
+    with pytest.raises(ValueError, match='checkpoint_dir'): t.fit(make_dataloader(TensorDataset(_data()), 16), 1, resume=True)
+    with pytest.raises(FileNotFoundError): t.load_checkpoint(tmp_path)
+    bad = Trainer(model, lambda x: model(x), opt, progress=False)
+    with pytest.raises(TypeError, match='scalar'): bad.fit(make_dataloader(TensorDataset(_data()), 16), 1)
