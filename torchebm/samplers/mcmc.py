@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', 'model_energy', '
            'check_chains_finite', 'run_chain', 'MCMCSampler', 'fused_kernels', 'kernel_seed', 'per_step_tensor',
            'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
-# %% ../../nbs/12_mcmc.ipynb #36f0ea32
+# %% ../../nbs/12_mcmc.ipynb #6e54e39f
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_finite, check_nonnegative_int,
                                 resolve_model, warn_deprecated)
 
-# %% ../../nbs/12_mcmc.ipynb #902d5040
+# %% ../../nbs/12_mcmc.ipynb #cdd872d9
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-# %% ../../nbs/12_mcmc.ipynb #87674a0f
+# %% ../../nbs/12_mcmc.ipynb #6ef6dc12
 def model_energy(model, x: torch.Tensor) -> torch.Tensor:
     "Energies `[batch]` of `x: [batch, *dim]`, without a graph."
     with torch.no_grad(): return model(x)
@@ -51,7 +51,7 @@ def evaluated(model, state: ChainState) -> ChainState:
     energy, grad = model_energy_and_gradient(model, state.x)
     return ChainState(state.x, energy, grad)
 
-# %% ../../nbs/12_mcmc.ipynb #8ad9739e
+# %% ../../nbs/12_mcmc.ipynb #a41a1e05
 def warn_deprecated_arguments(owner: str, used: Dict[str, str]) -> None:
     "One `DeprecationWarning` for all deprecated constructor arguments in `used` (`old name -> replacement`)."
     if not used: return
@@ -63,7 +63,7 @@ def resolve_sampler_model(owner: str, model, energy_function):
         warnings.simplefilter('ignore', DeprecationWarning)
         return resolve_model(model, energy_function, owner)
 
-# %% ../../nbs/12_mcmc.ipynb #707f0070
+# %% ../../nbs/12_mcmc.ipynb #634b2f55
 def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[str, List[float]]:
     "The value of every scheduler at steps `0 .. n_steps-1` (after resetting it); the schedulers end reset."
     values = {}
@@ -79,7 +79,7 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
-# %% ../../nbs/12_mcmc.ipynb #b524b0d3
+# %% ../../nbs/12_mcmc.ipynb #7e07511b
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
     energy = state.energy if state.energy is not None else model_energy(model, x)
@@ -105,7 +105,7 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
                          f"(chains [{shown}]) between steps {first_step} and {last_step}; "
                          "reduce step_size or check the model's energy")
 
-# %% ../../nbs/12_mcmc.ipynb #7d581d2b
+# %% ../../nbs/12_mcmc.ipynb #76fcf231
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler'):
@@ -136,7 +136,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner)
     return state, trajectory, diagnostics
 
-# %% ../../nbs/12_mcmc.ipynb #8fc2dda7
+# %% ../../nbs/12_mcmc.ipynb #fd821a2c
 DEFAULT_N_STEPS = 100
 
 class MCMCSampler(BaseSampler):
@@ -170,11 +170,13 @@ class MCMCSampler(BaseSampler):
         return ChainState(x)
 
     def start_points(self, x, dim, n_samples, generator) -> torch.Tensor:
-        "Validated, finite starting points; starting from noise (no `x=`) is an older form and warns."
+        "Validated, finite starting points (checked against the model's `dim` when it knows it); no `x=` warns."
         owner = type(self).__name__
         if x is None:
             warn_deprecated(f"{owner}.sample() without x= (starting from noise of shape [n_samples, *dim])",
                             f"{owner}.sample(x=torch.randn(n_samples, *dim))", stacklevel=4)
+        elif dim is None:
+            dim = getattr(self.model, 'dim', None)
         return check_finite(self.initial_chains(x, dim, n_samples, generator), 'x')
 
     def resolve_n_steps(self, n_steps: Optional[int]) -> int:
@@ -207,7 +209,7 @@ class MCMCSampler(BaseSampler):
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
 
-# %% ../../nbs/12_mcmc.ipynb #cfe29183
+# %% ../../nbs/12_mcmc.ipynb #9b03f487
 def fused_kernels():
     "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
     try:
@@ -225,7 +227,7 @@ def per_step_tensor(values: List[float]) -> torch.Tensor:
     "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
     return torch.tensor(values, dtype=torch.float64)
 
-# %% ../../nbs/12_mcmc.ipynb #f0dafa07
+# %% ../../nbs/12_mcmc.ipynb #94aedb63
 class DualAveraging:
     "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
     def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
@@ -258,7 +260,7 @@ class DualAveraging:
         "The averaged step size $\\bar\\epsilon$ to use after warm-up."
         return self.log_eps_bar.exp()
 
-# %% ../../nbs/12_mcmc.ipynb #308f9623
+# %% ../../nbs/12_mcmc.ipynb #f5750fcf
 PER_CHAIN_GAMMA = 0.2
 
 def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:

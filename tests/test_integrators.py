@@ -1,0 +1,224 @@
+"Integrators against closed forms: convergence orders, adaptive tolerances, symplecticity, reversibility, SDE laws."
+import math
+
+import pytest
+import torch
+
+from torchebm.core.base import BaseIntegrator
+from torchebm.integrators import (INTEGRATORS, RK4, Dopri5, EulerMaruyama, EulerMaruyamaIntegrator, Heun,
+                                  HeunIntegrator, Leapfrog, LeapfrogIntegrator, MassMatrix, get_integrator)
+
+F64 = torch.float64
+ROTATION = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=F64)  # a damped rotation: dx/dt = A x
+
+
+def rotation_drift(x, t):
+    return x @ ROTATION.T
+
+
+def rotation_exact(x0, t):
+    return x0 @ torch.linalg.matrix_exp(ROTATION * t).T
+
+
+def global_error(integrator, n_steps, t_end=2.0):
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64)
+    out = integrator.integrate({'x': x0}, t_end / n_steps, n_steps, drift=rotation_drift)
+    return (out['x'] - rotation_exact(x0, t_end)).abs().max().item()
+
+
+@pytest.mark.parametrize('cls, order', [(EulerMaruyama, 1), (Heun, 2), (RK4, 4)])
+def test_convergence_order_on_a_linear_system(cls, order):
+    ns = [20, 40, 80, 160]
+    errors = [global_error(cls(), n) for n in ns]
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(len(ns) - 1)]
+    assert all(abs(s - order) < 0.15 for s in slopes), slopes
+
+
+def test_time_dependent_drift_gets_the_right_times():
+    # dx/dt = t^3 from 0: x(1) = 1/4 exactly for RK4 (Simpson is exact on cubics)
+    x0 = torch.zeros(3, 1, dtype=F64)
+    out = RK4().integrate({'x': x0}, 0.25, 4, drift=lambda x, t: (t ** 3)[:, None])
+    torch.testing.assert_close(out['x'], torch.full((3, 1), 0.25, dtype=F64))
+    out = RK4().integrate({'x': x0}, 0.25, 4, drift=lambda x, t: (t ** 3)[:, None], t0=1.0)
+    torch.testing.assert_close(out['x'], torch.full((3, 1), (16 - 1) / 4, dtype=F64))
+
+
+@pytest.mark.parametrize('rtol', [1e-4, 1e-7, 1e-10])
+def test_dopri5_meets_tolerance_and_counts_evaluations(rtol):
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64)
+    solver = Dopri5(rtol=rtol, atol=rtol * 1e-2)
+    out = solver.integrate({'x': x0}, 0.1, drift=rotation_drift, t1=5.0)
+    assert (out['x'] - rotation_exact(x0, 5.0)).abs().max() < 100 * rtol
+    assert solver.n_function_evals == 1 + 6 * (solver.n_accepted + solver.n_rejected)
+
+
+def test_dopri5_tighter_tolerance_costs_more_and_runs_backward():
+    x0 = torch.tensor([[1.0, 0.0]], dtype=F64)
+    loose, tight = Dopri5(rtol=1e-3, atol=1e-5), Dopri5(rtol=1e-9, atol=1e-11)
+    loose.integrate({'x': x0}, 0.1, drift=rotation_drift, t1=3.0)
+    forward = tight.integrate({'x': x0}, 0.1, drift=rotation_drift, t1=3.0)
+    assert tight.n_function_evals > 3 * loose.n_function_evals
+    back = tight.integrate({'x': forward['x']}, 0.1, drift=rotation_drift, t0=3.0, t1=0.0)
+    torch.testing.assert_close(back['x'], x0, atol=1e-7, rtol=0)
+
+
+def test_dopri5_gives_up_after_max_steps():
+    with pytest.raises(RuntimeError, match='max_steps'):
+        Dopri5(rtol=1e-12, atol=1e-14, max_steps=5).integrate({'x': torch.ones(1, 1, dtype=F64)}, 0.1,
+                                                               drift=lambda x, t: -x, t1=10.0)
+
+
+def quartic_hamiltonian(state, mass):
+    return (0.25 * state['x'] ** 4).sum(-1) + mass.kinetic_energy(state['p'])
+
+
+def test_leapfrog_energy_error_stays_bounded_on_an_anharmonic_oscillator():
+    mass = MassMatrix(torch.tensor([1.0, 2.0], dtype=F64))
+    state = {'x': torch.tensor([[1.0, -0.5]], dtype=F64), 'p': torch.tensor([[0.3, 1.0]], dtype=F64)}
+    h0 = quartic_hamiltonian(state, mass)
+    errors = []
+    for _ in range(40):
+        state = Leapfrog().integrate(state, 0.05, 500, drift=lambda x, t: -x ** 3, mass=mass)
+        errors.append((quartic_hamiltonian(state, mass) - h0).abs().item())
+    assert max(errors) < 1e-2 * h0.item()
+    assert max(errors[20:]) < 2 * max(errors[:20]) + 1e-12  # no drift over 20,000 steps
+
+
+def test_leapfrog_matches_the_harmonic_solution_to_second_order():
+    x0, p0 = torch.tensor([[1.0]], dtype=F64), torch.tensor([[0.0]], dtype=F64)
+    errs = []
+    for h in (0.1, 0.05):
+        out = Leapfrog().integrate({'x': x0, 'p': p0}, h, int(round(2.0 / h)), drift=lambda x, t: -x)
+        errs.append(abs(out['x'].item() - math.cos(2.0)))
+    assert 3.5 < errs[0] / errs[1] < 4.5
+
+
+@pytest.mark.parametrize('mass', [None, 2.0, 'diagonal', 'dense'])
+def test_leapfrog_is_time_reversible(mass):
+    g = torch.Generator().manual_seed(0)
+    if mass == 'diagonal': mass = torch.tensor([0.5, 1.0, 3.0], dtype=F64)
+    if mass == 'dense':
+        a = torch.randn(3, 3, generator=g, dtype=F64)
+        mass = a @ a.T + torch.eye(3, dtype=F64)
+    force = lambda x, t: -torch.sin(x) - 0.1 * x ** 3
+    start = {'x': torch.randn(16, 3, generator=g, dtype=F64), 'p': torch.randn(16, 3, generator=g, dtype=F64)}
+    fwd = Leapfrog().integrate(start, 0.03, 300, drift=force, mass=mass)
+    back = Leapfrog().integrate({'x': fwd['x'], 'p': -fwd['p']}, 0.03, 300, drift=force, mass=mass)
+    torch.testing.assert_close(back['x'], start['x'], atol=1e-9, rtol=0)
+    torch.testing.assert_close(-back['p'], start['p'], atol=1e-9, rtol=0)
+
+
+def test_leapfrog_preserves_phase_space_volume():
+    # the Jacobian of the leapfrog map has determinant 1
+    def flow(z):
+        out = Leapfrog().integrate({'x': z[None, :2], 'p': z[None, 2:]}, 0.1, 20, drift=lambda x, t: -x ** 3 - x)
+        return torch.cat([out['x'][0], out['p'][0]])
+    jac = torch.autograd.functional.jacobian(flow, torch.tensor([0.7, -0.2, 0.4, 1.1], dtype=F64))
+    assert abs(torch.linalg.det(jac).item() - 1) < 1e-10
+
+
+def test_cached_drift_is_used_and_refreshed():
+    calls = []
+    def drift(x, t): calls.append(1); return -x
+    x = torch.ones(2, 2, dtype=F64)
+    out = EulerMaruyama().step({'x': x, 'drift': torch.zeros_like(x)}, 0.1, drift=drift)
+    assert not calls and 'drift' not in out
+    torch.testing.assert_close(out['x'], x)
+    out = Leapfrog().integrate({'x': x, 'p': x}, 0.1, 5, drift=drift)
+    assert len(calls) == 6 and 'drift' in out
+    torch.testing.assert_close(out['drift'], -out['x'])
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_euler_maruyama_ornstein_uhlenbeck_stationary_variance(seed):
+    theta, s, h, n = 1.5, 0.8, 0.06, 10_000
+    g = torch.Generator().manual_seed(seed)
+    out = EulerMaruyama().integrate({'x': torch.zeros(n, 2, dtype=F64)}, h, 120, drift=lambda x, t: -theta * x,
+                                    noise_scale=s, generator=g)
+    expected = s ** 2 / (theta * (1 - theta * h / 2))
+    var = out['x'].var(0)
+    assert ((var - expected).abs() < 4 * expected * math.sqrt(2 / n)).all(), (var, expected)
+    assert out['x'].mean(0).abs().max() < 4 * math.sqrt(expected / n)
+
+
+def test_heun_sde_has_second_order_weak_bias_on_ou():
+    theta, s, n = 1.5, 0.8, 20_000
+    out = Heun().integrate({'x': torch.zeros(n, 1, dtype=F64)}, 0.1, 80, drift=lambda x, t: -theta * x,
+                           noise_scale=s, generator=torch.Generator().manual_seed(5))
+    em_bias = s ** 2 / (theta * (1 - theta * 0.1 / 2)) - s ** 2 / theta
+    assert abs(out['x'].var().item() - s ** 2 / theta) < em_bias / 2
+
+
+def test_noise_free_euler_maruyama_is_euler_and_seeds_reproduce():
+    x = torch.randn(5, 3, dtype=F64)
+    out = EulerMaruyama().step({'x': x}, 0.1, drift=lambda x, t: -x)
+    torch.testing.assert_close(out['x'], 0.9 * x)
+    run = lambda seed: EulerMaruyama().integrate({'x': x}, 0.1, 10, drift=lambda x, t: -x, noise_scale=1.0,
+                                                 generator=torch.Generator().manual_seed(seed))['x']
+    assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
+
+
+def test_mass_matrix_forms():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 3, generator=g, dtype=F64)
+    dense = a @ a.T + 0.5 * torch.eye(3, dtype=F64)
+    m = MassMatrix(dense)
+    p = torch.randn(50_000, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(m.velocity(p), p @ torch.linalg.inv(dense), atol=1e-10, rtol=1e-10)
+    draws = m.sample_momentum(p, torch.Generator().manual_seed(2))
+    assert (torch.cov(draws.T) - dense).abs().max() < 0.05 * dense.abs().max()
+    square_diag = MassMatrix(torch.full((2, 2), 2.0, dtype=F64), kind='diagonal')
+    img = torch.ones(4, 2, 2, dtype=F64)
+    torch.testing.assert_close(square_diag.velocity(img), img / 2)
+    torch.testing.assert_close(MassMatrix(torch.tensor([1., 2., 3., 4.], dtype=F64)).kinetic_energy(img),
+                               torch.full((4,), 0.5 * (1 + 1 / 2 + 1 / 3 + 1 / 4), dtype=F64))
+
+
+@pytest.mark.parametrize('bad, match', [(0.0, 'mass'), (float('nan'), 'mass'), (torch.tensor([1.0, -1.0]), 'positive'),
+                                        (torch.tensor([[1.0, 2.0], [2.0, 1.0]]), 'positive definite'),
+                                        (torch.tensor([[1.0, 0.3], [0.0, 1.0]]), 'symmetric'),
+                                        (torch.tensor([1.0, float('inf')]), 'NaN or inf'),
+                                        (torch.tensor([1, 2]), 'floating-point')])
+def test_bad_masses_are_refused(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MassMatrix(bad)
+
+
+def test_registry_and_aliases():
+    assert EulerMaruyamaIntegrator is EulerMaruyama and HeunIntegrator is Heun and LeapfrogIntegrator is Leapfrog
+    for name, cls in INTEGRATORS.items():
+        assert isinstance(get_integrator(name), cls) and isinstance(get_integrator(name), BaseIntegrator)
+    inst = Heun()
+    assert get_integrator(inst) is inst
+    with pytest.raises(ValueError, match="expected one of \\['dopri5', 'euler', 'euler_maruyama'"):
+        get_integrator('verlet')
+    with pytest.raises(TypeError, match='BaseIntegrator'):
+        get_integrator(object())
+
+
+@pytest.mark.parametrize('name', ['rk4', 'dopri5', 'leapfrog'])
+def test_ode_integrators_refuse_noise(name):
+    state = {'x': torch.zeros(2, 1), 'p': torch.zeros(2, 1)}
+    with pytest.raises(ValueError, match='noise_scale'):
+        get_integrator(name).integrate(state, 0.1, 2, drift=lambda x, t: -x, noise_scale=1.0)
+
+
+@pytest.mark.parametrize('bad', [0.0, -0.1, float('inf')])
+def test_non_positive_step_sizes_are_refused(bad):
+    for name in INTEGRATORS:
+        with pytest.raises(ValueError, match='step_size'):
+            get_integrator(name).integrate({'x': torch.zeros(2, 1), 'p': torch.zeros(2, 1)}, bad, 2,
+                                           drift=lambda x, t: -x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('name', sorted(INTEGRATORS))
+def test_integrators_on_cuda_match_cpu(name):
+    x = torch.randn(8, 3, dtype=F64)
+    state = lambda dev: {'x': x.to(dev), 'p': torch.ones_like(x).to(dev)}
+    cpu = get_integrator(name).integrate(state('cpu'), 0.05, 10, drift=lambda x, t: -x)
+    gpu = get_integrator(name).integrate(state('cuda'), 0.05, 10, drift=lambda x, t: -x)
+    torch.testing.assert_close(gpu['x'].cpu(), cpu['x'])
+    noisy = EulerMaruyama().integrate(state('cuda'), 0.05, 10, drift=lambda x, t: -x, noise_scale=1.0,
+                                      generator=torch.Generator('cuda').manual_seed(0))
+    assert noisy['x'].is_cuda and torch.isfinite(noisy['x']).all()
