@@ -7,7 +7,7 @@ __all__ = ['timestep_embedding', 'as_time_batch', 'MLPTimestepEmbedder', 'LabelE
            'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed', 'modulate', 'MultiheadSelfAttention',
            'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock', 'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead']
 
-# %% ../../nbs/32_components.ipynb #ee05dffa
+# %% ../../nbs/32_components.ipynb #16c3bab6
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.base import check_nonnegative_int, check_positive
 
-# %% ../../nbs/32_components.ipynb #3e252112
+# %% ../../nbs/32_components.ipynb #f8a58ae4
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     "Sinusoidal embedding `[batch, dim]` of times `t: [batch]` (cosines first, then sines; odd `dim` pads a zero)."
     check_nonnegative_int('dim', dim, minimum=1)
@@ -42,7 +42,7 @@ def as_time_batch(t, batch: int, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t must be a scalar or have shape [batch] = ({batch},), got shape {tuple(t.shape)}")
     return t
 
-# %% ../../nbs/32_components.ipynb #e4fb6333
+# %% ../../nbs/32_components.ipynb #3bc76e1c
 class MLPTimestepEmbedder(nn.Module):
     "Sinusoidal features of `t: [batch]` followed by Linear-SiLU-Linear: `[batch] -> [batch, out_dim]`."
     def __init__(self, out_dim: int, frequency_embedding_size: int = 256, max_period: float = 10000.0,
@@ -60,7 +60,7 @@ class MLPTimestepEmbedder(nn.Module):
         freq = timestep_embedding(t * self.time_scale, self.frequency_embedding_size, self.max_period)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
-# %% ../../nbs/32_components.ipynb #a6b3674a
+# %% ../../nbs/32_components.ipynb #46f7f019
 class LabelEmbedder(nn.Module):
     "Embedding table for class labels `[batch] -> [batch, out_dim]` with an optional null label `num_classes` for CFG."
     def __init__(self, num_classes: int, out_dim: int, dropout_prob: float = 0.0, null_token: Optional[bool] = None):
@@ -96,7 +96,7 @@ class LabelEmbedder(nn.Module):
             labels = self.drop_labels(labels, force_drop_mask, generator)
         return self.embedding(labels)
 
-# %% ../../nbs/32_components.ipynb #2740a89a
+# %% ../../nbs/32_components.ipynb #a694c726
 class ConditionEmbedder(nn.Module):
     "Sum of the embeddings of time `t: [batch]`, labels `y: [batch]` and a raw `cond: [batch, cond_dim]`."
     def __init__(self, cond_dim: int, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0,
@@ -135,7 +135,7 @@ class ConditionEmbedder(nn.Module):
             raise ValueError("the model needs a condition: pass a time t, labels y or a vector cond")
         return sum(parts[1:], parts[0])
 
-# %% ../../nbs/32_components.ipynb #9885e3a5
+# %% ../../nbs/32_components.ipynb #3456719f
 def _grid(input_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
@@ -180,7 +180,7 @@ class ConvPatchEmbed2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
-# %% ../../nbs/32_components.ipynb #43742ace
+# %% ../../nbs/32_components.ipynb #c3d20e4f
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     out = pos.double()[:, None] * omega[None]
@@ -196,7 +196,7 @@ def build_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, i
     emb = torch.cat([_sincos_1d(embed_dim // 2, cols.flatten()), _sincos_1d(embed_dim // 2, rows.flatten())], dim=1)
     return emb.to(device=device, dtype=dtype)
 
-# %% ../../nbs/32_components.ipynb #beb39057
+# %% ../../nbs/32_components.ipynb #1e7e5003
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     "adaLN modulation `x * (1 + scale) + shift`, broadcasting `[B, D]` over the token axis of `x: [B, N, D]`."
     if x.ndim == 3: shift, scale = shift[:, None], scale[:, None]
@@ -231,7 +231,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.net(x)
 
-# %% ../../nbs/32_components.ipynb #ce2bfe74
+# %% ../../nbs/32_components.ipynb #250985e0
 def _zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
     layer = nn.Linear(in_dim, out_dim)
     nn.init.zeros_(layer.weight); nn.init.zeros_(layer.bias)
@@ -276,7 +276,7 @@ class AdaLNZeroMLPBlock(nn.Module):
         shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
-# %% ../../nbs/32_components.ipynb #d05b11d9
+# %% ../../nbs/32_components.ipynb #437ac699
 class AdaLNZeroLinearHead(nn.Module):
     "Final adaLN-Zero layer on a vector stream: `[B, D] -> [B, out_dim]`, exactly zero at init."
     def __init__(self, embed_dim: int, out_dim: int, cond_dim: Optional[int] = None, eps: float = 1e-6):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ConditionalTransformer2D']
 
-# %% ../../nbs/33_transformer.ipynb #2ff698d8
+# %% ../../nbs/33_transformer.ipynb #54fbc543
 from typing import Optional, Tuple, Union
 
 import torch
@@ -15,7 +15,7 @@ from ..core.base import check_nonnegative_int, check_positive
 from .components import (AdaLNZeroBlock, AdaLNZeroPatchHead, ConditionEmbedder, ConvPatchEmbed2d,
                                         _grid, build_2d_sincos_pos_embed)
 
-# %% ../../nbs/33_transformer.ipynb #232af766
+# %% ../../nbs/33_transformer.ipynb #86f95775
 class ConditionalTransformer2D(nn.Module):
     "DiT backbone: `x: [B, in_channels, H, W]`, condition -> `[B, out_channels, H, W]`; exactly zero at init."
     def __init__(self, in_channels: int, out_channels: Optional[int] = None,
