@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['mmd', 'autocorrelation', 'effective_sample_size', 'ess_bulk', 'ess_tail', 'r_hat', 'mcmc_summary',
-           'maximum_mean_discrepancy', 'sliced_wasserstein_distance', 'TwoSampleTest', 'energy_distance_test']
+           'maximum_mean_discrepancy', 'sliced_wasserstein_distance', 'TwoSampleTest', 'energy_distance_test',
+           'GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
+           'estimate_log_z']
 
-# %% ../../nbs/50_diagnostics.ipynb #0b0456d6
+# %% ../../nbs/50_diagnostics.ipynb #2e224808
 import math
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -14,7 +16,7 @@ import torch
 
 from ..core.base import check_choice, check_nonnegative_int, check_positive
 
-# %% ../../nbs/50_diagnostics.ipynb #6a08b17b
+# %% ../../nbs/50_diagnostics.ipynb #f45e46d0
 def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: int = 1,
                min_steps: int = 4) -> Tuple[torch.Tensor, torch.Size]:
     "Check `trajectory: [n_chains, n_steps, *dim]`; return it as float64 `[p, n_chains, n_steps]` and `dim`."
@@ -42,7 +44,7 @@ def _split_chains(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([x[..., :half], x[..., x.shape[-1] - half:]], dim=1)
 
-# %% ../../nbs/50_diagnostics.ipynb #4e54ce7b
+# %% ../../nbs/50_diagnostics.ipynb #12f63e03
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     "Ranks 1..N along the last axis of `x: [p, N]`, ties sharing their average rank."
     s = x.sort(dim=-1).values.contiguous()
@@ -63,7 +65,7 @@ def _z_scale(x: torch.Tensor) -> torch.Tensor:
     ranks = _average_ranks(flat)
     return torch.special.ndtri((ranks - 0.375) / (flat.shape[-1] + 0.25)).reshape(x.shape)
 
-# %% ../../nbs/50_diagnostics.ipynb #a382fdb6
+# %% ../../nbs/50_diagnostics.ipynb #0db6e634
 def _autocovariance(x: torch.Tensor) -> torch.Tensor:
     "Biased autocovariance along the last axis of `x` for all lags `0..n-1`, via FFT."
     n = x.shape[-1]
@@ -86,7 +88,7 @@ def autocorrelation(trajectory: torch.Tensor, max_lag: Optional[int] = None) -> 
     out = acf.permute(1, 2, 0).reshape(x.shape[1], max_lag + 1, *dim)
     return out.to(trajectory.dtype if trajectory.is_floating_point() else torch.get_default_dtype())
 
-# %% ../../nbs/50_diagnostics.ipynb #fa181b5b
+# %% ../../nbs/50_diagnostics.ipynb #bf2ac810
 def _ess(x: torch.Tensor) -> torch.Tensor:
     "Multi-chain ESS of `x: [p, m, n]` per coordinate with Geyer's initial monotone sequence -> `[p]`."
     p, m, n = x.shape
@@ -121,7 +123,7 @@ def _rhat(x: torch.Tensor) -> torch.Tensor:
     within = x.var(-1).mean(1)
     return ((between / within + n - 1) / n).sqrt()
 
-# %% ../../nbs/50_diagnostics.ipynb #0c1dba01
+# %% ../../nbs/50_diagnostics.ipynb #1309bf57
 _ESS_METHODS = ('bulk', 'tail', 'mean')
 
 def _ess_tail(x: torch.Tensor, probs: Tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
@@ -151,7 +153,7 @@ def ess_tail(trajectory: torch.Tensor) -> torch.Tensor:
     "Tail effective sample size `[*dim]` (5% and 95% quantiles) of `trajectory: [n_chains, n_steps, *dim]`."
     return effective_sample_size(trajectory, 'tail')
 
-# %% ../../nbs/50_diagnostics.ipynb #56277c57
+# %% ../../nbs/50_diagnostics.ipynb #1588ccbc
 _RHAT_METHODS = ('rank', 'split')
 
 def r_hat(trajectory: torch.Tensor, method: str = 'rank') -> torch.Tensor:
@@ -170,7 +172,7 @@ def r_hat(trajectory: torch.Tensor, method: str = 'rank') -> torch.Tensor:
     folded = (split - median[:, None, None]).abs()
     return _restore(torch.maximum(_rhat(_z_scale(split)), _rhat(_z_scale(folded))), dim, trajectory)
 
-# %% ../../nbs/50_diagnostics.ipynb #0696594a
+# %% ../../nbs/50_diagnostics.ipynb #fdade024
 def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
                  diagnostics: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """ESS (bulk, tail) and R-hat of a trajectory `[n_chains, T, *dim]` and/or of the energies in a sampler's
@@ -190,7 +192,7 @@ def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
         if 'acceptance_rate' in diagnostics: summary['acceptance_rate'] = diagnostics['acceptance_rate'].mean()
     return summary
 
-# %% ../../nbs/50_diagnostics.ipynb #eee34086
+# %% ../../nbs/50_diagnostics.ipynb #22af026f
 def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     "Check two sample sets `[n, *dim]`, `[m, *dim]` with the same event shape; return them as `[n, d]`, `[m, d]`."
     for name, t in (('x', x), ('y', y)):
@@ -227,7 +229,7 @@ def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, bandwidths: Optio
 
 mmd = maximum_mean_discrepancy
 
-# %% ../../nbs/50_diagnostics.ipynb #f22603b3
+# %% ../../nbs/50_diagnostics.ipynb #196b75d8
 def _quantile_grid(sorted_values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     "Empirical quantile functions of the columns of `sorted_values: [n, k]` at `levels: [L]` -> `[L, k]`."
     n = sorted_values.shape[0]
@@ -253,7 +255,7 @@ def sliced_wasserstein_distance(x: torch.Tensor, y: torch.Tensor, n_projections:
         weights = torch.full((len(px),), 1 / len(px), dtype=x.dtype, device=x.device)
     return ((px - py).abs().pow(p) * weights[:, None]).sum(0).mean().pow(1 / p)
 
-# %% ../../nbs/50_diagnostics.ipynb #8fcc405a
+# %% ../../nbs/50_diagnostics.ipynb #fee74c3e
 class TwoSampleTest(NamedTuple):
     "Result of a two-sample test: the statistic and its permutation p-value."
     statistic: torch.Tensor
@@ -284,3 +286,8 @@ def energy_distance_test(x: torch.Tensor, y: torch.Tensor, n_permutations: int =
     permuted = _energy_statistic(d, permuted_labels, n, m)
     p_value = (1 + (permuted >= observed).sum()) / (1 + n_permutations)
     return TwoSampleTest(observed, p_value.to(z.dtype))
+
+# %% ../../nbs/50_diagnostics.ipynb #68833ac2
+from .partition import *
+_all_ = ['GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
+         'estimate_log_z']
