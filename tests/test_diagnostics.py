@@ -246,3 +246,22 @@ def test_ais_bad_inputs():
         estimate_log_z(model, base=D.MultivariateNormal(torch.zeros(3), torch.eye(3)))
     with pytest.raises(ValueError, match='schedule'):
         temperature_schedule(10, 'cosine')
+
+
+def test_summary_of_a_torchebm_sampler_run():
+    samplers = pytest.importorskip('torchebm.samplers')
+
+    class StandardNormal(BaseModel):
+        def forward(self, x): return 0.5 * x.pow(2).sum(-1)
+
+    g = torch.Generator().manual_seed(1)
+    hmc = samplers.HamiltonianMonteCarlo(StandardNormal(), step_size=0.3, n_leapfrog_steps=5)
+    good, diag = hmc.sample(x=torch.randn(4, 3, generator=g), n_steps=300, return_trajectory=True,
+                            return_diagnostics=True, generator=g)
+    s = mcmc_summary(good, diag)
+    assert (s['r_hat'] < 1.05).all() and (s['ess_bulk'] > 300).all() and s['energy_r_hat'] < 1.05
+    # Chains started far apart with tiny Langevin steps have not mixed: R-hat sees it.
+    slow = samplers.LangevinDynamics(StandardNormal(), step_size=1e-4)
+    start = torch.tensor([[-20.0], [-10.0], [10.0], [20.0]])
+    stuck = slow.sample(x=start, n_steps=200, return_trajectory=True, generator=g)
+    assert (r_hat(stuck) > 2).all() and (ess_bulk(stuck) < 50).all()

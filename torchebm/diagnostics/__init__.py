@@ -8,7 +8,7 @@ __all__ = ['mmd', 'autocorrelation', 'effective_sample_size', 'ess_bulk', 'ess_t
            'GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
            'estimate_log_z']
 
-# %% ../../nbs/50_diagnostics.ipynb #2e224808
+# %% ../../nbs/50_diagnostics.ipynb #f69e8033
 import math
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -16,7 +16,7 @@ import torch
 
 from ..core.base import check_choice, check_nonnegative_int, check_positive
 
-# %% ../../nbs/50_diagnostics.ipynb #f45e46d0
+# %% ../../nbs/50_diagnostics.ipynb #a2b79c79
 def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: int = 1,
                min_steps: int = 4) -> Tuple[torch.Tensor, torch.Size]:
     "Check `trajectory: [n_chains, n_steps, *dim]`; return it as float64 `[p, n_chains, n_steps]` and `dim`."
@@ -44,7 +44,7 @@ def _split_chains(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([x[..., :half], x[..., x.shape[-1] - half:]], dim=1)
 
-# %% ../../nbs/50_diagnostics.ipynb #12f63e03
+# %% ../../nbs/50_diagnostics.ipynb #d9dfab65
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     "Ranks 1..N along the last axis of `x: [p, N]`, ties sharing their average rank."
     s = x.sort(dim=-1).values.contiguous()
@@ -65,7 +65,7 @@ def _z_scale(x: torch.Tensor) -> torch.Tensor:
     ranks = _average_ranks(flat)
     return torch.special.ndtri((ranks - 0.375) / (flat.shape[-1] + 0.25)).reshape(x.shape)
 
-# %% ../../nbs/50_diagnostics.ipynb #0db6e634
+# %% ../../nbs/50_diagnostics.ipynb #4f181b76
 def _autocovariance(x: torch.Tensor) -> torch.Tensor:
     "Biased autocovariance along the last axis of `x` for all lags `0..n-1`, via FFT."
     n = x.shape[-1]
@@ -88,7 +88,7 @@ def autocorrelation(trajectory: torch.Tensor, max_lag: Optional[int] = None) -> 
     out = acf.permute(1, 2, 0).reshape(x.shape[1], max_lag + 1, *dim)
     return out.to(trajectory.dtype if trajectory.is_floating_point() else torch.get_default_dtype())
 
-# %% ../../nbs/50_diagnostics.ipynb #bf2ac810
+# %% ../../nbs/50_diagnostics.ipynb #bca965e6
 def _ess(x: torch.Tensor) -> torch.Tensor:
     "Multi-chain ESS of `x: [p, m, n]` per coordinate with Geyer's initial monotone sequence -> `[p]`."
     p, m, n = x.shape
@@ -123,7 +123,7 @@ def _rhat(x: torch.Tensor) -> torch.Tensor:
     within = x.var(-1).mean(1)
     return ((between / within + n - 1) / n).sqrt()
 
-# %% ../../nbs/50_diagnostics.ipynb #1309bf57
+# %% ../../nbs/50_diagnostics.ipynb #f8f04e52
 _ESS_METHODS = ('bulk', 'tail', 'mean')
 
 def _ess_tail(x: torch.Tensor, probs: Tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
@@ -153,7 +153,7 @@ def ess_tail(trajectory: torch.Tensor) -> torch.Tensor:
     "Tail effective sample size `[*dim]` (5% and 95% quantiles) of `trajectory: [n_chains, n_steps, *dim]`."
     return effective_sample_size(trajectory, 'tail')
 
-# %% ../../nbs/50_diagnostics.ipynb #1588ccbc
+# %% ../../nbs/50_diagnostics.ipynb #e5707570
 _RHAT_METHODS = ('rank', 'split')
 
 def r_hat(trajectory: torch.Tensor, method: str = 'rank') -> torch.Tensor:
@@ -172,7 +172,7 @@ def r_hat(trajectory: torch.Tensor, method: str = 'rank') -> torch.Tensor:
     folded = (split - median[:, None, None]).abs()
     return _restore(torch.maximum(_rhat(_z_scale(split)), _rhat(_z_scale(folded))), dim, trajectory)
 
-# %% ../../nbs/50_diagnostics.ipynb #fdade024
+# %% ../../nbs/50_diagnostics.ipynb #2eb712f9
 def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
                  diagnostics: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """ESS (bulk, tail) and R-hat of a trajectory `[n_chains, T, *dim]` and/or of the energies in a sampler's
@@ -192,7 +192,7 @@ def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
         if 'acceptance_rate' in diagnostics: summary['acceptance_rate'] = diagnostics['acceptance_rate'].mean()
     return summary
 
-# %% ../../nbs/50_diagnostics.ipynb #22af026f
+# %% ../../nbs/50_diagnostics.ipynb #0271a1a7
 def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     "Check two sample sets `[n, *dim]`, `[m, *dim]` with the same event shape; return them as `[n, d]`, `[m, d]`."
     for name, t in (('x', x), ('y', y)):
@@ -204,9 +204,10 @@ def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
         raise ValueError(f"x and y must have the same event shape, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])}")
     return x.detach().flatten(1), y.detach().flatten(1).to(x.dtype)
 
-def _median_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Median of the pairwise distances among the pooled samples (the usual bandwidth heuristic)."
+def _median_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 2000) -> torch.Tensor:
+    "Median of the pairwise distances among the pooled samples (the usual bandwidth heuristic; strided subset)."
     z = torch.cat([x, y])
+    z = z[::max(1, len(z) // max_points)]
     d = torch.cdist(z, z)
     return d[torch.triu_indices(len(z), len(z), 1, device=z.device).unbind()].median()
 
@@ -221,7 +222,9 @@ def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, bandwidths: Optio
     else:
         for b in bandwidths: check_positive('bandwidths', b)
         h = torch.tensor(list(bandwidths), dtype=x.dtype, device=x.device)
-    def kernel(a, b): return torch.exp(-torch.cdist(a, b).pow(2).unsqueeze(-1) / (2 * h ** 2)).sum(-1)
+    def kernel(a, b):
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * width ** 2)) for width in h)
     n, m = len(x), len(y)
     kxx = (kernel(x, x).sum() - n * len(h)) / (n * (n - 1))
     kyy = (kernel(y, y).sum() - m * len(h)) / (m * (m - 1))
@@ -229,7 +232,7 @@ def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, bandwidths: Optio
 
 mmd = maximum_mean_discrepancy
 
-# %% ../../nbs/50_diagnostics.ipynb #196b75d8
+# %% ../../nbs/50_diagnostics.ipynb #bfd637fb
 def _quantile_grid(sorted_values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     "Empirical quantile functions of the columns of `sorted_values: [n, k]` at `levels: [L]` -> `[L, k]`."
     n = sorted_values.shape[0]
@@ -255,7 +258,7 @@ def sliced_wasserstein_distance(x: torch.Tensor, y: torch.Tensor, n_projections:
         weights = torch.full((len(px),), 1 / len(px), dtype=x.dtype, device=x.device)
     return ((px - py).abs().pow(p) * weights[:, None]).sum(0).mean().pow(1 / p)
 
-# %% ../../nbs/50_diagnostics.ipynb #fee74c3e
+# %% ../../nbs/50_diagnostics.ipynb #4a7631dc
 class TwoSampleTest(NamedTuple):
     "Result of a two-sample test: the statistic and its permutation p-value."
     statistic: torch.Tensor
@@ -287,7 +290,7 @@ def energy_distance_test(x: torch.Tensor, y: torch.Tensor, n_permutations: int =
     p_value = (1 + (permuted >= observed).sum()) / (1 + n_permutations)
     return TwoSampleTest(observed, p_value.to(z.dtype))
 
-# %% ../../nbs/50_diagnostics.ipynb #68833ac2
+# %% ../../nbs/50_diagnostics.ipynb #41a128ad
 from .partition import *
 _all_ = ['GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
          'estimate_log_z']

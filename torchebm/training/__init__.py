@@ -7,7 +7,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'Callback', 'LambdaCallback', 'EarlyStopping', 'TrainingDivergedError', 'distributed_info',
            'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../../nbs/52_training.ipynb #6db27a0e
+# %% ../../nbs/52_training.ipynb #efa30ede
 import math
 import os
 import random
@@ -26,9 +26,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..core.base import check_choice, check_nonnegative_int, check_positive
+from ..core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../../nbs/52_training.ipynb #3ff59754
+# %% ../../nbs/52_training.ipynb #44d8b477
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -61,7 +61,7 @@ def latest_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[Path]
     found = list_checkpoints(checkpoint_dir)
     return found[-1] if found else None
 
-# %% ../../nbs/52_training.ipynb #b20e6664
+# %% ../../nbs/52_training.ipynb #f814c9cb
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -91,7 +91,7 @@ def restore_rng_state(state: Dict[str, Any], *owners) -> None:
         if k in generators: generators[k].set_state(s)
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../../nbs/52_training.ipynb #5cf16bee
+# %% ../../nbs/52_training.ipynb #e6836f93
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -135,7 +135,7 @@ class EarlyStopping(Callback):
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, the energies or the negatives become NaN or inf."
 
-# %% ../../nbs/52_training.ipynb #6399dc7a
+# %% ../../nbs/52_training.ipynb #4350e7bb
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -169,7 +169,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../../nbs/52_training.ipynb #7044ac5d
+# %% ../../nbs/52_training.ipynb #581c13c6
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x)` is `loss_fn(x)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -200,7 +200,7 @@ def _batch_data(batch):
         raise TypeError(f"each batch must be a tensor or a tuple whose first item is a tensor, got {type(batch).__name__}")
     return batch
 
-# %% ../../nbs/52_training.ipynb #f8b2f4fe
+# %% ../../nbs/52_training.ipynb #abbb7463
 class _TrainingStep:
     "The optimiser step and the divergence record (a part of `Trainer`)."
     def _autocast(self):
@@ -246,7 +246,7 @@ class _TrainingStep:
             f"training diverged: the loss, energies or negatives became NaN/inf at step {first_bad} "
             f"(epoch {self.epoch + 1}); {kept}. Lower the learning rate or the sampler step size, or clip gradients.")
 
-# %% ../../nbs/52_training.ipynb #8a868fca
+# %% ../../nbs/52_training.ipynb #0b82dd77
 class _Logging:
     "What the progress bar shows (a part of `Trainer`)."
     def _loss_attribute(self, name: str):
@@ -257,10 +257,13 @@ class _Logging:
         "Scalars worth showing at a logging step: loss, positive/negative energies, acceptance, grad norm."
         shown = {'loss': logs['loss']}
         pos, neg = self._loss_attribute('positive_energy'), self._loss_attribute('negative_energy')
+        # Energies are computed only for energy models (a loss returning negatives, or a BaseModel): flow models
+        # take other arguments.
+        is_energy_model = logs['negatives'] is not None or isinstance(self.model, BaseModel)
         with torch.no_grad(), self._autocast():
-            if pos is None: pos = self.model(logs['x']).detach().float().mean()
+            if pos is None and is_energy_model: pos = self.model(logs['x']).detach().float().mean()
             if neg is None and logs['negatives'] is not None: neg = self.model(logs['negatives']).detach().float().mean()
-        shown['e_pos'] = pos
+        if pos is not None: shown['e_pos'] = pos
         if neg is not None: shown['e_neg'] = neg
         acceptance = self._loss_attribute('acceptance_rate')
         if acceptance is not None: shown['acceptance'] = acceptance
@@ -269,7 +272,7 @@ class _Logging:
         self._record_finite(finite, self.step)
         return shown
 
-# %% ../../nbs/52_training.ipynb #488bb654
+# %% ../../nbs/52_training.ipynb #452966d8
 class _BufferMixing:
     "Mixing persistent chains across ranks (a part of `Trainer`)."
     def _mix_replay_buffers(self) -> None:
@@ -282,7 +285,7 @@ class _BufferMixing:
         pick = torch.randperm(len(pooled), device='cpu')[:len(buffer)].to(pooled.device)
         buffer.copy_(pooled[pick])
 
-# %% ../../nbs/52_training.ipynb #31317e70
+# %% ../../nbs/52_training.ipynb #533a860c
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor): return obj.detach().cpu()
     if isinstance(obj, dict): return {k: _to_cpu(v) for k, v in obj.items()}
@@ -333,7 +336,7 @@ class _CheckpointState:
                 'callbacks': [cb.state_dict() if hasattr(cb, 'state_dict') else None for cb in self.callbacks],
                 'history': list(self.history), 'ranks': ranks}
 
-# %% ../../nbs/52_training.ipynb #2821acd1
+# %% ../../nbs/52_training.ipynb #b885969a
 class _Checkpointing:
     "Writing and loading checkpoints (a part of `Trainer`)."
     def save_checkpoint(self, path: Union[str, os.PathLike, None] = None) -> Optional[Path]:
@@ -387,7 +390,7 @@ class _Checkpointing:
         self.last_checkpoint = path
         self._first_bad_step.fill_(-1)
 
-# %% ../../nbs/52_training.ipynb #390d695a
+# %% ../../nbs/52_training.ipynb #f3dd254a
 class _TrainingLoop:
     "Epochs, steps, logging and callbacks (a part of `Trainer`)."
     def _start_epoch(self, loader):
@@ -473,7 +476,7 @@ class _TrainingLoop:
         for cb in self.callbacks: cb.on_fit_end(self)
         return self.history
 
-# %% ../../nbs/52_training.ipynb #dd779cc1
+# %% ../../nbs/52_training.ipynb #888626db
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 
