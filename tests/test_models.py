@@ -390,3 +390,17 @@ def test_time_conditioned_mlp_has_no_dead_parameters(kwargs):
     for _ in range(3):
         opt.zero_grad(); (model(x, t, y=y) - x.flip(1)).square().mean().backward(); opt.step()
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize('energy_type', ['dot', 'l2'])
+def test_vector_field_energy_matches_the_equilibrium_matching_loss_field(energy_type):
+    "The energy sampled by MCMC must be the one EquilibriumMatchingLoss trains: same formula, field at t = 0."
+    flow = pytest.importorskip('torchebm.losses.flow_matching')
+    if not hasattr(flow, 'EquilibriumField'): pytest.skip('EquilibriumField not available')
+    torch.manual_seed(0)
+    net = _perturb(TimeConditionedMLP(2, hidden_dim=16, depth=2)).double()
+    x = torch.randn(7, 2, dtype=torch.float64)
+    trained_field = flow.EquilibriumField(net, energy_parametrization=energy_type)
+    energy = VectorFieldEnergy(net, energy_type, t=0.0)
+    assert torch.allclose(energy(x), trained_field.energy(x))
+    assert torch.allclose(energy.gradient(x), trained_field(x))
