@@ -1,0 +1,199 @@
+"Bad input to the samplers fails early and clearly; NaN/inf appearing in a chain is reported with the chains."
+import warnings
+
+import pytest
+import torch
+
+from torchebm.core.base import BaseModel, BaseScheduler
+from torchebm.samplers import GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, NesterovSampler
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Gaussian2D(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('mean', torch.zeros(2, dtype=F64))
+
+    @property
+    def dim(self): return 2
+
+    def forward(self, x): return 0.5 * ((x - self.mean) ** 2).sum(-1)
+
+
+class Steep(BaseModel):
+    "E = x^4: explicit schemes blow up from far away with a large step."
+    def forward(self, x): return (x ** 4).sum(-1)
+
+
+SAMPLERS = {'langevin': lambda m, **k: LangevinDynamics(m, **k), 'mala': lambda m, **k: LangevinDynamics(m, metropolis=True, **k),
+            'hmc': lambda m, **k: HamiltonianMonteCarlo(m, **k), 'gd': lambda m, **k: GradientDescentSampler(m, **k),
+            'nesterov': lambda m, **k: NesterovSampler(m, **k)}
+
+
+@pytest.fixture(params=sorted(SAMPLERS))
+def make(request): return SAMPLERS[request.param]
+
+
+def test_negative_n_steps(make):
+    with pytest.raises(ValueError, match='n_steps'):
+        make(Gaussian2D()).sample(x=torch.zeros(3, 2, dtype=F64), n_steps=-1)
+    with pytest.raises(TypeError, match='n_steps'):
+        make(Gaussian2D()).sample(x=torch.zeros(3, 2, dtype=F64), n_steps=2.5)
+
+
+def test_zero_steps_return_the_start(make):
+    x = torch.randn(3, 2, dtype=F64)
+    out, diag = make(Gaussian2D()).sample(x=x, n_steps=0, return_trajectory=True, return_diagnostics=True)
+    assert out.shape == (3, 0, 2) and diag['energy'].shape == (0, 3)
+    assert torch.equal(make(Gaussian2D()).sample(x=x, n_steps=0), x)
+
+
+@pytest.mark.parametrize('bad', [0.0, -1e-3, float('nan'), float('inf')])
+def test_non_positive_step_size(make, bad):
+    with pytest.raises(ValueError, match='step_size'):
+        make(Gaussian2D(), step_size=bad)
+
+
+def test_step_size_of_the_wrong_type(make):
+    with pytest.raises(TypeError, match='step_size'):
+        make(Gaussian2D(), step_size='0.1')
+
+
+def test_schedule_that_turns_non_positive(make):
+    class Decay(BaseScheduler):
+        def compute_value(self, step): return self.start_value - 0.01 * step
+    with pytest.raises(ValueError, match='at step 10'):
+        make(Gaussian2D(), step_size=Decay(0.1)).sample(x=torch.zeros(3, 2, dtype=F64), n_steps=20)
+
+
+def test_thin_and_n_samples(make):
+    with pytest.raises(ValueError, match='thin'):
+        make(Gaussian2D()).sample(x=torch.zeros(3, 2, dtype=F64), thin=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        with pytest.raises(ValueError, match='n_samples'):
+            make(Gaussian2D()).sample(n_samples=0)
+
+
+def test_wrong_shape_for_the_model(make):
+    with pytest.raises(ValueError, match=r'event shape \(3,\)'):
+        make(Gaussian2D()).sample(x=torch.zeros(4, 3, dtype=F64), n_steps=1)
+    with pytest.raises(ValueError, match=r'\[batch, \*dim\]'):
+        make(Gaussian2D()).sample(x=torch.zeros(4, dtype=F64), n_steps=1)
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        make(Gaussian2D()).sample(x=[[0.0, 0.0]], n_steps=1)
+    with pytest.raises(TypeError, match='floating-point'):
+        make(Gaussian2D()).sample(x=torch.zeros(4, 2, dtype=torch.int64), n_steps=1)
+
+
+def test_x_with_another_dtype_or_device(make):
+    with pytest.raises(ValueError, match='dtype'):
+        make(Gaussian2D()).sample(x=torch.zeros(4, 2, dtype=torch.float32), n_steps=1)
+    with pytest.raises(ValueError, match='is on meta but the model is on cpu'):
+        make(Gaussian2D()).sample(x=torch.zeros(4, 2, dtype=F64, device='meta'), n_steps=1)
+
+
+def test_non_finite_start(make):
+    with pytest.raises(ValueError, match='NaN or inf'):
+        make(Gaussian2D()).sample(x=torch.tensor([[0.0, float('inf')]], dtype=F64), n_steps=1)
+
+
+def test_missing_model_and_both_models(make):
+    with pytest.raises(ValueError, match='no model'):
+        make(None).sample(x=torch.zeros(2, 2), n_steps=1)
+    with pytest.raises(TypeError, match='not both'):
+        make(Gaussian2D(), energy_function=Gaussian2D())
+    with pytest.raises(TypeError, match='callable'):
+        make(42)
+
+
+@pytest.mark.parametrize('name', ['rk4', 'dopri5', 'leapfrog'])
+def test_langevin_refuses_deterministic_integrators(name):
+    with pytest.raises(ValueError, match='stochastic integrator'):
+        LangevinDynamics(Gaussian2D(), integrator=name)
+
+
+def test_unknown_integrator_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="integrator='verlet' is not valid; expected one of"):
+        LangevinDynamics(Gaussian2D(), integrator='verlet')
+    with pytest.raises(ValueError, match='euler_maruyama'):
+        LangevinDynamics(Gaussian2D(), integrator='heun', metropolis=True)
+
+
+def test_langevin_option_conflicts():
+    with pytest.raises(ValueError, match='metropolis=True'):
+        LangevinDynamics(Gaussian2D(), adapt_step_size=True)
+    with pytest.raises(ValueError, match='noise_scale'):
+        LangevinDynamics(Gaussian2D(), noise_scale=0.0, metropolis=True)
+    with pytest.raises(ValueError, match='noise_scale'):
+        LangevinDynamics(Gaussian2D(), noise_scale=-1.0)
+    with pytest.raises(ValueError, match='target_accept'):
+        LangevinDynamics(Gaussian2D(), metropolis=True, adapt_step_size=True, target_accept=0.0)
+
+
+@pytest.mark.parametrize('mass, match', [(-1.0, 'mass'), (torch.tensor([1.0, 0.0], dtype=F64), 'positive definite'),
+                                         (torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=F64), 'positive definite'),
+                                         (torch.tensor([[1.0, 0.2], [0.0, 1.0]], dtype=F64), 'symmetric')])
+def test_hmc_bad_mass(mass, match):
+    with pytest.raises(ValueError, match=match):
+        HamiltonianMonteCarlo(Gaussian2D(), mass=mass)
+
+
+def test_hmc_mass_of_the_wrong_size_and_bad_options():
+    with pytest.raises(ValueError, match='mass has 3 entries'):
+        HamiltonianMonteCarlo(Gaussian2D(), mass=torch.ones(3, dtype=F64)).sample(x=torch.zeros(2, 2, dtype=F64), n_steps=1)
+    with pytest.raises(ValueError, match='n_leapfrog_steps'):
+        HamiltonianMonteCarlo(Gaussian2D(), n_leapfrog_steps=0)
+    with pytest.raises(ValueError, match='n_adapt_steps'):
+        HamiltonianMonteCarlo(Gaussian2D(), n_adapt_steps=-5)
+    with pytest.raises(ValueError, match='momentum'):
+        NesterovSampler(Gaussian2D(), momentum=1.5)
+
+
+@pytest.mark.parametrize('name', ['langevin', 'gd', 'nesterov'])
+def test_nan_appearing_in_the_chain_names_the_chains(name):
+    x = torch.zeros(6, 1, dtype=F64)
+    x[[1, 4]] = 30.0  # only these chains are far enough out to diverge
+    sampler = SAMPLERS[name](Steep(), step_size=0.01)
+    with pytest.raises(ValueError, match=r'2 of 6 chains \(chains \[1, 4\]\) between steps 1 and 100'):
+        sampler.sample(x=x, n_steps=250)
+
+
+def test_nan_reported_in_the_last_window():
+    x = torch.zeros(3, 1, dtype=F64)
+    x[2] = 30.0
+    with pytest.raises(ValueError, match=r'chains \[2\]\) between steps 1 and 40'):
+        LangevinDynamics(Steep(), step_size=0.01).sample(x=x, n_steps=40)
+
+
+def test_metropolis_samplers_reject_non_finite_proposals_instead_of_returning_them():
+    class Walled(BaseModel):
+        "A Gaussian whose energy is NaN outside |x| < 1.5 (e.g. a network that overflows)."
+        def forward(self, x):
+            e = 0.5 * (x ** 2).sum(-1)
+            return torch.where(x.abs().amax(-1) < 1.5, e, torch.full_like(e, float('nan')))
+    x = torch.zeros(200, 2, dtype=F64)
+    for sampler in (LangevinDynamics(Walled(), step_size=0.5, metropolis=True),
+                    HamiltonianMonteCarlo(Walled(), step_size=0.5, n_leapfrog_steps=4)):
+        out, d = sampler.sample(x=x, n_steps=50, return_diagnostics=True)
+        assert torch.isfinite(out).all() and (out.abs() < 1.5).all()
+        assert d['acceptance_rate'].mean() < 0.95
+
+
+@pytest.mark.parametrize('name', ['mala', 'hmc'])
+def test_energy_of_the_wrong_shape_fails_clearly(name):
+    class Bad(BaseModel):
+        def forward(self, x): return x  # [batch, dim] instead of [batch]
+    with pytest.raises(ValueError, match=r'energies of shape \[batch\] = \(4,\)'):
+        SAMPLERS[name](Bad()).sample(x=torch.zeros(4, 2), n_steps=2)
+    with pytest.raises(ValueError, match='energies of shape'):
+        LangevinDynamics(Bad()).sample(x=torch.zeros(4, 2), n_steps=2, return_diagnostics=True)
