@@ -290,3 +290,17 @@ def test_resume_with_torchebm_persistent_cd(tmp_path):
     resumed = _cd_run(tmp_path / 'run', resume=True)
     _assert_same(reference, resumed)
     assert resumed.loss_fn.replay_buffer.shape == (64, 2)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason='exception notes need Python 3.11')
+def test_errors_raised_by_the_loss_name_the_step():
+    model = GaussianEnergy(2)
+    calls = []
+    def loss(x):
+        calls.append(1)
+        if len(calls) == 3: raise ValueError('ContrastiveDivergence: the loss is nan')
+        return model(x).mean()
+    trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), progress=False)
+    with pytest.raises(ValueError, match='the loss is nan') as info:
+        trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=1)
+    assert any('training step 3 (epoch 1)' in note for note in info.value.__notes__)

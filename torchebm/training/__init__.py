@@ -7,7 +7,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'Callback', 'LambdaCallback', 'EarlyStopping', 'TrainingDivergedError', 'distributed_info',
            'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../../nbs/52_training.ipynb #efa30ede
+# %% ../../nbs/52_training.ipynb #535ac5e6
 import math
 import os
 import random
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../../nbs/52_training.ipynb #44d8b477
+# %% ../../nbs/52_training.ipynb #d75a0a89
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -61,7 +61,7 @@ def latest_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[Path]
     found = list_checkpoints(checkpoint_dir)
     return found[-1] if found else None
 
-# %% ../../nbs/52_training.ipynb #f814c9cb
+# %% ../../nbs/52_training.ipynb #1ea90dee
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -91,7 +91,7 @@ def restore_rng_state(state: Dict[str, Any], *owners) -> None:
         if k in generators: generators[k].set_state(s)
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../../nbs/52_training.ipynb #e6836f93
+# %% ../../nbs/52_training.ipynb #35e232bc
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -135,7 +135,7 @@ class EarlyStopping(Callback):
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, the energies or the negatives become NaN or inf."
 
-# %% ../../nbs/52_training.ipynb #4350e7bb
+# %% ../../nbs/52_training.ipynb #bd821a5a
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -169,7 +169,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../../nbs/52_training.ipynb #581c13c6
+# %% ../../nbs/52_training.ipynb #6aa79074
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x)` is `loss_fn(x)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -200,7 +200,7 @@ def _batch_data(batch):
         raise TypeError(f"each batch must be a tensor or a tuple whose first item is a tensor, got {type(batch).__name__}")
     return batch
 
-# %% ../../nbs/52_training.ipynb #abbb7463
+# %% ../../nbs/52_training.ipynb #6ea0ad16
 class _TrainingStep:
     "The optimiser step and the divergence record (a part of `Trainer`)."
     def _autocast(self):
@@ -246,7 +246,7 @@ class _TrainingStep:
             f"training diverged: the loss, energies or negatives became NaN/inf at step {first_bad} "
             f"(epoch {self.epoch + 1}); {kept}. Lower the learning rate or the sampler step size, or clip gradients.")
 
-# %% ../../nbs/52_training.ipynb #0b82dd77
+# %% ../../nbs/52_training.ipynb #27141211
 class _Logging:
     "What the progress bar shows (a part of `Trainer`)."
     def _loss_attribute(self, name: str):
@@ -272,7 +272,7 @@ class _Logging:
         self._record_finite(finite, self.step)
         return shown
 
-# %% ../../nbs/52_training.ipynb #452966d8
+# %% ../../nbs/52_training.ipynb #cd1f4661
 class _BufferMixing:
     "Mixing persistent chains across ranks (a part of `Trainer`)."
     def _mix_replay_buffers(self) -> None:
@@ -285,7 +285,7 @@ class _BufferMixing:
         pick = torch.randperm(len(pooled), device='cpu')[:len(buffer)].to(pooled.device)
         buffer.copy_(pooled[pick])
 
-# %% ../../nbs/52_training.ipynb #533a860c
+# %% ../../nbs/52_training.ipynb #51415abd
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor): return obj.detach().cpu()
     if isinstance(obj, dict): return {k: _to_cpu(v) for k, v in obj.items()}
@@ -336,7 +336,7 @@ class _CheckpointState:
                 'callbacks': [cb.state_dict() if hasattr(cb, 'state_dict') else None for cb in self.callbacks],
                 'history': list(self.history), 'ranks': ranks}
 
-# %% ../../nbs/52_training.ipynb #b885969a
+# %% ../../nbs/52_training.ipynb #22832c78
 class _Checkpointing:
     "Writing and loading checkpoints (a part of `Trainer`)."
     def save_checkpoint(self, path: Union[str, os.PathLike, None] = None) -> Optional[Path]:
@@ -390,7 +390,7 @@ class _Checkpointing:
         self.last_checkpoint = path
         self._first_bad_step.fill_(-1)
 
-# %% ../../nbs/52_training.ipynb #f3dd254a
+# %% ../../nbs/52_training.ipynb #a3ec0ea2
 class _TrainingLoop:
     "Epochs, steps, logging and callbacks (a part of `Trainer`)."
     def _start_epoch(self, loader):
@@ -419,7 +419,14 @@ class _TrainingLoop:
                    disable=not (self.progress and self.is_main_process), leave=False)
         for batch in batches:
             x = _batch_data(batch).to(self.device, non_blocking=True)
-            logs = self._train_step(x)
+            try:
+                logs = self._train_step(x)
+            except Exception as error:
+                # Losses may raise on their own (e.g. a NaN check); say where in the run it happened.
+                if hasattr(error, 'add_note'):
+                    error.add_note(f"raised by the training step {self.step + 1} (epoch {self.epoch + 1}); "
+                                   f"last checkpoint: {self.last_checkpoint}")
+                raise
             self.step += 1; self.batch_in_epoch += 1; self._epoch_batches += 1
             self._epoch_loss_total = self._epoch_loss_total + logs['loss']
             if self.mix_buffers_every is not None and self.world['world_size'] > 1 and self.step % self.mix_buffers_every == 0:
@@ -476,7 +483,7 @@ class _TrainingLoop:
         for cb in self.callbacks: cb.on_fit_end(self)
         return self.history
 
-# %% ../../nbs/52_training.ipynb #888626db
+# %% ../../nbs/52_training.ipynb #893bdbb4
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 
