@@ -89,7 +89,7 @@ torch.manual_seed(7)
 model = GaussianEnergy(2)
 loss = ToyPCD(model, 2)
 before = loss.replay_buffer.clone()
-t = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), seed=0, progress=False, mix_buffers_every=2)
+t = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), progress=False, mix_buffers_every=2)
 t.fit(make_dataloader(TensorDataset(data), batch_size=16, shuffle=True), epochs=1)
 torch.save({'before': before, 'after': loss.replay_buffer}, f"{out}/mixed_rank{rank}.pt")
 dist.destroy_process_group()
@@ -145,7 +145,8 @@ def test_per_rank_buffers_and_shared_weights(two_process_run):
 def test_mixed_buffers_pool_chains_across_ranks(two_process_run):
     r0, r1 = (torch.load(two_process_run / f'mixed_rank{r}.pt') for r in (0, 1))
     # Both ranks start from the same buffer (same torch.manual_seed(7)); afterwards each holds a random subset
-    # of the pooled chains, so they differ but share rows.
+    # of the pooled chains, so they share rows, but differ: without seed= the trainer still gives every rank
+    # its own random stream (identical streams would pick identical subsets).
     assert torch.equal(r0['before'], r1['before'])
     assert not torch.equal(r0['after'], r1['after'])
     shared = (r0['after'][:, None, :] == r1['after'][None, :, :]).all(-1).any(1)
