@@ -6,7 +6,7 @@
 __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'RK4Integrator', 'Dopri5Integrator', 'INTEGRATORS',
            'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4', 'MassMatrix', 'Leapfrog', 'Dopri5', 'get_integrator']
 
-# %% ../../nbs/10_integrators.ipynb #f88a40ab
+# %% ../../nbs/10_integrators.ipynb #b15371b5
 import math
 from typing import Callable, Dict, Optional, Union
 
@@ -15,7 +15,7 @@ import torch
 from ..core.base import (BaseIntegrator, DeviceMixin, check_choice, check_nonnegative_int, check_positive,
                                 resolve_option)
 
-# %% ../../nbs/10_integrators.ipynb #d978dc61
+# %% ../../nbs/10_integrators.ipynb #0bdd60d0
 def _check_step_size(step_size):
     if not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
 
@@ -46,7 +46,7 @@ def _diffusion(x: torch.Tensor, step_size, noise_scale, generator) -> torch.Tens
     scale = (2 * step_size) ** 0.5 * noise_scale
     return eps.mul_(scale)
 
-# %% ../../nbs/10_integrators.ipynb #a40f8936
+# %% ../../nbs/10_integrators.ipynb #d8500993
 class FixedStepIntegrator(BaseIntegrator):
     "Base of fixed-step integrators: `integrate` runs `n_steps` steps of size `step_size` from time `t0`."
     def integrate(self, state: Dict[str, torch.Tensor], step_size: float, n_steps: int, *, drift: Callable,
@@ -62,7 +62,7 @@ class FixedStepIntegrator(BaseIntegrator):
                               **step_kwargs)
         return state
 
-# %% ../../nbs/10_integrators.ipynb #42c39434
+# %% ../../nbs/10_integrators.ipynb #787dbf81
 class EulerMaruyama(FixedStepIntegrator):
     "Euler-Maruyama: `x + h f(x, t) + sqrt(2 h) * noise_scale * eps` (explicit Euler when `noise_scale=0`)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -81,7 +81,7 @@ def _advance(state: Dict[str, torch.Tensor], x_new: torch.Tensor, new_drift=None
     if new_drift is not None: out['drift'] = new_drift
     return out
 
-# %% ../../nbs/10_integrators.ipynb #d2bd8569
+# %% ../../nbs/10_integrators.ipynb #b522f008
 class Heun(FixedStepIntegrator):
     "Heun's predictor-corrector (trapezoidal) method; second order for ODEs, additive noise for SDEs."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -98,7 +98,7 @@ class Heun(FixedStepIntegrator):
         if noise is not None: x_new += noise
         return _advance(state, x_new)
 
-# %% ../../nbs/10_integrators.ipynb #67c73a77
+# %% ../../nbs/10_integrators.ipynb #a7bbf187
 class RK4(FixedStepIntegrator):
     "Classical fourth-order Runge-Kutta for ODEs (`noise_scale` must be 0)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -114,7 +114,7 @@ class RK4(FixedStepIntegrator):
         k4 = drift(x + h * k3, _later(t, h))
         return _advance(state, x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4))
 
-# %% ../../nbs/10_integrators.ipynb #ffbb4f0b
+# %% ../../nbs/10_integrators.ipynb #3693e868
 class MassMatrix(DeviceMixin):
     "A mass matrix $M$ (scalar, diagonal or dense): velocities $M^{-1}p$, kinetic energy, momenta $p\\sim N(0, M)$."
     def __init__(self, mass: Union[float, torch.Tensor] = 1.0, kind: Optional[str] = None):
@@ -185,7 +185,7 @@ class MassMatrix(DeviceMixin):
     def __repr__(self):
         return f"MassMatrix({self.kind}{'' if self.kind == 'scalar' else ', shape=' + str(tuple(self.mass.shape))})"
 
-# %% ../../nbs/10_integrators.ipynb #7f48d493
+# %% ../../nbs/10_integrators.ipynb #9d659b9d
 def _as_mass(mass) -> Optional[MassMatrix]:
     if mass is None or isinstance(mass, MassMatrix): return mass
     return MassMatrix(mass)
@@ -210,7 +210,7 @@ class Leapfrog(FixedStepIntegrator):
         return super().integrate(state, step_size, n_steps, drift=drift, t0=t0, noise_scale=noise_scale,
                                  generator=generator, mass=_as_mass(mass))
 
-# %% ../../nbs/10_integrators.ipynb #6de14f66
+# %% ../../nbs/10_integrators.ipynb #0174abac
 _DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DOPRI_A = ((),
             (1 / 5,),
@@ -230,7 +230,7 @@ def _combine(x: torch.Tensor, h, coeffs, ks) -> torch.Tensor:
         if c != 0.0: out = out + (h * c) * k
     return out
 
-# %% ../../nbs/10_integrators.ipynb #1185fd0e
+# %% ../../nbs/10_integrators.ipynb #6a6ccb24
 class Dopri5(BaseIntegrator):
     "Adaptive Dormand-Prince 5(4) Runge-Kutta for ODEs with relative/absolute tolerances."
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_steps: int = 10_000, safety: float = 0.9,
@@ -301,7 +301,7 @@ class Dopri5(BaseIntegrator):
             return drift(x, t)
         return counted
 
-# %% ../../nbs/10_integrators.ipynb #92f48001
+# %% ../../nbs/10_integrators.ipynb #c0132e37
 EulerMaruyamaIntegrator, HeunIntegrator, LeapfrogIntegrator = EulerMaruyama, Heun, Leapfrog
 RK4Integrator, Dopri5Integrator = RK4, Dopri5
 
