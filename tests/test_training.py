@@ -214,13 +214,16 @@ def test_stop_from_step_callback_and_resume_continues(tmp_path):
     _assert_same(_run(tmp_path / 'ref'), _run(tmp_path / 'a', resume=True))
 
 
-def test_mixed_precision_bf16_on_cpu_trains():
+@pytest.mark.parametrize('precision,dtype', [('bf16', torch.bfloat16), (True, torch.bfloat16), ('fp16', torch.float16)])
+def test_mixed_precision_on_cpu_trains(precision, dtype, tmp_path):
     torch.manual_seed(0)
     model = GaussianEnergy(2)
     trainer = Trainer(model, ToyPCD(model, 2), torch.optim.Adam(model.parameters(), lr=0.01),
-                      mixed_precision='bf16', progress=False)
+                      mixed_precision=precision, progress=False, checkpoint_dir=tmp_path)
     trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)
-    assert trainer.autocast_dtype is torch.bfloat16 and model.mu.dtype == torch.float32
+    assert trainer.autocast_dtype is dtype and model.mu.dtype == torch.float32
+    assert (trainer.scaler is not None) == (dtype is torch.float16)
+    assert (torch.load(latest_checkpoint(tmp_path), weights_only=False)['scaler'] is not None) == (dtype is torch.float16)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
