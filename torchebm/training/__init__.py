@@ -7,7 +7,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'Callback', 'LambdaCallback', 'EarlyStopping', 'TrainingDivergedError', 'distributed_info',
            'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../../nbs/52_training.ipynb #41e2312a
+# %% ../../nbs/52_training.ipynb #f3546b9a
 import math
 import os
 import random
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../../nbs/52_training.ipynb #03afbe21
+# %% ../../nbs/52_training.ipynb #9249af4c
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -61,7 +61,7 @@ def latest_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[Path]
     found = list_checkpoints(checkpoint_dir)
     return found[-1] if found else None
 
-# %% ../../nbs/52_training.ipynb #0aec3531
+# %% ../../nbs/52_training.ipynb #77c5f830
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -91,7 +91,7 @@ def restore_rng_state(state: Dict[str, Any], *owners) -> None:
         if k in generators: generators[k].set_state(s)
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../../nbs/52_training.ipynb #0d7421b2
+# %% ../../nbs/52_training.ipynb #b5bf67c3
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -135,7 +135,7 @@ class EarlyStopping(Callback):
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, the energies or the negatives become NaN or inf."
 
-# %% ../../nbs/52_training.ipynb #efc5ea8f
+# %% ../../nbs/52_training.ipynb #1d2a7921
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -169,7 +169,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../../nbs/52_training.ipynb #78c83ab5
+# %% ../../nbs/52_training.ipynb #cd1a7bde
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x)` is `loss_fn(x)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -200,7 +200,7 @@ def _batch_data(batch):
         raise TypeError(f"each batch must be a tensor or a tuple whose first item is a tensor, got {type(batch).__name__}")
     return batch
 
-# %% ../../nbs/52_training.ipynb #2ec53a49
+# %% ../../nbs/52_training.ipynb #da4750a4
 class _TrainingStep:
     "The optimiser step and the divergence record (a part of `Trainer`)."
     def _autocast(self):
@@ -246,7 +246,7 @@ class _TrainingStep:
             f"training diverged: the loss, energies or negatives became NaN/inf at step {first_bad} "
             f"(epoch {self.epoch + 1}); {kept}. Lower the learning rate or the sampler step size, or clip gradients.")
 
-# %% ../../nbs/52_training.ipynb #37b1c3e7
+# %% ../../nbs/52_training.ipynb #95e9db5f
 class _Logging:
     "What the progress bar shows (a part of `Trainer`)."
     def _loss_attribute(self, name: str):
@@ -272,7 +272,7 @@ class _Logging:
         self._record_finite(finite, self.step)
         return shown
 
-# %% ../../nbs/52_training.ipynb #c73e7c84
+# %% ../../nbs/52_training.ipynb #98b523ab
 class _BufferMixing:
     "Mixing persistent chains across ranks (a part of `Trainer`)."
     def _mix_replay_buffers(self) -> None:
@@ -285,7 +285,7 @@ class _BufferMixing:
         pick = torch.randperm(len(pooled), device='cpu')[:len(buffer)].to(pooled.device)
         buffer.copy_(pooled[pick])
 
-# %% ../../nbs/52_training.ipynb #c7f93ef0
+# %% ../../nbs/52_training.ipynb #5ab2ebaf
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor): return obj.detach().cpu()
     if isinstance(obj, dict): return {k: _to_cpu(v) for k, v in obj.items()}
@@ -336,7 +336,7 @@ class _CheckpointState:
                 'callbacks': [cb.state_dict() if hasattr(cb, 'state_dict') else None for cb in self.callbacks],
                 'history': list(self.history), 'ranks': ranks}
 
-# %% ../../nbs/52_training.ipynb #be27ddd5
+# %% ../../nbs/52_training.ipynb #4cc12db5
 class _Checkpointing:
     "Writing and loading checkpoints (a part of `Trainer`)."
     def save_checkpoint(self, path: Union[str, os.PathLike, None] = None) -> Optional[Path]:
@@ -390,7 +390,7 @@ class _Checkpointing:
         self.last_checkpoint = path
         self._first_bad_step.fill_(-1)
 
-# %% ../../nbs/52_training.ipynb #266f3240
+# %% ../../nbs/52_training.ipynb #c366f521
 class _TrainingLoop:
     "Epochs, steps, logging and callbacks (a part of `Trainer`)."
     def _start_epoch(self, loader):
@@ -483,7 +483,7 @@ class _TrainingLoop:
         for cb in self.callbacks: cb.on_fit_end(self)
         return self.history
 
-# %% ../../nbs/52_training.ipynb #135d6318
+# %% ../../nbs/52_training.ipynb #c065a569
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 
