@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'RK4Integrator', 'Dopri5Integrator', 'INTEGRATORS',
-           'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4', 'MassMatrix', 'Leapfrog', 'Dopri5', 'get_integrator']
+           'axpy', 'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4', 'MassMatrix', 'Leapfrog', 'Dopri5',
+           'get_integrator']
 
-# %% ../../nbs/10_integrators.ipynb #b15371b5
+# %% ../../nbs/10_integrators.ipynb #096b2193
 import math
 from typing import Callable, Dict, Optional, Union
 
@@ -15,7 +16,7 @@ import torch
 from ..core.base import (BaseIntegrator, DeviceMixin, check_choice, check_nonnegative_int, check_positive,
                                 resolve_option)
 
-# %% ../../nbs/10_integrators.ipynb #0bdd60d0
+# %% ../../nbs/10_integrators.ipynb #19a84dab
 def _check_step_size(step_size):
     if not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
 
@@ -33,8 +34,8 @@ def _drift_at(state: Dict[str, torch.Tensor], drift: Callable, t) -> torch.Tenso
     cached = state.get('drift')
     return cached if cached is not None else drift(state['x'], t)
 
-def _axpy(y: torch.Tensor, a, x: torch.Tensor) -> torch.Tensor:
-    "`y + a * x` in one kernel when `a` is a plain number (a per-chain tensor `a` broadcasts)."
+def axpy(y: torch.Tensor, a, x: torch.Tensor) -> torch.Tensor:
+    "`y + a * x`, in one kernel when `a` is a plain number (a tensor `a`, e.g. per-chain step sizes, broadcasts)."
     return torch.add(y, x, alpha=a) if not isinstance(a, torch.Tensor) else y + a * x
 
 def _later(t, step_size):
@@ -46,7 +47,7 @@ def _diffusion(x: torch.Tensor, step_size, noise_scale, generator) -> torch.Tens
     scale = (2 * step_size) ** 0.5 * noise_scale
     return eps.mul_(scale)
 
-# %% ../../nbs/10_integrators.ipynb #d8500993
+# %% ../../nbs/10_integrators.ipynb #93273e04
 class FixedStepIntegrator(BaseIntegrator):
     "Base of fixed-step integrators: `integrate` runs `n_steps` steps of size `step_size` from time `t0`."
     def integrate(self, state: Dict[str, torch.Tensor], step_size: float, n_steps: int, *, drift: Callable,
@@ -62,7 +63,7 @@ class FixedStepIntegrator(BaseIntegrator):
                               **step_kwargs)
         return state
 
-# %% ../../nbs/10_integrators.ipynb #787dbf81
+# %% ../../nbs/10_integrators.ipynb #17ca4c23
 class EulerMaruyama(FixedStepIntegrator):
     "Euler-Maruyama: `x + h f(x, t) + sqrt(2 h) * noise_scale * eps` (explicit Euler when `noise_scale=0`)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -70,7 +71,7 @@ class EulerMaruyama(FixedStepIntegrator):
              generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         "One step from `state['x']: [batch, *dim]`; returns `{'x': new x}` (other keys but `'drift'` kept)."
         x = state['x']
-        x_new = _axpy(x, step_size, _drift_at(state, drift, t))
+        x_new = axpy(x, step_size, _drift_at(state, drift, t))
         if not _is_zero(noise_scale): x_new += _diffusion(x, step_size, noise_scale, generator)
         return _advance(state, x_new)
 
@@ -81,7 +82,7 @@ def _advance(state: Dict[str, torch.Tensor], x_new: torch.Tensor, new_drift=None
     if new_drift is not None: out['drift'] = new_drift
     return out
 
-# %% ../../nbs/10_integrators.ipynb #b522f008
+# %% ../../nbs/10_integrators.ipynb #1e0cdbe0
 class Heun(FixedStepIntegrator):
     "Heun's predictor-corrector (trapezoidal) method; second order for ODEs, additive noise for SDEs."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -91,14 +92,14 @@ class Heun(FixedStepIntegrator):
         x = state['x']
         f0 = _drift_at(state, drift, t)
         noise = None if _is_zero(noise_scale) else _diffusion(x, step_size, noise_scale, generator)
-        x_pred = _axpy(x, step_size, f0)
+        x_pred = axpy(x, step_size, f0)
         if noise is not None: x_pred += noise
         f1 = drift(x_pred, _later(t, step_size))
-        x_new = _axpy(x, 0.5 * step_size, f0 + f1)
+        x_new = axpy(x, 0.5 * step_size, f0 + f1)
         if noise is not None: x_new += noise
         return _advance(state, x_new)
 
-# %% ../../nbs/10_integrators.ipynb #a7bbf187
+# %% ../../nbs/10_integrators.ipynb #66d69d66
 class RK4(FixedStepIntegrator):
     "Classical fourth-order Runge-Kutta for ODEs (`noise_scale` must be 0)."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -114,7 +115,7 @@ class RK4(FixedStepIntegrator):
         k4 = drift(x + h * k3, _later(t, h))
         return _advance(state, x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4))
 
-# %% ../../nbs/10_integrators.ipynb #3693e868
+# %% ../../nbs/10_integrators.ipynb #5f07cc82
 class MassMatrix(DeviceMixin):
     "A mass matrix $M$ (scalar, diagonal or dense): velocities $M^{-1}p$, kinetic energy, momenta $p\\sim N(0, M)$."
     def __init__(self, mass: Union[float, torch.Tensor] = 1.0, kind: Optional[str] = None):
@@ -185,7 +186,7 @@ class MassMatrix(DeviceMixin):
     def __repr__(self):
         return f"MassMatrix({self.kind}{'' if self.kind == 'scalar' else ', shape=' + str(tuple(self.mass.shape))})"
 
-# %% ../../nbs/10_integrators.ipynb #9d659b9d
+# %% ../../nbs/10_integrators.ipynb #76943478
 def _as_mass(mass) -> Optional[MassMatrix]:
     if mass is None or isinstance(mass, MassMatrix): return mass
     return MassMatrix(mass)
@@ -200,17 +201,17 @@ class Leapfrog(FixedStepIntegrator):
         if 'p' not in state: raise ValueError("Leapfrog needs a state with momenta: {'x': x, 'p': p}")
         mass = _as_mass(mass)
         x, h = state['x'], step_size
-        p_half = _axpy(state['p'], 0.5 * h, _drift_at(state, drift, t))
-        x_new = _axpy(x, h, p_half if mass is None else mass.velocity(p_half))
+        p_half = axpy(state['p'], 0.5 * h, _drift_at(state, drift, t))
+        x_new = axpy(x, h, p_half if mass is None else mass.velocity(p_half))
         force = drift(x_new, _later(t, h))
-        return {**_advance(state, x_new, force), 'p': _axpy(p_half, 0.5 * h, force)}
+        return {**_advance(state, x_new, force), 'p': axpy(p_half, 0.5 * h, force)}
 
     def integrate(self, state, step_size, n_steps, *, drift, t0=0.0, noise_scale=0.0, generator=None, mass=None):
         "`n_steps` leapfrog steps (one force evaluation each, the previous one reused); returns the final state."
         return super().integrate(state, step_size, n_steps, drift=drift, t0=t0, noise_scale=noise_scale,
                                  generator=generator, mass=_as_mass(mass))
 
-# %% ../../nbs/10_integrators.ipynb #0174abac
+# %% ../../nbs/10_integrators.ipynb #92844834
 _DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DOPRI_A = ((),
             (1 / 5,),
@@ -230,7 +231,7 @@ def _combine(x: torch.Tensor, h, coeffs, ks) -> torch.Tensor:
         if c != 0.0: out = out + (h * c) * k
     return out
 
-# %% ../../nbs/10_integrators.ipynb #6a6ccb24
+# %% ../../nbs/10_integrators.ipynb #96daa02d
 class Dopri5(BaseIntegrator):
     "Adaptive Dormand-Prince 5(4) Runge-Kutta for ODEs with relative/absolute tolerances."
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_steps: int = 10_000, safety: float = 0.9,
@@ -301,7 +302,7 @@ class Dopri5(BaseIntegrator):
             return drift(x, t)
         return counted
 
-# %% ../../nbs/10_integrators.ipynb #c0132e37
+# %% ../../nbs/10_integrators.ipynb #0381b0e7
 EulerMaruyamaIntegrator, HeunIntegrator, LeapfrogIntegrator = EulerMaruyama, Heun, Leapfrog
 RK4Integrator, Dopri5Integrator = RK4, Dopri5
 

@@ -5,20 +5,20 @@
 # %% auto #0
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
-# %% ../../nbs/14_hmc.ipynb #8aa6f006
+# %% ../../nbs/14_hmc.ipynb #9736bafe
 import math
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..core.base import BaseScheduler, check_nonnegative_int
+from ..core.base import BaseModel, BaseScheduler, check_nonnegative_int
 from ..integrators import Leapfrog, MassMatrix
 from .langevin import check_schedulable
 from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_probability,
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
-                                    model_energy_and_gradient, per_step_tensor)
+                                    model_energy, model_energy_and_gradient, per_step_tensor)
 
-# %% ../../nbs/14_hmc.ipynb #f3f93154
+# %% ../../nbs/14_hmc.ipynb #786ce1ee
 def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     "Stan-style `(start, end)` step windows in which the variance of the chains is estimated."
     if n_adapt < 20: return []
@@ -32,7 +32,7 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
         start, size = end, 2 * size
     return windows
 
-# %% ../../nbs/14_hmc.ipynb #84483e37
+# %% ../../nbs/14_hmc.ipynb #4d49d003
 class RunningVariance:
     "Running mean and variance over batches `x: [n_chains, *dim]` (pooled over chains and calls)."
     def __init__(self): self.count, self.mean, self.m2 = 0, None, None
@@ -55,7 +55,7 @@ class RunningVariance:
         n = self.count
         return (n / (n + 5.0)) * (self.m2 / max(n - 1, 1)) + 1e-3 * (5.0 / (n + 5.0))
 
-# %% ../../nbs/14_hmc.ipynb #a6aebc53
+# %% ../../nbs/14_hmc.ipynb #7f9f4a7d
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,
@@ -113,9 +113,12 @@ class HamiltonianMonteCarlo(MCMCSampler):
         windows = mass_adaptation_windows(n_adapt) if self.adapt_mass else []
         window_of = {i: w for w in windows for i in range(*w)}
         variance = RunningVariance()
+        # closed-form gradients need no energy at the intermediate leapfrog points: only at the end point
+        gradient_only = isinstance(model, BaseModel) and model.has_analytic_gradient
         cache = {}
         def force(x, t):
-            cache['energy'], cache['grad'] = model_energy_and_gradient(model, x)
+            if gradient_only: cache['grad'] = model.gradient(x)
+            else: cache['energy'], cache['grad'] = model_energy_and_gradient(model, x)
             return cache['grad'].neg()
 
         def step(state, i):
@@ -127,6 +130,7 @@ class HamiltonianMonteCarlo(MCMCSampler):
             h_start = energy + mass.kinetic_energy(p)
             lf = {'x': x, 'p': p, 'drift': grad.neg()}
             for _ in range(n_leapfrog): lf = leapfrog.step(lf, h, drift=force, mass=mass)
+            if gradient_only: cache['energy'] = model_energy(model, lf['x'])
             log_ratio = h_start - (cache['energy'] + mass.kinetic_energy(lf['p']))
             u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
             accepted = u.log() < log_ratio
