@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GaussianBase', 'temperature_schedule', 'AISResult', 'LogZEstimate', 'annealed_importance_sampling', 'estimate_log_z']
 
-# %% ../../nbs/51_partition.ipynb #794e3429
+# %% ../../nbs/51_partition.ipynb #c1c48883
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -15,7 +15,7 @@ from torch import distributions as D
 from ..core.base import BaseModel, check_choice, check_nonnegative_int, check_positive, model_tensor_device, model_tensor_dtype
 from ..samplers.mcmc import model_energy_and_gradient
 
-# %% ../../nbs/51_partition.ipynb #ba2aa8c5
+# %% ../../nbs/51_partition.ipynb #713ebf36
 class GaussianBase:
     "A Gaussian with mean `[d]` and lower Cholesky factor `[d, d]` (or std `[d]`) on flattened events `[*dim]`."
     def __init__(self, mean: torch.Tensor, dim, scale_tril: Optional[torch.Tensor] = None,
@@ -58,7 +58,7 @@ class GaussianBase:
             white, grad = r / self.std, r / self.std ** 2
         return 0.5 * white.pow(2).sum(-1) + self.log_normalizer, grad.reshape(x.shape)
 
-# %% ../../nbs/51_partition.ipynb #d69358f7
+# %% ../../nbs/51_partition.ipynb #fe1c0f74
 class _AISState(NamedTuple):
     x: torch.Tensor
     base_energy: torch.Tensor
@@ -110,7 +110,7 @@ def _hmc_step(model, base, state: _AISState, beta: float, step_size: float, gene
 
 _TRANSITIONS = {'langevin': _mala_step, 'mala': _mala_step, 'hmc': _hmc_step}
 
-# %% ../../nbs/51_partition.ipynb #2b18d044
+# %% ../../nbs/51_partition.ipynb #c7fd703f
 def temperature_schedule(n_temperatures: int, schedule: str = 'sigmoid', dtype=torch.float64) -> torch.Tensor:
     "Inverse temperatures $0 = \\beta_0 < \\dots < \\beta_K = 1$, `[n_temperatures + 1]`."
     check_nonnegative_int('n_temperatures', n_temperatures, minimum=1)
@@ -127,7 +127,7 @@ def _check_betas(betas) -> torch.Tensor:
         raise ValueError("betas must increase strictly from 0 to 1 (at least two values)")
     return betas
 
-# %% ../../nbs/51_partition.ipynb #219388c2
+# %% ../../nbs/51_partition.ipynb #83509ef6
 class AISResult(NamedTuple):
     "Everything an AIS run produces."
     log_z: torch.Tensor            # scalar estimate of log Z
