@@ -341,7 +341,7 @@ def test_flow_matching_learns_a_gaussian_mixture():
     torch.manual_seed(0)
     g = gen(0)
     net = _TimeMLP()
-    _train(FlowMatchingLoss(net, ot_pairing=True), net.parameters(), g, 800)
+    _train(FlowMatchingLoss(net, ot_pairing=True), net.parameters(), g, 500)
     with torch.no_grad():
         samples = FlowSampler(net, integrator='heun', n_steps=40).sample(dim=2, n_samples=4000, generator=g)
     _check_mixture(samples)
