@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', 'checked_energy',
            'schedule_values', 'check_schedule', 'check_chains_finite', 'run_chain', 'MCMCSampler', 'fused_kernels',
            'kernel_seed', 'per_step_tensor', 'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
-# %% ../../nbs/12_mcmc.ipynb #53499bf6
+# %% ../../nbs/12_mcmc.ipynb #fb777fd5
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_finite, check_nonnegative_int,
                                 resolve_model, warn_deprecated)
 
-# %% ../../nbs/12_mcmc.ipynb #ebb17aaf
+# %% ../../nbs/12_mcmc.ipynb #f7d9638d
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-# %% ../../nbs/12_mcmc.ipynb #24df1de4
+# %% ../../nbs/12_mcmc.ipynb #634a7154
 def checked_energy(energy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "`energy` if it has shape `[batch]` for `x: [batch, *dim]` (a shape check only, no sync)."
     if energy.shape != x.shape[:1]:
@@ -60,7 +60,7 @@ def evaluated(model, state: ChainState) -> ChainState:
     energy, grad = model_energy_and_gradient(model, state.x)
     return ChainState(state.x, energy, grad)
 
-# %% ../../nbs/12_mcmc.ipynb #7ead0cec
+# %% ../../nbs/12_mcmc.ipynb #90b10a3e
 def warn_deprecated_arguments(owner: str, used: Dict[str, str]) -> None:
     "One `DeprecationWarning` for all deprecated constructor arguments in `used` (`old name -> replacement`)."
     if not used: return
@@ -72,7 +72,7 @@ def resolve_sampler_model(owner: str, model, energy_function):
         warnings.simplefilter('ignore', DeprecationWarning)
         return resolve_model(model, energy_function, owner)
 
-# %% ../../nbs/12_mcmc.ipynb #b76b80e1
+# %% ../../nbs/12_mcmc.ipynb #c011eea1
 def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[str, List[float]]:
     "The value of every scheduler at steps `0 .. n_steps-1` (after resetting it); the schedulers end reset."
     values = {}
@@ -88,7 +88,7 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
-# %% ../../nbs/12_mcmc.ipynb #28cbbc09
+# %% ../../nbs/12_mcmc.ipynb #22047b9a
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
     energy = state.energy if state.energy is not None else model_energy(model, x)
@@ -114,7 +114,7 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
                          f"(chains [{shown}]) between steps {first_step} and {last_step}; "
                          "reduce step_size or check the model's energy")
 
-# %% ../../nbs/12_mcmc.ipynb #0f44e29f
+# %% ../../nbs/12_mcmc.ipynb #8c2b19be
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler'):
@@ -133,7 +133,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     last_checked = 0
     for i in range(n_steps):
         state, info = step(state, i)
-        if (i + 1) % thin == 0 and (i + 1) // thin <= n_kept:
+        if (i + 1) % thin == 0:
             k = (i + 1) // thin - 1
             if trajectory is not None: trajectory[:, k] = state.x
             if diagnostics is not None: _record_diagnostics(diagnostics, k, state, info, model)
@@ -145,7 +145,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner)
     return state, trajectory, diagnostics
 
-# %% ../../nbs/12_mcmc.ipynb #b59754f3
+# %% ../../nbs/12_mcmc.ipynb #6f34b70f
 DEFAULT_N_STEPS = 100
 
 class MCMCSampler(BaseSampler):
@@ -222,7 +222,7 @@ class MCMCSampler(BaseSampler):
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
 
-# %% ../../nbs/12_mcmc.ipynb #7a751765
+# %% ../../nbs/12_mcmc.ipynb #a0825a19
 def fused_kernels():
     "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
     try:
@@ -240,7 +240,7 @@ def per_step_tensor(values: List[float]) -> torch.Tensor:
     "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
     return torch.tensor(values, dtype=torch.float64)
 
-# %% ../../nbs/12_mcmc.ipynb #c71519e7
+# %% ../../nbs/12_mcmc.ipynb #cc089d55
 class DualAveraging:
     "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
     def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
@@ -273,7 +273,7 @@ class DualAveraging:
         "The averaged step size $\\bar\\epsilon$ to use after warm-up."
         return self.log_eps_bar.exp()
 
-# %% ../../nbs/12_mcmc.ipynb #55b396c1
+# %% ../../nbs/12_mcmc.ipynb #7bbd9377
 PER_CHAIN_GAMMA = 0.2
 
 def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:
