@@ -8,7 +8,7 @@ __all__ = ['GaussianEnergy', 'RosenbrockEnergy', 'RastriginEnergy', 'AckleyEnerg
            'BoothModel', 'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
            'DoubleWellEnergy']
 
-# %% ../../nbs/02_energies.ipynb #60fa0aea
+# %% ../../nbs/02_energies.ipynb #30e58975
 import math
 from typing import Optional, Sequence, Union
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import (BaseModel, check_choice, deprecated_alias, warn_deprecated)
 
-# %% ../../nbs/02_energies.ipynb #13401201
+# %% ../../nbs/02_energies.ipynb #25e29c1b
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -30,7 +30,7 @@ def _check_points(x: torch.Tensor, owner: str, dim: Optional[int] = None) -> Non
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must have {dim} columns, got shape {tuple(x.shape)}")
 
-# %% ../../nbs/02_energies.ipynb #f99f7636
+# %% ../../nbs/02_energies.ipynb #1765d415
 class GaussianModel(BaseModel):
     "Multivariate normal energy $\\tfrac12 (x-\\mu)^\\top \\Sigma^{-1} (x-\\mu)$ with mean `[d]` and covariance `[d, d]`."
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, dtype: Optional[torch.dtype] = None,
@@ -53,7 +53,8 @@ class GaussianModel(BaseModel):
         self.register_buffer('mean', mean)
         self.register_buffer('cov', cov)
         self.register_buffer('scale_tril', chol)
-        self.register_buffer('precision', torch.cholesky_inverse(chol))
+        precision = torch.cholesky_inverse(chol)
+        self.register_buffer('precision', 0.5 * (precision + precision.T))
 
     @property
     def dim(self) -> int: return self.mean.shape[0]
@@ -68,13 +69,13 @@ class GaussianModel(BaseModel):
         return x - self.mean.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.linalg.solve_triangular(self.scale_tril.to(x.dtype), self._centered(x).T, upper=False)
-        return 0.5 * (z * z).sum(0)
+        centered = self._centered(x)
+        return 0.5 * ((centered @ self.precision.to(x.dtype)) * centered).sum(-1)
 
     def analytic_gradient(self, x: torch.Tensor) -> torch.Tensor:
         return self._centered(x) @ self.precision.to(x.dtype)
 
-# %% ../../nbs/02_energies.ipynb #818d5999
+# %% ../../nbs/02_energies.ipynb #906bbd3b
 class DoubleWellModel(BaseModel):
     "Double well $h \\sum_i (x_i^2 - b^2)^2$: wells at $x_i = \\pm b$ separated by a barrier of height $h b^4$."
     def __init__(self, barrier_height: float = 2.0, b: float = 1.0, dtype: Optional[torch.dtype] = None,
@@ -159,7 +160,7 @@ class AckleyModel(BaseModel):
         periodic = torch.exp(torch.cos(self.c * x).sum(-1, keepdim=True) / d) * self.c * torch.sin(self.c * x) / d
         return radial + periodic
 
-# %% ../../nbs/02_energies.ipynb #fdbf354a
+# %% ../../nbs/02_energies.ipynb #3acf5857
 class HimmelblauModel(BaseModel):
     "Himmelblau's function $(x^2+y-11)^2 + (x+y^2-7)^2$: four minima of value 0, e.g. (3, 2)."
     def forward(self, x):
@@ -192,7 +193,7 @@ class StyblinskiTangModel(BaseModel):
 
     def analytic_gradient(self, x): return 2 * x.pow(3) - 16 * x + 2.5
 
-# %% ../../nbs/02_energies.ipynb #4cc870f1
+# %% ../../nbs/02_energies.ipynb #2deaaca1
 class CompositeEnergy(BaseModel):
     "Weighted sum $\\sum_k w_k E_k(x)$ of energy models."
     def __init__(self, energies: Optional[Sequence[nn.Module]] = None, weights: Optional[Sequence[float]] = None,
@@ -218,7 +219,7 @@ class CompositeEnergy(BaseModel):
 
     def analytic_gradient(self, x): return sum(w * e.gradient(x) for w, e in zip(self.weights, self.energies))
 
-# %% ../../nbs/02_energies.ipynb #ca959191
+# %% ../../nbs/02_energies.ipynb #bb4b3def
 _ACTIVATIONS = {'silu': nn.SiLU, 'relu': nn.ReLU, 'tanh': nn.Tanh, 'selu': nn.SELU, 'gelu': nn.GELU,
                 'elu': nn.ELU, 'softplus': nn.Softplus, 'leaky_relu': nn.LeakyReLU}
 
@@ -256,7 +257,7 @@ class EnergyModel(BaseModel):
             raise ValueError(f"EnergyModel: the network must return [batch] or [batch, 1], got {tuple(out.shape)}")
         return out
 
-# %% ../../nbs/02_energies.ipynb #c1a1eb5b
+# %% ../../nbs/02_energies.ipynb #965e5e62
 GaussianEnergy = deprecated_alias(GaussianModel, 'GaussianEnergy')
 RosenbrockEnergy = deprecated_alias(RosenbrockModel, 'RosenbrockEnergy')
 RastriginEnergy = deprecated_alias(RastriginModel, 'RastriginEnergy')
