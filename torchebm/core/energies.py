@@ -8,16 +8,16 @@ __all__ = ['GaussianEnergy', 'RosenbrockEnergy', 'RastriginEnergy', 'AckleyEnerg
            'BoothModel', 'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
            'DoubleWellEnergy']
 
-# %% ../../nbs/02_energies.ipynb #30e58975
+# %% ../../nbs/02_energies.ipynb #1438470d
 import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .base import (BaseModel, check_choice, deprecated_alias, warn_deprecated)
+from .base import BaseModel, check_choice, check_positive, deprecated_alias, warn_deprecated
 
-# %% ../../nbs/02_energies.ipynb #25e29c1b
+# %% ../../nbs/02_energies.ipynb #6c72eee6
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -30,7 +30,7 @@ def _check_points(x: torch.Tensor, owner: str, dim: Optional[int] = None) -> Non
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must have {dim} columns, got shape {tuple(x.shape)}")
 
-# %% ../../nbs/02_energies.ipynb #1765d415
+# %% ../../nbs/02_energies.ipynb #7b1a15fc
 class GaussianModel(BaseModel):
     "Multivariate normal energy $\\tfrac12 (x-\\mu)^\\top \\Sigma^{-1} (x-\\mu)$ with mean `[d]` and covariance `[d, d]`."
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, dtype: Optional[torch.dtype] = None,
@@ -75,13 +75,14 @@ class GaussianModel(BaseModel):
     def analytic_gradient(self, x: torch.Tensor) -> torch.Tensor:
         return self._centered(x) @ self.precision.to(x.dtype)
 
-# %% ../../nbs/02_energies.ipynb #906bbd3b
+# %% ../../nbs/02_energies.ipynb #fb2948d8
 class DoubleWellModel(BaseModel):
     "Double well $h \\sum_i (x_i^2 - b^2)^2$: wells at $x_i = \\pm b$ separated by a barrier of height $h b^4$."
     def __init__(self, barrier_height: float = 2.0, b: float = 1.0, dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device, None] = None):
         super().__init__(dtype=dtype, device=device)
         self.barrier_height, self.b = _as_float('barrier_height', barrier_height), _as_float('b', b)
+        check_positive('barrier_height', self.barrier_height)
 
     def forward(self, x):
         _check_points(x, 'DoubleWellModel')
@@ -144,23 +145,28 @@ class AckleyModel(BaseModel):
         super().__init__(dtype=dtype, device=device)
         self.a, self.b, self.c = _as_float('a', a), _as_float('b', b), _as_float('c', c)
 
+    @staticmethod
+    def _radius(x, keepdim=False):
+        "`(r, r > 0)` with r = |x| / sqrt(d), set to 1 where it is 0 so that no derivative is NaN."
+        mean_sq = (x * x).mean(-1, keepdim=keepdim)
+        positive = mean_sq > 0
+        return torch.sqrt(torch.where(positive, mean_sq, torch.ones_like(mean_sq))), positive
+
     def forward(self, x):
         _check_points(x, 'AckleyModel')
-        d = x.shape[-1]
-        r = torch.sqrt((x * x).sum(-1) / d)
-        return -self.a * torch.exp(-self.b * r) - torch.exp(torch.cos(self.c * x).sum(-1) / d) + self.a + math.e
+        r, positive = self._radius(x)
+        r = torch.where(positive, r, torch.zeros_like(r))
+        return -self.a * torch.exp(-self.b * r) - torch.exp(torch.cos(self.c * x).mean(-1)) + self.a + math.e
 
     def analytic_gradient(self, x):
         d = x.shape[-1]
-        r = torch.sqrt((x * x).sum(-1, keepdim=True) / d)
-        # d r / d x = x / (d r); at r = 0 the term a b e^{-b r} x / (d r) has limit direction-dependent
-        # magnitude a b / sqrt(d); we use the subgradient 0 there, the function's minimum.
-        radial = torch.where(r > 0, self.a * self.b * torch.exp(-self.b * r) * x / (d * r.clamp_min(torch.finfo(x.dtype).tiny)),
-                             torch.zeros_like(x))
-        periodic = torch.exp(torch.cos(self.c * x).sum(-1, keepdim=True) / d) * self.c * torch.sin(self.c * x) / d
+        r, positive = self._radius(x, keepdim=True)
+        # the cone term a b e^{-b r} x / (d r) has no limit at r = 0 (the minimum); we take the subgradient 0
+        radial = torch.where(positive, self.a * self.b * torch.exp(-self.b * r) * x / (d * r), torch.zeros_like(x))
+        periodic = torch.exp(torch.cos(self.c * x).mean(-1, keepdim=True)) * self.c * torch.sin(self.c * x) / d
         return radial + periodic
 
-# %% ../../nbs/02_energies.ipynb #3acf5857
+# %% ../../nbs/02_energies.ipynb #45a47f5c
 class HimmelblauModel(BaseModel):
     "Himmelblau's function $(x^2+y-11)^2 + (x+y^2-7)^2$: four minima of value 0, e.g. (3, 2)."
     def forward(self, x):
@@ -193,7 +199,7 @@ class StyblinskiTangModel(BaseModel):
 
     def analytic_gradient(self, x): return 2 * x.pow(3) - 16 * x + 2.5
 
-# %% ../../nbs/02_energies.ipynb #2deaaca1
+# %% ../../nbs/02_energies.ipynb #c36670e8
 class CompositeEnergy(BaseModel):
     "Weighted sum $\\sum_k w_k E_k(x)$ of energy models."
     def __init__(self, energies: Optional[Sequence[nn.Module]] = None, weights: Optional[Sequence[float]] = None,
@@ -206,10 +212,18 @@ class CompositeEnergy(BaseModel):
             warn_deprecated("CompositeEnergy(energy_functions=...)", "CompositeEnergy(energies=...)")
             energies = energy_functions
         if not energies: raise ValueError("energies must be a non-empty list of energy models")
+        bad = [type(e).__name__ for e in energies if not isinstance(e, nn.Module)]
+        if bad: raise TypeError(f"energies must be nn.Module energy models, got {bad}")
         weights = [1.0] * len(energies) if weights is None else [_as_float('weights', w) for w in weights]
         if len(weights) != len(energies):
             raise ValueError(f"weights has {len(weights)} entries but there are {len(energies)} energies")
+        dims = {e.dim for e in energies if getattr(e, 'dim', None) is not None}
+        if len(dims) > 1: raise ValueError(f"energies have different dims {sorted(dims)}; they must share one")
         self.energies, self.weights = nn.ModuleList(energies), weights
+        self._event_dim = dims.pop() if dims else None
+
+    @property
+    def dim(self) -> Optional[int]: return self._event_dim
 
     @property
     def has_analytic_gradient(self) -> bool:
@@ -217,9 +231,11 @@ class CompositeEnergy(BaseModel):
 
     def forward(self, x): return sum(w * e(x) for w, e in zip(self.weights, self.energies))
 
-    def analytic_gradient(self, x): return sum(w * e.gradient(x) for w, e in zip(self.weights, self.energies))
+    def analytic_gradient(self, x):
+        # the parts' own analytic gradients (not `gradient`), so create_graph=True keeps the graph
+        return sum(w * e.analytic_gradient(x) for w, e in zip(self.weights, self.energies))
 
-# %% ../../nbs/02_energies.ipynb #bb4b3def
+# %% ../../nbs/02_energies.ipynb #8a6b58b6
 _ACTIVATIONS = {'silu': nn.SiLU, 'relu': nn.ReLU, 'tanh': nn.Tanh, 'selu': nn.SELU, 'gelu': nn.GELU,
                 'elu': nn.ELU, 'softplus': nn.Softplus, 'leaky_relu': nn.LeakyReLU}
 
@@ -257,7 +273,7 @@ class EnergyModel(BaseModel):
             raise ValueError(f"EnergyModel: the network must return [batch] or [batch, 1], got {tuple(out.shape)}")
         return out
 
-# %% ../../nbs/02_energies.ipynb #965e5e62
+# %% ../../nbs/02_energies.ipynb #b7fe6d23
 GaussianEnergy = deprecated_alias(GaussianModel, 'GaussianEnergy')
 RosenbrockEnergy = deprecated_alias(RosenbrockModel, 'RosenbrockEnergy')
 RastriginEnergy = deprecated_alias(RastriginModel, 'RastriginEnergy')
