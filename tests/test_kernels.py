@@ -1,0 +1,450 @@
+"""Fused sampling kernels (torchebm.cuda): energies, noise, reproducibility, agreement in distribution with the
+pure-torch reference, diagnostics, and every fallback path (no compiler, broken compiler, disabled, stale lock,
+cache hit in a second process)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip('torchebm.core.energies', reason='the analytic energies (torchebm.core.energies) have not landed')
+from torchebm.core.energies import (AckleyModel, DoubleWellModel, GaussianModel, HarmonicModel, RastriginModel,
+                                    RosenbrockModel)
+from torchebm.cuda import loader
+from torchebm.cuda.kernels import (CPU_EXTENSION, analytic_energy, fused_hmc, fused_hmc_supported, fused_langevin,
+                                   fused_langevin_supported, hmc_reference, langevin_reference)
+
+REPO = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+@pytest.fixture(scope='module')
+def ext():
+    loader.enable_kernels()
+    module = loader.load_extension(CPU_EXTENSION.name)
+    if module is None:
+        pytest.fail(f"the CPU extension did not build here: {loader.extension_state(CPU_EXTENSION.name)}")
+    return module
+
+
+def steps(n, value):
+    return torch.full((n,), value, dtype=F64)
+
+
+def gaussian3(dtype=F64):
+    mean = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
+    cov = torch.tensor([[1.0, 0.4, 0.1], [0.4, 0.8, -0.2], [0.1, -0.2, 0.6]], dtype=F64)
+    return GaussianModel(mean=mean.to(dtype), cov=cov.to(dtype)).to(dtype), mean, cov
+
+
+def model_grad(model, x):
+    x = x.clone().requires_grad_(True)
+    e = model(x)
+    return e.detach(), torch.autograd.grad(e.sum(), x)[0]
+
+
+def run_python(code, env_extra, timeout=240):
+    "Run `code` in a fresh interpreter from the repository root; returns its last stdout line parsed as JSON."
+    env = {**os.environ, **env_extra}
+    env.pop('PYTHONPATH', None)
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the kernels' energies and noise ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize('dim', [1, 2, 5, 17])
+def test_energy_and_gradient_match_models(ext, dtype, tol, dim):
+    g = torch.Generator().manual_seed(dim)
+    a = torch.randn(dim, dim, generator=g, dtype=F64)
+    models = [DoubleWellModel(barrier_height=1.3, b=0.7), HarmonicModel(k=0.7),
+              GaussianModel(mean=torch.randn(dim, generator=g, dtype=F64), cov=a @ a.T + dim * torch.eye(dim, dtype=F64)),
+              RastriginModel(a=4.0), AckleyModel(a=10.0, b=0.5, c=3.0)]
+    if dim >= 2: models.append(RosenbrockModel(a=0.5, b=20.0))
+    x = torch.randn(45, dim, generator=g, dtype=F64) * 1.3
+    for model in models:
+        model = model.to(F64)
+        e_ref, g_ref = model_grad(model, x)
+        k = analytic_energy(model, dtype, 'cpu')
+        e, grad = ext.energy_and_gradient(x.to(dtype), k.kind, list(k.params), k.mean, k.precision)
+        scale = 1 + e_ref.abs().max()
+        assert (e.double() - e_ref).abs().max() <= tol * scale, type(model).__name__
+        assert (grad.double() - g_ref).abs().max() <= tol * (1 + g_ref.abs().max()), type(model).__name__
+
+
+def test_ackley_gradient_at_origin_is_zero(ext):
+    k = analytic_energy(AckleyModel().double(), F64, 'cpu')
+    e, grad = ext.energy_and_gradient(torch.zeros(3, 4, dtype=F64), k.kind, list(k.params), k.mean, k.precision)
+    assert torch.allclose(e, torch.zeros(3, dtype=F64), atol=1e-12) and torch.equal(grad, torch.zeros(3, 4, dtype=F64))
+
+
+def test_noise_is_standard_normal(ext):
+    z = ext.standard_normal(256, 4000, 11).flatten()
+    n = z.numel()
+    assert abs(z.mean()) < 4 / math.sqrt(n)
+    assert abs(z.var() - 1) < 4 * math.sqrt(2 / n)
+    assert abs((z ** 4).mean() - 3) < 4 * math.sqrt(96 / n)
+    zs, _ = torch.sort(z)
+    cdf = 0.5 * (1 + torch.erf(zs / math.sqrt(2)))
+    ks = (cdf - torch.arange(1, n + 1, dtype=F64) / n).abs().max()
+    assert ks < 1.95 / math.sqrt(n)  # 0.1% level of the Kolmogorov-Smirnov test
+    # chains draw independent streams
+    c = torch.corrcoef(ext.standard_normal(64, 2000, 3))
+    assert (c - torch.eye(64, dtype=F64)).abs().max() < 0.11
+
+
+# ---- reproducibility ------------------------------------------------------------------------------------------
+
+def _run_all(x, seed):
+    dw, (gauss, _, _) = DoubleWellModel(), gaussian3(x.dtype)
+    xg = torch.randn(x.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    return [fused_langevin(dw, x, step_sizes=steps(40, 0.01), noise_scales=steps(40, 1.0), seed=seed)[0],
+            fused_langevin(gauss, xg, step_sizes=steps(40, 0.1), noise_scales=steps(40, 1.0), metropolis=True,
+                           seed=seed)[0],
+            fused_hmc(gauss, xg, step_sizes=steps(10, 0.2), n_leapfrog_steps=4, seed=seed)[0]]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_bit_reproducible_for_any_thread_count(ext, dtype):
+    x = torch.randn(203, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1); one = _run_all(x, 5)
+        torch.set_num_threads(2); two = _run_all(x, 5)
+    finally:
+        torch.set_num_threads(old)
+    again = _run_all(x, 5)
+    for a, b, c in zip(one, two, again): assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(one, _run_all(x, 6)): assert not torch.equal(a, b)
+
+
+def test_a_chain_depends_only_on_seed_and_its_index(ext):
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    full = fused_langevin(DoubleWellModel(), x, step_sizes=steps(30, 0.01), noise_scales=steps(30, 1.0), seed=9)[0]
+    part = fused_langevin(DoubleWellModel(), x[:21], step_sizes=steps(30, 0.01), noise_scales=steps(30, 1.0), seed=9)[0]
+    assert torch.equal(full[:21], part)
+
+
+def test_generator_seed_is_reproducible(ext):
+    x = torch.randn(10, 2)
+    run = lambda s: fused_langevin(DoubleWellModel(), x, step_sizes=steps(5, .01), noise_scales=steps(5, 1.), seed=s)[0]
+    assert torch.equal(run(torch.Generator().manual_seed(3)), run(torch.Generator().manual_seed(3)))
+
+
+# ---- exact arithmetic: the deterministic part of the chain ------------------------------------------------------
+
+@pytest.mark.parametrize('model', [DoubleWellModel(barrier_height=1.5, b=0.9), HarmonicModel(k=2.0), gaussian3()[0],
+                                   RosenbrockModel(a=1.0, b=5.0), RastriginModel(a=2.0), AckleyModel()],
+                         ids=lambda m: type(m).__name__)
+def test_noise_free_ula_is_gradient_descent_with_the_schedule(ext, model):
+    model = model.to(F64)
+    x = torch.randn(33, 3, generator=torch.Generator().manual_seed(2), dtype=F64) * 0.5
+    eta = torch.linspace(0.002, 0.01, 25, dtype=F64)
+    fused = fused_langevin(model, x, step_sizes=eta, noise_scales=torch.zeros(25, dtype=F64))[0]
+    ref = x.clone()
+    for h in eta.tolist(): ref = ref - h * model_grad(model, ref)[1]
+    assert torch.allclose(fused, ref, rtol=1e-9, atol=1e-10)
+
+
+# ---- agreement in distribution ---------------------------------------------------------------------------------
+
+def _z(a, b):
+    "Largest two-sample z-score between the per-coordinate means and second moments of samples a and b."
+    z = 0.0
+    for f in (lambda s: s, lambda s: s ** 2):
+        fa, fb = f(a.double()), f(b.double())
+        se = (fa.var(0) / fa.shape[0] + fb.var(0) / fb.shape[0]).sqrt()
+        z = max(z, float(((fa.mean(0) - fb.mean(0)).abs() / se).max()))
+    return z
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_fused_and_reference_agree_in_distribution(ext, dtype, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    gauss, mean, cov = gaussian3(dtype)
+    x = torch.randn(1500, 3, generator=g, dtype=dtype)
+    n = 100
+    pairs = {
+        'ula': (fused_langevin(gauss, x, step_sizes=steps(n, .1), noise_scales=steps(n, 1.), seed=seed)[0],
+                langevin_reference(gauss, x, step_sizes=steps(n, .1), noise_scales=steps(n, 1.), generator=g)),
+        'mala': (fused_langevin(gauss, x, step_sizes=steps(n, .2), noise_scales=steps(n, 1.), metropolis=True,
+                                seed=seed)[0],
+                 langevin_reference(gauss, x, step_sizes=steps(n, .2), noise_scales=steps(n, 1.), metropolis=True,
+                                    generator=g)),
+        'hmc': (fused_hmc(gauss, x, step_sizes=steps(30, .25), n_leapfrog_steps=5, seed=seed)[0],
+                hmc_reference(gauss, x, step_sizes=steps(30, .25), n_leapfrog_steps=5, generator=g)),
+    }
+    for name, (fused, ref) in pairs.items():
+        assert fused.dtype == dtype
+        assert _z(fused, ref) < 4.5, name
+    # the exact samplers hit the target itself
+    for name in ('mala', 'hmc'):
+        s = pairs[name][0].double()
+        se = (cov.diagonal() / s.shape[0]).sqrt()
+        assert ((s.mean(0) - mean).abs() / se).max() < 4.5, name
+        assert (torch.cov(s.T) - cov).abs().max() < 0.12, name
+
+
+def test_double_well_agrees_with_reference_and_quadrature(ext):
+    g = torch.Generator().manual_seed(7)
+    dw = DoubleWellModel(barrier_height=2.0, b=1.0)
+    x = torch.randn(3000, 1, generator=g, dtype=F64)
+    fused = fused_langevin(dw, x, step_sizes=steps(300, .01), noise_scales=steps(300, 1.), metropolis=True, seed=1)[0]
+    ref = langevin_reference(dw, x, step_sizes=steps(300, .01), noise_scales=steps(300, 1.), metropolis=True,
+                             generator=g)
+    assert _z(fused, ref) < 4.5
+    grid = torch.linspace(-3, 3, 20001, dtype=F64)[:, None]
+    p = torch.exp(-dw(grid))
+    ex2 = float((grid[:, 0] ** 2 * p).sum() / p.sum())
+    s2 = fused[:, 0] ** 2
+    assert abs(float(s2.mean()) - ex2) < 4.5 * float(s2.std()) / math.sqrt(s2.numel())
+
+
+def test_mala_with_noise_scale_not_one_still_targets_exp_minus_energy(ext):
+    gauss, mean, cov = gaussian3()
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    # wider proposals than Langevin's: ULA with this noise would sample the tempered e^{-E / 1.5^2} (cov x 2.25)
+    s = fused_langevin(gauss, x, step_sizes=steps(1000, .1), noise_scales=steps(1000, 1.5), metropolis=True, seed=4)[0]
+    assert (s.mean(0) - mean).abs().max() < 0.08 and (torch.cov(s.T) - cov).abs().max() < 0.1
+
+
+def test_hmc_scalar_mass(ext):
+    gauss, mean, cov = gaussian3()
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    s = fused_hmc(gauss, x, step_sizes=steps(40, .4), n_leapfrog_steps=5, mass=2.5, seed=6)[0]
+    assert (s.mean(0) - mean).abs().max() < 0.08 and (torch.cov(s.T) - cov).abs().max() < 0.1
+    assert fused_hmc_supported(gauss, x, mass=torch.tensor(2.5)) and not fused_hmc_supported(gauss, x, mass=-1.0)
+
+
+# ---- trajectory and diagnostics ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['ula', 'mala', 'hmc'])
+def test_trajectory_and_diagnostics(ext, kind):
+    gauss, _, _ = gaussian3(torch.float32)
+    x = torch.randn(37, 3, generator=torch.Generator().manual_seed(0))
+    eta = torch.linspace(0.05, 0.1, 23, dtype=F64)
+    kw = dict(thin=4, return_trajectory=True, return_diagnostics=True, seed=3)
+    if kind == 'hmc': out = fused_hmc(gauss, x, step_sizes=eta, n_leapfrog_steps=3, **kw)
+    else: out = fused_langevin(gauss, x, step_sizes=eta, noise_scales=torch.ones(23, dtype=F64),
+                               metropolis=kind == 'mala', **kw)
+    final, traj, diag = out
+    assert traj.shape == (37, 5, 3) and traj.dtype == torch.float32
+    plain = (fused_hmc(gauss, x, step_sizes=eta, n_leapfrog_steps=3, seed=3) if kind == 'hmc' else
+             fused_langevin(gauss, x, step_sizes=eta, noise_scales=torch.ones(23, dtype=F64),
+                            metropolis=kind == 'mala', seed=3))
+    assert torch.equal(plain[0], final) and plain[1] is None and plain[2] is None  # recording changes nothing
+    assert torch.allclose(diag['mean'], traj.mean(0), atol=1e-5)
+    assert torch.allclose(diag['var'], traj.var(0), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(diag['energy'], torch.stack([gauss(traj[:, k]) for k in range(5)]), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(diag['step_size'], eta[3::4][:5].float())
+    if kind == 'ula': assert 'acceptance_rate' not in diag
+    else:
+        assert diag['acceptance_rate'].shape == (5,)
+        assert ((diag['acceptance_rate'] >= 0) & (diag['acceptance_rate'] <= 1)).all()
+
+
+def test_diagnostics_with_one_chain_and_no_recorded_steps(ext):
+    x = torch.zeros(1, 2)
+    _, traj, diag = fused_langevin(DoubleWellModel(), x, step_sizes=steps(3, .01), noise_scales=steps(3, 1.),
+                                   thin=2, return_trajectory=True, return_diagnostics=True, seed=0)
+    assert traj.shape == (1, 1, 2) and torch.equal(diag['var'], torch.zeros(1, 2))
+    _, traj, diag = fused_langevin(DoubleWellModel(), x, step_sizes=steps(3, .01), noise_scales=steps(3, 1.),
+                                   thin=5, return_trajectory=True, return_diagnostics=True, seed=0)
+    assert traj.shape == (1, 0, 2) and diag['energy'].shape == (0, 1)
+
+
+# ---- when the fused path does not apply ---------------------------------------------------------------------------
+
+def test_supported_checks(ext):
+    dw = DoubleWellModel()
+    assert fused_langevin_supported(dw, torch.zeros(4, 2)) and fused_langevin_supported(dw, torch.zeros(4, 2, dtype=F64))
+    assert not fused_langevin_supported(dw, torch.zeros(4, 2, requires_grad=True))
+    assert not fused_langevin_supported(dw, torch.zeros(4, 2, dtype=torch.bfloat16))
+    assert not fused_langevin_supported(dw, torch.zeros(4, 2, 2))
+    assert not fused_langevin_supported(RosenbrockModel(), torch.zeros(4, 1))
+    assert not fused_langevin_supported(gaussian3()[0], torch.zeros(4, 2, dtype=F64))
+
+    class Custom(HarmonicModel):
+        def forward(self, x): return super().forward(x) + x[:, 0]
+    class Renamed(HarmonicModel):  # same formula, e.g. a deprecated alias
+        pass
+    assert not fused_langevin_supported(Custom(), torch.zeros(4, 2))
+    assert fused_langevin_supported(Renamed(), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match='no kernel for Custom'):
+        fused_langevin(Custom(), torch.zeros(4, 2), step_sizes=[.1], noise_scales=[1.])
+
+
+def test_bad_arguments(ext):
+    dw, x = DoubleWellModel(), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match='step_sizes must be finite and > 0; step 0 has nan'):
+        fused_langevin(dw, x, step_sizes=[float('nan')], noise_scales=[1.])
+    with pytest.raises(ValueError, match=r'noise_scales must have one value per step \(2\)'):
+        fused_langevin(dw, x, step_sizes=[.1, .1], noise_scales=[1., 1., 1.])
+    with pytest.raises(ValueError, match='noise_scales must be finite and >= 0'):
+        fused_langevin(dw, x, step_sizes=[.1], noise_scales=[-1.])
+    with pytest.raises(ValueError, match='thin'):
+        fused_langevin(dw, x, step_sizes=[.1], noise_scales=[1.], thin=0)
+    with pytest.raises(ValueError, match='n_leapfrog_steps'):
+        fused_hmc(dw, x, step_sizes=[.1], n_leapfrog_steps=0)
+    with pytest.raises(ValueError, match='positive scalar mass'):
+        fused_hmc(dw, x, step_sizes=[.1], n_leapfrog_steps=2, mass=torch.ones(2))
+    with pytest.raises(TypeError, match='seed must be an int'):
+        fused_langevin(dw, x, step_sizes=[.1], noise_scales=[1.], seed='1')
+
+
+def test_disable_and_enable_in_process(ext):
+    dw, x = DoubleWellModel(), torch.zeros(4, 2)
+    try:
+        loader.disable_kernels()
+        assert not fused_langevin_supported(dw, x)
+        rows = loader.status(verbose=False)
+        assert {r['path'] for r in rows} == {'pure torch'} and all('disable_kernels()' in r['reason'] for r in rows)
+        with pytest.raises(ValueError, match='kernels are disabled'):
+            fused_langevin(dw, x, step_sizes=[.1], noise_scales=[1.])
+    finally:
+        loader.enable_kernels()
+    assert fused_langevin_supported(dw, x)
+
+
+def test_status_reports_each_kernel(ext, capsys):
+    rows = loader.status()
+    printed = capsys.readouterr().out
+    cpu = {r['kernel']: r for r in rows if r['device'] == 'cpu'}
+    assert set(cpu) == {'langevin', 'mala', 'hmc'}
+    assert all(r['path'] in ('compiled', 'cached') for r in cpu.values())
+    assert CPU_EXTENSION.build_name() in cpu['langevin']['extension'] and 'langevin' in printed
+    cuda = [r for r in rows if r['device'] == 'cuda']
+    assert len(cuda) == 3
+    if not torch.cuda.is_available():
+        assert all(r['path'] == 'pure torch' and 'unavailable' in r['reason'] for r in cuda)
+
+
+# ---- fallbacks and caching across processes ---------------------------------------------------------------------
+
+FALLBACK_CHECK = '''
+import json, warnings, torch
+from torchebm.core.energies import GaussianModel
+from torchebm.cuda import loader
+from torchebm.cuda.kernels import fused_langevin_supported, langevin_reference
+mean = torch.tensor([1.0, -0.5], dtype=torch.float64)
+cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+model = GaussianModel(mean=mean, cov=cov).double()
+x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    supported = fused_langevin_supported(model, x)
+    supported = supported or fused_langevin_supported(model, x)  # asked twice: a failed build is not retried
+try:
+    from torchebm.samplers import LangevinDynamics
+    s = LangevinDynamics(model, step_size=0.2, metropolis=True).sample(x=x, n_steps=120, generator=torch.Generator().manual_seed(1))
+except ImportError:
+    s = langevin_reference(model, x, step_sizes=[0.2] * 120, noise_scales=[1.0] * 120, metropolis=True)
+rows = loader.status(verbose=False)
+print(json.dumps(dict(supported=supported, warnings=[str(w.message) for w in caught],
+                      paths=sorted({r['path'] for r in rows if r['device'] == 'cpu'}),
+                      reasons=sorted({r['reason'] for r in rows if r['device'] == 'cpu'}),
+                      mean_err=float((s.mean(0) - mean).abs().max()), cov_err=float((torch.cov(s.T) - cov).abs().max()))))
+'''
+
+
+def _check_fallback(out, path_reason):
+    assert out['supported'] is False
+    assert out['paths'] == ['pure torch'] and any(path_reason in r for r in out['reasons']), out['reasons']
+    assert out['mean_err'] < 0.15 and out['cov_err'] < 0.15  # still the right distribution (1000 chains)
+
+
+def test_fallback_without_compiler(tmp_path):
+    out = run_python(FALLBACK_CHECK, {'CXX': '/nonexistent/c++', 'TORCHEBM_EXTENSIONS_DIR': str(tmp_path)})
+    _check_fallback(out, "'/nonexistent/c++' not found")
+    assert out['warnings'] == [] and not any(tmp_path.iterdir())  # nothing attempted
+
+
+def test_fallback_when_kernels_disabled(tmp_path):
+    out = run_python(FALLBACK_CHECK, {'TORCHEBM_DISABLE_KERNELS': '1', 'TORCHEBM_EXTENSIONS_DIR': str(tmp_path)})
+    _check_fallback(out, 'TORCHEBM_DISABLE_KERNELS is set')
+
+
+def test_fallback_when_the_build_fails(tmp_path):
+    out = run_python(FALLBACK_CHECK, {'CXX': 'false', 'TORCHEBM_EXTENSIONS_DIR': str(tmp_path)})
+    _check_fallback(out, 'build error')
+    ours = [w for w in out['warnings'] if 'using pure torch instead' in w]
+    assert len(ours) == 1, out['warnings']  # said once, not on every call
+
+
+CACHE_CHECK = '''
+import json, time
+import torch
+from torchebm.cuda import loader
+from torchebm.cuda.kernels import CPU_EXTENSION
+t0 = time.perf_counter()
+ext = loader.load_extension(CPU_EXTENSION.name)
+took = time.perf_counter() - t0
+state = loader.extension_state(CPU_EXTENSION.name)
+print(json.dumps(dict(ok=ext is not None, took=took, path=state.path, lock=(loader.cache_dir() / CPU_EXTENSION.build_name() / 'lock').exists())))
+'''
+
+
+def test_second_process_loads_from_cache_without_compiling(ext):
+    out = run_python(CACHE_CHECK, {'TORCHEBM_EXTENSIONS_DIR': str(loader.cache_dir())})
+    assert out['ok'] and out['path'] == 'cached' and out['took'] < 2.0, out
+
+
+def test_stale_lock_does_not_hang(ext):
+    lock = loader.cache_dir() / CPU_EXTENSION.build_name() / 'lock'
+    lock.touch()
+    old = time.time() - 2 * loader.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    try:
+        out = run_python(CACHE_CHECK, {'TORCHEBM_EXTENSIONS_DIR': str(loader.cache_dir())}, timeout=120)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert out['ok'] and out['path'] == 'cached' and not out['lock'], out
+
+
+def test_samplers_pick_the_fused_path_and_agree_with_the_reference_path(ext):
+    samplers = pytest.importorskip('torchebm.samplers')
+    gauss, mean, cov = gaussian3()
+    x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    fused = samplers.LangevinDynamics(gauss, step_size=0.2, metropolis=True).sample(
+        x=x, n_steps=150, generator=torch.Generator().manual_seed(1))
+    ref = samplers.LangevinDynamics(gauss, step_size=0.2, metropolis=True, use_kernels=False).sample(
+        x=x, n_steps=150, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(fused, ref)  # different random streams: the fused path really ran
+    assert _z(fused, ref) < 4.5
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cuda_kernels_agree_with_cpu_and_are_reproducible(ext, dtype):
+    gauss, mean, cov = gaussian3(dtype)
+    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    assert fused_langevin_supported(gauss.cuda(), x.cuda(), metropolis=True)
+    for run in (lambda m, y: fused_langevin(m, y, step_sizes=steps(200, .2), noise_scales=steps(200, 1.),
+                                            metropolis=True, seed=3)[0],
+                lambda m, y: fused_hmc(m, y, step_sizes=steps(30, .25), n_leapfrog_steps=5, seed=3)[0]):
+        gpu = run(gauss.cuda(), x.cuda())
+        assert gpu.is_cuda and torch.equal(gpu, run(gauss.cuda(), x.cuda()))
+        assert _z(gpu.cpu(), run(gauss, x)) < 4.5
+
+
+@cuda
+def test_cuda_diagnostics(ext):
+    x = torch.randn(100, 2, device='cuda')
+    _, traj, diag = fused_langevin(DoubleWellModel().cuda(), x, step_sizes=steps(20, .01), noise_scales=steps(20, 1.),
+                                   thin=5, return_trajectory=True, return_diagnostics=True, seed=0)
+    assert traj.shape == (100, 4, 2) and diag['mean'].is_cuda and torch.allclose(diag['mean'], traj.mean(0))
