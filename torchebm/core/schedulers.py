@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['LinearScheduler', 'CosineScheduler', 'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler']
 
-# %% ../../nbs/01_schedulers.ipynb #e38b10fc
+# %% ../../nbs/01_schedulers.ipynb #3872faf2
 import math
 from typing import Any, Dict, Optional, Sequence
 
 from .base import BaseScheduler, ConstantScheduler, check_nonnegative_int, warn_deprecated
 
-# %% ../../nbs/01_schedulers.ipynb #c0103d33
+# %% ../../nbs/01_schedulers.ipynb #456c43d2
 _OLD_NAMES = {'initial_value': 'start_value', 'final_value': 'end_value', 'total_steps': 'n_steps'}
 
 def _resolve_spellings(owner: str, new: Dict[str, Any], old: Dict[str, Any]) -> Dict[str, Any]:
@@ -29,6 +29,12 @@ def _resolve_spellings(owner: str, new: Dict[str, Any], old: Dict[str, Any]) -> 
     if missing: raise TypeError(f"{owner}: missing required argument(s) {', '.join(missing)}")
     return merged
 
+def _number(name: str, value) -> float:
+    "`value` as a float; `TypeError` naming the argument unless it is a real number."
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
 class _StartEndScheduler(BaseScheduler):
     "A schedule from `start_value` to `end_value` over `n_steps` steps (shared argument handling)."
     def __init__(self, start_value=None, end_value=None, n_steps=None, *, initial_value=None, final_value=None,
@@ -37,10 +43,7 @@ class _StartEndScheduler(BaseScheduler):
                                   dict(initial_value=initial_value, final_value=final_value, total_steps=total_steps))
         super().__init__(args['start_value'])
         check_nonnegative_int('n_steps', args['n_steps'], minimum=1)
-        end = args['end_value']
-        if isinstance(end, bool) or not isinstance(end, (int, float)):
-            raise TypeError(f"end_value must be a number, got {end!r}")
-        self.end_value, self.n_steps = float(end), args['n_steps']
+        self.end_value, self.n_steps = _number('end_value', args['end_value']), args['n_steps']
 
     def progress(self, step: int) -> float: return min(step, self.n_steps) / self.n_steps
 
@@ -48,7 +51,7 @@ class _StartEndScheduler(BaseScheduler):
         return (f"{type(self).__name__}(start_value={self.start_value}, end_value={self.end_value}, "
                 f"n_steps={self.n_steps}, step_count={self.step_count})")
 
-# %% ../../nbs/01_schedulers.ipynb #7a0e942e
+# %% ../../nbs/01_schedulers.ipynb #791a79ef
 class LinearScheduler(_StartEndScheduler):
     "Straight line from `start_value` to `end_value` over `n_steps`, then constant."
     def compute_value(self, step: int) -> float:
@@ -59,7 +62,7 @@ class CosineScheduler(_StartEndScheduler):
     def compute_value(self, step: int) -> float:
         return self.end_value + 0.5 * (self.start_value - self.end_value) * (1 + math.cos(math.pi * self.progress(step)))
 
-# %% ../../nbs/01_schedulers.ipynb #2c9353cd
+# %% ../../nbs/01_schedulers.ipynb #8f4d024d
 class ExponentialDecayScheduler(BaseScheduler):
     "`start_value * decay_rate**k`, never below `min_value`."
     def __init__(self, start_value: float = None, decay_rate: float = None, min_value: float = 0.0, *,
@@ -69,7 +72,7 @@ class ExponentialDecayScheduler(BaseScheduler):
         super().__init__(start)
         if isinstance(decay_rate, bool) or not isinstance(decay_rate, (int, float)) or not 0 < decay_rate <= 1:
             raise ValueError(f"decay_rate must be a number in (0, 1], got {decay_rate!r}")
-        self.decay_rate, self.min_value = float(decay_rate), float(min_value)
+        self.decay_rate, self.min_value = float(decay_rate), _number('min_value', min_value)
 
     def compute_value(self, step: int) -> float:
         return max(self.min_value, self.start_value * self.decay_rate ** step)
@@ -92,7 +95,7 @@ class MultiStepScheduler(BaseScheduler):
     def compute_value(self, step: int) -> float:
         return self.start_value * self.gamma ** sum(step >= m for m in self.milestones)
 
-# %% ../../nbs/01_schedulers.ipynb #02b2aaed
+# %% ../../nbs/01_schedulers.ipynb #f6691061
 class WarmupScheduler(BaseScheduler):
     "Linear warm-up over `warmup_steps` from `warmup_init_factor` times the start of `main_scheduler`, then `main_scheduler`."
     def __init__(self, main_scheduler: BaseScheduler, warmup_steps: int, warmup_init_factor: float = 0.1):
