@@ -13,7 +13,7 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
            'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy']
 
-# %% ../../nbs/03_core.ipynb #466d25b0
+# %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
 from .schedulers import *
 from .energies import *
