@@ -4,19 +4,19 @@
 
 # %% auto #0
 __all__ = ['MLPEnergy', 'TimeConditionedMLP', 'ConditionalTransformer2D', 'ClassifierFreeGuidance', 'VectorFieldEnergy',
-           'EqMEnergy', 'ACTIVATIONS', 'activation_factory', 'timestep_embedding', 'as_time_batch',
-           'MLPTimestepEmbedder', 'LabelEmbedder', 'ConditionEmbedder', 'patchify2d', 'unpatchify2d',
-           'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed', 'modulate', 'MultiheadSelfAttention', 'FeedForward',
-           'AdaLNZeroBlock', 'AdaLNZeroMLPBlock', 'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead']
+           'EqMEnergy', 'timestep_embedding', 'as_time_batch', 'MLPTimestepEmbedder', 'LabelEmbedder',
+           'ConditionEmbedder', 'patchify2d', 'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed',
+           'modulate', 'MultiheadSelfAttention', 'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock',
+           'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead']
 
-# %% ../../nbs/39_models.ipynb #1e2cbb13
+# %% ../../nbs/39_models.ipynb #09504dbb
 from .components import *
 from .mlp import *
 from .conditional_transformer_2d import *
 from .wrappers import *
 
 _all_ = ['MLPEnergy', 'TimeConditionedMLP', 'ConditionalTransformer2D', 'ClassifierFreeGuidance',
-         'VectorFieldEnergy', 'EqMEnergy', 'ACTIVATIONS', 'activation_factory',
+         'VectorFieldEnergy', 'EqMEnergy',
          'timestep_embedding', 'as_time_batch', 'MLPTimestepEmbedder', 'LabelEmbedder', 'ConditionEmbedder',
          'patchify2d', 'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed', 'modulate',
          'MultiheadSelfAttention', 'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock', 'AdaLNZeroLinearHead',
