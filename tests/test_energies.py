@@ -237,6 +237,7 @@ def test_composite_energy():
     assert mix.dim == 2 and mix.has_analytic_gradient
     legacy = expect_one_deprecation(lambda: CompositeEnergy(energy_functions=parts, weights=[0.5, 2.0]))
     torch.testing.assert_close(legacy(x), mix(x))
+    assert expect_one_deprecation(lambda: legacy.energy_functions) is legacy.energies
     with pytest.raises(TypeError, match='not both'):
         CompositeEnergy(parts, energy_functions=parts)
     neural = CompositeEnergy([HarmonicModel(), EnergyModel(MLP(2, [8]))])

@@ -8,7 +8,7 @@ __all__ = ['GaussianEnergy', 'RosenbrockEnergy', 'RastriginEnergy', 'AckleyEnerg
            'BoothModel', 'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
            'DoubleWellEnergy']
 
-# %% ../../nbs/02_energies.ipynb #1438470d
+# %% ../../nbs/02_energies.ipynb #47879b0b
 import math
 from typing import Optional, Sequence, Union
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import BaseModel, check_choice, check_positive, deprecated_alias, warn_deprecated
 
-# %% ../../nbs/02_energies.ipynb #6c72eee6
+# %% ../../nbs/02_energies.ipynb #4c54c3a5
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -30,7 +30,7 @@ def _check_points(x: torch.Tensor, owner: str, dim: Optional[int] = None) -> Non
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must have {dim} columns, got shape {tuple(x.shape)}")
 
-# %% ../../nbs/02_energies.ipynb #7b1a15fc
+# %% ../../nbs/02_energies.ipynb #974b1ae3
 class GaussianModel(BaseModel):
     "Multivariate normal energy $\\tfrac12 (x-\\mu)^\\top \\Sigma^{-1} (x-\\mu)$ with mean `[d]` and covariance `[d, d]`."
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, dtype: Optional[torch.dtype] = None,
@@ -75,7 +75,7 @@ class GaussianModel(BaseModel):
     def analytic_gradient(self, x: torch.Tensor) -> torch.Tensor:
         return self._centered(x) @ self.precision.to(x.dtype)
 
-# %% ../../nbs/02_energies.ipynb #fb2948d8
+# %% ../../nbs/02_energies.ipynb #ed28e5b9
 class DoubleWellModel(BaseModel):
     "Double well $h \\sum_i (x_i^2 - b^2)^2$: wells at $x_i = \\pm b$ separated by a barrier of height $h b^4$."
     def __init__(self, barrier_height: float = 2.0, b: float = 1.0, dtype: Optional[torch.dtype] = None,
@@ -166,7 +166,7 @@ class AckleyModel(BaseModel):
         periodic = torch.exp(torch.cos(self.c * x).mean(-1, keepdim=True)) * self.c * torch.sin(self.c * x) / d
         return radial + periodic
 
-# %% ../../nbs/02_energies.ipynb #45a47f5c
+# %% ../../nbs/02_energies.ipynb #99775c13
 class HimmelblauModel(BaseModel):
     "Himmelblau's function $(x^2+y-11)^2 + (x+y^2-7)^2$: four minima of value 0, e.g. (3, 2)."
     def forward(self, x):
@@ -199,7 +199,7 @@ class StyblinskiTangModel(BaseModel):
 
     def analytic_gradient(self, x): return 2 * x.pow(3) - 16 * x + 2.5
 
-# %% ../../nbs/02_energies.ipynb #c36670e8
+# %% ../../nbs/02_energies.ipynb #b73a15af
 class CompositeEnergy(BaseModel):
     "Weighted sum $\\sum_k w_k E_k(x)$ of energy models."
     def __init__(self, energies: Optional[Sequence[nn.Module]] = None, weights: Optional[Sequence[float]] = None,
@@ -226,6 +226,12 @@ class CompositeEnergy(BaseModel):
     def dim(self) -> Optional[int]: return self._event_dim
 
     @property
+    def energy_functions(self) -> nn.ModuleList:
+        "Deprecated name of `energies`."
+        warn_deprecated('CompositeEnergy.energy_functions', 'CompositeEnergy.energies')
+        return self.energies
+
+    @property
     def has_analytic_gradient(self) -> bool:
         return all(getattr(e, 'has_analytic_gradient', False) for e in self.energies)
 
@@ -235,7 +241,7 @@ class CompositeEnergy(BaseModel):
         # the parts' own analytic gradients (not `gradient`), so create_graph=True keeps the graph
         return sum(w * e.analytic_gradient(x) for w, e in zip(self.weights, self.energies))
 
-# %% ../../nbs/02_energies.ipynb #8a6b58b6
+# %% ../../nbs/02_energies.ipynb #b4f0a64a
 _ACTIVATIONS = {'silu': nn.SiLU, 'relu': nn.ReLU, 'tanh': nn.Tanh, 'selu': nn.SELU, 'gelu': nn.GELU,
                 'elu': nn.ELU, 'softplus': nn.Softplus, 'leaky_relu': nn.LeakyReLU}
 
@@ -273,7 +279,7 @@ class EnergyModel(BaseModel):
             raise ValueError(f"EnergyModel: the network must return [batch] or [batch, 1], got {tuple(out.shape)}")
         return out
 
-# %% ../../nbs/02_energies.ipynb #b7fe6d23
+# %% ../../nbs/02_energies.ipynb #06bda705
 GaussianEnergy = deprecated_alias(GaussianModel, 'GaussianEnergy')
 RosenbrockEnergy = deprecated_alias(RosenbrockModel, 'RosenbrockEnergy')
 RastriginEnergy = deprecated_alias(RastriginModel, 'RastriginEnergy')
