@@ -101,9 +101,10 @@ def limit_row(participant, row):
     return run, quality
 
 
-def worker(participant, rows, repeats, budget_s):
+def worker(participant, rows, repeats, budget_s, threads):
     if participant in ('fused', 'reference'): sys.path.insert(0, str(ROOT))
     import torch
+    if threads: torch.set_num_threads(threads)
     results = {}
     for row in rows:
         try:
@@ -138,12 +139,13 @@ def participants():
     return out
 
 
-def run_worker(name, python, rows, repeats, budget_s):
+def run_worker(name, python, rows, repeats, budget_s, threads):
     env = dict(os.environ)
     env.pop('PYTHONPATH', None)
     env.setdefault('TORCH_EXTENSIONS_DIR', str(ROOT / '.torch_extensions'))  # the build tools/test.sh uses
-    proc = subprocess.run([python, str(Path(__file__).resolve()), '--worker', name, '--rows', ','.join(rows),
-                           '--repeats', str(repeats), '--budget-s', str(budget_s)], cwd='/tmp', env=env, capture_output=True, text=True)
+    cmd = [python, str(Path(__file__).resolve()), '--worker', name, '--rows', ','.join(rows), '--repeats', str(repeats),
+           '--budget-s', str(budget_s), '--threads', str(threads)]
+    proc = subprocess.run(cmd, cwd='/tmp', env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(results={r: dict(error=proc.stderr.strip().splitlines()[-1]) for r in rows}, info={})
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,11 +185,12 @@ def main():
     p.add_argument('--rows', default='W1,W1s,W2,W4')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--threads', type=int, default=0, help='torch threads in every worker (0: all cores)')
     p.add_argument('--budget-s', type=float, default=8.0, help='stop repeating a row in a worker after this long')
     p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_kernels.json'))
     a = p.parse_args()
     rows = a.rows.split(',')
-    if a.worker: return worker(a.worker, rows, a.repeats, a.budget_s)
+    if a.worker: return worker(a.worker, rows, a.repeats, a.budget_s, a.threads)
     who = participants()
     names = list(who)
     runs = {n: [] for n in names}
@@ -195,11 +198,12 @@ def main():
         order = names if k % 2 == 0 else names[::-1]
         for n in order:
             t0 = time.time()
-            runs[n].append(run_worker(n, who[n], rows, a.repeats, a.budget_s))
+            runs[n].append(run_worker(n, who[n], rows, a.repeats, a.budget_s, a.threads))
             print(f'round {k + 1}/{a.rounds} {n}: {time.time() - t0:.0f} s', file=sys.stderr)
     md = table(runs, rows, names)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(runs=runs, rows=ROWS, date=time.strftime('%Y-%m-%d %H:%M %Z')), indent=1))
+    Path(a.out).write_text(json.dumps(dict(runs=runs, rows=ROWS, threads=a.threads, date=time.strftime('%Y-%m-%d %H:%M %Z')),
+                                      indent=1))
     Path(a.out).with_suffix('.md').write_text(md + '\n')
     print(md)
 
