@@ -59,6 +59,10 @@ def test_warmup_then_main():
     assert _run(s0, 3) == pytest.approx([1.0, 0.5, 0.0, 0.0])
 
 
+def test_warmup_default_factor_matches_torchebm_0_8_9():
+    assert WarmupScheduler(ConstantScheduler(2.0), warmup_steps=5).get_value() == pytest.approx(0.02)
+
+
 def test_spec_calls_run_unchanged():
     "The call forms of the documentation."
     CosineScheduler(start_value=3e-2, end_value=5e-3, n_steps=100)
@@ -158,7 +162,8 @@ class _Recorder(BaseSampler):
 
 
 def test_schedulers_in_a_sampler_and_its_state_dict():
-    make = lambda: WarmupScheduler(LinearScheduler(start_value=0.1, end_value=0.01, n_steps=5), warmup_steps=2)
+    make = lambda: WarmupScheduler(LinearScheduler(start_value=0.1, end_value=0.01, n_steps=5), warmup_steps=2,
+                                  warmup_init_factor=0.1)
     sampler = _Recorder(model=None)
     sampler.register_scheduler('step_size', make())
     assert sampler.sample(n_steps=8) == pytest.approx([0.01, 0.055, 0.1, 0.082, 0.064, 0.046, 0.028, 0.01])

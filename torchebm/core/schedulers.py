@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['LinearScheduler', 'CosineScheduler', 'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler']
 
-# %% ../../nbs/01_schedulers.ipynb #3872faf2
+# %% ../../nbs/01_schedulers.ipynb #190fe10b
 import math
 from typing import Any, Dict, Optional, Sequence
 
 from .base import BaseScheduler, ConstantScheduler, check_nonnegative_int, warn_deprecated
 
-# %% ../../nbs/01_schedulers.ipynb #456c43d2
+# %% ../../nbs/01_schedulers.ipynb #57b89a87
 _OLD_NAMES = {'initial_value': 'start_value', 'final_value': 'end_value', 'total_steps': 'n_steps'}
 
 def _resolve_spellings(owner: str, new: Dict[str, Any], old: Dict[str, Any]) -> Dict[str, Any]:
@@ -51,7 +51,7 @@ class _StartEndScheduler(BaseScheduler):
         return (f"{type(self).__name__}(start_value={self.start_value}, end_value={self.end_value}, "
                 f"n_steps={self.n_steps}, step_count={self.step_count})")
 
-# %% ../../nbs/01_schedulers.ipynb #791a79ef
+# %% ../../nbs/01_schedulers.ipynb #92b781b4
 class LinearScheduler(_StartEndScheduler):
     "Straight line from `start_value` to `end_value` over `n_steps`, then constant."
     def compute_value(self, step: int) -> float:
@@ -62,7 +62,7 @@ class CosineScheduler(_StartEndScheduler):
     def compute_value(self, step: int) -> float:
         return self.end_value + 0.5 * (self.start_value - self.end_value) * (1 + math.cos(math.pi * self.progress(step)))
 
-# %% ../../nbs/01_schedulers.ipynb #8f4d024d
+# %% ../../nbs/01_schedulers.ipynb #fc71414f
 class ExponentialDecayScheduler(BaseScheduler):
     "`start_value * decay_rate**k`, never below `min_value`."
     def __init__(self, start_value: float = None, decay_rate: float = None, min_value: float = 0.0, *,
@@ -95,10 +95,10 @@ class MultiStepScheduler(BaseScheduler):
     def compute_value(self, step: int) -> float:
         return self.start_value * self.gamma ** sum(step >= m for m in self.milestones)
 
-# %% ../../nbs/01_schedulers.ipynb #f6691061
+# %% ../../nbs/01_schedulers.ipynb #5805c6d1
 class WarmupScheduler(BaseScheduler):
     "Linear warm-up over `warmup_steps` from `warmup_init_factor` times the start of `main_scheduler`, then `main_scheduler`."
-    def __init__(self, main_scheduler: BaseScheduler, warmup_steps: int, warmup_init_factor: float = 0.1):
+    def __init__(self, main_scheduler: BaseScheduler, warmup_steps: int, warmup_init_factor: float = 0.01):
         if not isinstance(main_scheduler, BaseScheduler):
             raise TypeError(f"main_scheduler must be a scheduler, got {type(main_scheduler).__name__}")
         check_nonnegative_int('warmup_steps', warmup_steps)
