@@ -376,13 +376,23 @@ def test_spec_scheduler_examples_run_unchanged():
     pytest.importorskip('torchebm.core.schedulers')
     from torchebm.core import CosineScheduler, DoubleWellModel, LinearScheduler, WarmupScheduler
     model = DoubleWellModel(barrier_height=5.0)
-    scheduler = WarmupScheduler(main_scheduler=LinearScheduler(initial_value=0.05, final_value=0.03, total_steps=100),
-                                warmup_steps=10, warmup_init_factor=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # the spec's older LinearScheduler spelling
+        scheduler = WarmupScheduler(main_scheduler=LinearScheduler(initial_value=0.05, final_value=0.03, total_steps=100),
+                                    warmup_steps=10, warmup_init_factor=0.01)
     sampler = LangevinDynamics(model=model, step_size=scheduler)
     trajectory = sampler.sample(x=torch.tensor([[-2.0, 0.0]], dtype=torch.float32), dim=2, n_steps=1000,
                                 return_trajectory=True)
     assert trajectory.shape == (1, 1000, 2)
-    dynamic = LangevinDynamics(model=model, step_size=CosineScheduler(start_value=3e-2, end_value=5e-3, n_steps=100),
+    class MLPModel(BaseModel):
+        def __init__(self, input_dim, hidden_dim=64):
+            super().__init__()
+            self.network = torch.nn.Sequential(torch.nn.Linear(input_dim, hidden_dim), torch.nn.SELU(),
+                                               torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.SELU(),
+                                               torch.nn.Linear(hidden_dim, 1))
+        def forward(self, x): return self.network(x).squeeze(-1)
+    dynamic = LangevinDynamics(model=MLPModel(input_dim=2, hidden_dim=32),
+                               step_size=CosineScheduler(start_value=3e-2, end_value=5e-3, n_steps=100),
                                noise_scale=CosineScheduler(start_value=3e-1, end_value=1e-2, n_steps=100))
     assert dynamic.sample(x=torch.randn(100, 2), n_steps=200).shape == (100, 2)
 

@@ -163,16 +163,33 @@ def test_hmc_mass_of_the_wrong_size_and_bad_options():
 def test_nan_appearing_in_the_chain_names_the_chains(name):
     x = torch.zeros(6, 1, dtype=F64)
     x[[1, 4]] = 30.0  # only these chains are far enough out to diverge
-    sampler = SAMPLERS[name](Steep(), step_size=0.01)
+    sampler = SAMPLERS[name](Steep(), step_size=0.01, nan_policy='raise')
     with pytest.raises(ValueError, match=r'2 of 6 chains \(chains \[1, 4\]\) between steps 1 and 100'):
         sampler.sample(x=x, n_steps=250)
+
+
+@pytest.mark.parametrize('name', ['langevin', 'gd', 'nesterov'])
+def test_nan_by_default_warns_once_and_returns_the_chains_as_they_are(name):
+    x = torch.zeros(6, 1, dtype=F64)
+    x[[1, 4]] = 30.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        out = SAMPLERS[name](Steep(), step_size=0.01).sample(x=x, n_steps=250)
+    assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
+    assert 'chains [1, 4]) between steps 1 and 100' in str(caught[0].message)
+    assert (~torch.isfinite(out)).flatten().tolist() == [False, True, False, False, True, False]
+
+
+def test_unknown_nan_policy(make):
+    with pytest.raises(ValueError, match="nan_policy='ignore' is not valid"):
+        make(Gaussian2D(), nan_policy='ignore')
 
 
 def test_nan_reported_in_the_last_window():
     x = torch.zeros(3, 1, dtype=F64)
     x[2] = 30.0
     with pytest.raises(ValueError, match=r'chains \[2\]\) between steps 1 and 40'):
-        LangevinDynamics(Steep(), step_size=0.01).sample(x=x, n_steps=40)
+        LangevinDynamics(Steep(), step_size=0.01, nan_policy='raise').sample(x=x, n_steps=40)
 
 
 def test_metropolis_samplers_reject_non_finite_proposals_instead_of_returning_them():

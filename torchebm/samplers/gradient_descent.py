@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GradientDescentSampler', 'NesterovSampler']
 
-# %% ../../nbs/15_gradient_descent.ipynb #88702a6b
+# %% ../../nbs/15_gradient_descent.ipynb #ba772b08
 from typing import Optional, Union
 
 import torch
@@ -14,12 +14,13 @@ from ..core.base import BaseScheduler
 from .langevin import check_schedulable
 from .mcmc import ChainState, MCMCSampler, check_schedule, model_gradient
 
-# %% ../../nbs/15_gradient_descent.ipynb #45297090
+# %% ../../nbs/15_gradient_descent.ipynb #5f126d79
 class GradientDescentSampler(MCMCSampler):
     "Deterministic descent `x <- x - step_size * grad E(x)`."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, n_steps: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None):
-        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps)
+                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, nan_policy: str = 'warn'):
+        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
+                         nan_policy=nan_policy)
         check_schedulable('step_size', step_size)
         self.diagnostic_keys = ('energy', 'mean', 'var', 'step_size')
         self.register_scheduler('step_size', step_size)
@@ -33,13 +34,14 @@ class GradientDescentSampler(MCMCSampler):
             return ChainState(torch.add(state.x, model_gradient(model, state.x), alpha=-h)), {'step_size': h}
         return step
 
-# %% ../../nbs/15_gradient_descent.ipynb #43d07cc2
+# %% ../../nbs/15_gradient_descent.ipynb #2c9dda20
 class NesterovSampler(MCMCSampler):
     "Nesterov accelerated gradient: `v <- momentum v - step_size grad E(x + momentum v)`, `x <- x + v`."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, momentum: float = 0.9,
                  n_steps: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None, *,
-                 energy_function=None):
-        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps)
+                 energy_function=None, nan_policy: str = 'warn'):
+        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
+                         nan_policy=nan_policy)
         check_schedulable('step_size', step_size)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
-# %% ../../nbs/14_hmc.ipynb #ff07834f
+# %% ../../nbs/14_hmc.ipynb #70ffff34
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_proba
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
                                     model_energy, model_energy_and_gradient, per_step_tensor)
 
-# %% ../../nbs/14_hmc.ipynb #73e7b4df
+# %% ../../nbs/14_hmc.ipynb #310c8120
 def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     "Stan-style `(start, end)` step windows in which the variance of the chains is estimated."
     if n_adapt < 20: return []
@@ -32,7 +32,7 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
         start, size = end, 2 * size
     return windows
 
-# %% ../../nbs/14_hmc.ipynb #5232b270
+# %% ../../nbs/14_hmc.ipynb #13cb61a2
 class RunningVariance:
     "Running mean and variance over batches `x: [n_chains, *dim]` (pooled over chains and calls)."
     def __init__(self): self.count, self.mean, self.m2 = 0, None, None
@@ -55,15 +55,16 @@ class RunningVariance:
         n = self.count
         return (n / (n + 5.0)) * (self.m2 / max(n - 1, 1)) + 1e-3 * (5.0 / (n + 5.0))
 
-# %% ../../nbs/14_hmc.ipynb #3a1e3b21
+# %% ../../nbs/14_hmc.ipynb #2489dd5e
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,
                  mass: Union[None, float, torch.Tensor, MassMatrix] = None, n_steps: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, use_kernels: bool = True,
                  adapt_step_size: bool = False, adapt_mass: bool = False, target_accept: float = 0.65,
-                 n_adapt_steps: Optional[int] = None, adapt_per_chain: bool = False):
-        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps)
+                 n_adapt_steps: Optional[int] = None, adapt_per_chain: bool = False, nan_policy: str = 'warn'):
+        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
+                         nan_policy=nan_policy)
         check_schedulable('step_size', step_size)
         check_nonnegative_int('n_leapfrog_steps', n_leapfrog_steps, minimum=1)
         if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
@@ -98,7 +99,7 @@ class HamiltonianMonteCarlo(MCMCSampler):
                                 n_leapfrog_steps=self.n_leapfrog_steps, mass=mass, thin=thin,
                                 return_trajectory=return_trajectory, return_diagnostics=return_diagnostics,
                                 seed=kernel_seed(generator))
-        check_chains_finite(out[0], 1, n_steps, type(self).__name__)
+        check_chains_finite(out[0], 1, n_steps, type(self).__name__, self.nan_policy)
         return out
 
     def make_step(self, x, values, n_steps, generator):

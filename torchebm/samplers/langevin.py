@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['squared_norm', 'check_schedulable', 'langevin_integrator', 'LangevinDynamics']
 
-# %% ../../nbs/13_langevin.ipynb #db7bd36b
+# %% ../../nbs/13_langevin.ipynb #3ad8e6a8
 import math
 from typing import Dict, List, Optional, Union
 
@@ -17,7 +17,7 @@ from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_proba
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
                                     model_energy_and_gradient, model_gradient, per_step_tensor)
 
-# %% ../../nbs/13_langevin.ipynb #22d6420f
+# %% ../../nbs/13_langevin.ipynb #1a4b75e0
 def squared_norm(v: torch.Tensor) -> torch.Tensor:
     "$\\lVert v_i \\rVert^2$ per chain of `v: [n_chains, *dim]`."
     return v.reshape(v.shape[0], -1).square().sum(-1)
@@ -39,7 +39,7 @@ def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
                          f"known in closed form for that step, got {type(resolved).__name__}")
     return resolved
 
-# %% ../../nbs/13_langevin.ipynb #100f3486
+# %% ../../nbs/13_langevin.ipynb #c6726359
 class LangevinDynamics(MCMCSampler):
     "Langevin dynamics `x - step_size * grad E + sqrt(2 step_size) * noise_scale * eps`; `metropolis=True` for MALA."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3,
@@ -47,8 +47,9 @@ class LangevinDynamics(MCMCSampler):
                  metropolis: bool = False, integrator: Union[str, BaseIntegrator] = 'euler_maruyama',
                  dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, use_kernels: bool = True,
                  adapt_step_size: bool = False, target_accept: float = 0.57, n_adapt_steps: Optional[int] = None,
-                 adapt_per_chain: bool = False):
-        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps)
+                 adapt_per_chain: bool = False, nan_policy: str = 'warn'):
+        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
+                         nan_policy=nan_policy)
         check_schedulable('step_size', step_size)
         check_schedulable('noise_scale', noise_scale, allow_zero=not metropolis)
         if adapt_step_size and not metropolis:
@@ -86,7 +87,7 @@ class LangevinDynamics(MCMCSampler):
                                      noise_scales=per_step_tensor(values['noise_scale']), metropolis=self.metropolis,
                                      thin=thin, return_trajectory=return_trajectory,
                                      return_diagnostics=return_diagnostics, seed=kernel_seed(generator))
-        check_chains_finite(out[0], 1, n_steps, type(self).__name__)
+        check_chains_finite(out[0], 1, n_steps, type(self).__name__, self.nan_policy)
         return out
 
     def _ula_step(self, values, generator):
