@@ -421,6 +421,12 @@ def test_samplers_pick_the_fused_path_and_agree_with_the_reference_path(ext):
         x=x, n_steps=150, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(fused, ref)  # different random streams: the fused path really ran
     assert _z(fused, ref) < 4.5
+    for metropolis in (False, True):  # the same diagnostics, shapes and dtypes from both paths
+        outs = [samplers.LangevinDynamics(gauss, step_size=0.1, metropolis=metropolis, use_kernels=k).sample(
+            x=x[:50], n_steps=6, thin=3, return_diagnostics=True, generator=torch.Generator().manual_seed(2))[1]
+            for k in (True, False)]
+        assert outs[0].keys() == outs[1].keys()
+        for key in outs[0]: assert outs[0][key].shape == outs[1][key].shape and outs[0][key].dtype == outs[1][key].dtype
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
