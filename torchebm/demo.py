@@ -6,7 +6,7 @@
 __all__ = ['build_parser', 'resolve_device', 'DemoSettings', 'settings_from_args', 'EBMRun', 'train_ebm', 'EqMRun', 'train_eqm',
            'plot_loss', 'save_ebm_pictures', 'save_eqm_pictures', 'main']
 
-# %% ../nbs/60_demo.ipynb #54fd2ffb
+# %% ../nbs/60_demo.ipynb #e686e087
 import argparse
 import sys
 import time
@@ -24,7 +24,7 @@ from .models import MLPEnergy, TimeConditionedMLP
 from .samplers import LangevinDynamics
 from .visualization import plot_diagnostics, plot_energy_and_samples, plot_samples
 
-# %% ../nbs/60_demo.ipynb #964c725e
+# %% ../nbs/60_demo.ipynb #bc1ee905
 def _positive_int(text: str) -> int:
     "argparse type: an int > 0."
     try: value = int(text)
@@ -75,7 +75,7 @@ def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
             parser.error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
-# %% ../nbs/60_demo.ipynb #edf8d870
+# %% ../nbs/60_demo.ipynb #10490689
 @dataclass
 class DemoSettings:
     "Everything one demo run needs, resolved from the command line."
@@ -106,7 +106,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> DemoSe
         n_plot_samples=200 if quick else 1000, n_sampling_steps=20 if quick else 300,
         grid_size=30 if quick else 100, progress=not args.no_progress)
 
-# %% ../nbs/60_demo.ipynb #a4c7a916
+# %% ../nbs/60_demo.ipynb #c5c480a4
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     "Zero mean, unit variance per coordinate."
     return (x - x.mean(0)) / x.std(0)
@@ -158,7 +158,7 @@ def train_ebm(settings: DemoSettings) -> EBMRun:
     return EBMRun(model, sampler, data.cpu(), losses, samples.detach().cpu(),
                   {k: v.detach().cpu() for k, v in diagnostics.items()})
 
-# %% ../nbs/60_demo.ipynb #796992f8
+# %% ../nbs/60_demo.ipynb #8111cc93
 @dataclass
 class EqMRun:
     "What the equilibrium-matching task produced."
@@ -192,7 +192,7 @@ def train_eqm(settings: DemoSettings) -> EqMRun:
         samples = sampler.sample(x=noise, n_steps=max(settings.n_sampling_steps // 3, 10))
     return EqMRun(model, data.cpu(), losses, samples.detach().cpu())
 
-# %% ../nbs/60_demo.ipynb #a01ae9e6
+# %% ../nbs/60_demo.ipynb #9ec17b37
 def plot_loss(losses: torch.Tensor, title: str, window: int = 25):
     "Raw training loss `[n_steps]` and its moving average over `window` steps. Returns the `Axes`."
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -229,7 +229,7 @@ def save_eqm_pictures(run: EqMRun, settings: DemoSettings) -> List[Path]:
     loss = plot_loss(run.losses, 'equilibrium-matching loss').figure
     return [_save(samples, settings.out / 'eqm_samples.png'), _save(loss, settings.out / 'eqm_loss.png')]
 
-# %% ../nbs/60_demo.ipynb #1ea76fbc
+# %% ../nbs/60_demo.ipynb #81a85d13
 def main(argv: Optional[Sequence[str]] = None) -> int:
     "Run the demo with command-line arguments `argv` (default: `sys.argv[1:]`); returns the exit status."
     parser = build_parser()
@@ -244,6 +244,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in written: print(f"  {path}")
     return 0
 
-# %% ../nbs/60_demo.ipynb #d3f45983
+# %% ../nbs/60_demo.ipynb #628a9868
 #| eval: false
 if __name__ == '__main__': sys.exit(main())

@@ -6,7 +6,7 @@
 __all__ = ['energy_grid', 'grid_quantity', 'plot_energy_landscape', 'plot_samples', 'plot_trajectories', 'plot_diagnostics',
            'plot_energy_and_samples', 'animate_sampling']
 
-# %% ../nbs/35_visualization.ipynb #1119514e
+# %% ../nbs/35_visualization.ipynb #7a17873e
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from .core.base import (check_choice, check_nonnegative_int, check_positive, model_tensor_device,
                                 model_tensor_dtype)
 
-# %% ../nbs/35_visualization.ipynb #4298ac61
+# %% ../nbs/35_visualization.ipynb #57bc2112
 _QUANTITIES = ('energy', 'density', 'log_density')
 
 def _as_numpy(x, name: str, ndim: Optional[int] = None) -> np.ndarray:
@@ -87,7 +87,7 @@ def grid_quantity(xs: np.ndarray, ys: np.ndarray, energy: np.ndarray, quantity: 
     log_density = log_unnormalised - log_z
     return log_density if quantity == 'log_density' else np.exp(log_density)
 
-# %% ../nbs/35_visualization.ipynb #e5387017
+# %% ../nbs/35_visualization.ipynb #fe52ac0e
 def _new_axes(ax: Optional[Axes], figsize, projection: Optional[str] = None) -> Axes:
     "`ax` itself, or the axes of a new figure."
     if ax is not None:
@@ -127,7 +127,7 @@ def plot_energy_landscape(model, x_range: Sequence[float] = (-3.0, 3.0), y_range
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #d7e82a88
+# %% ../nbs/35_visualization.ipynb #9c104814
 def _padded_range(*point_sets: np.ndarray, pad: float = 0.1) -> Tuple[Tuple[float, float], Tuple[float, float]]:
     "x and y ranges covering all points, widened by `pad` of their span."
     pts = np.concatenate([p for p in point_sets if p is not None])
@@ -162,7 +162,7 @@ def plot_samples(samples, model=None, data=None, *, ax: Optional[Axes] = None,
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #aac2d0a3
+# %% ../nbs/35_visualization.ipynb #aa1a3d95
 def _check_trajectory(trajectory) -> np.ndarray:
     "A trajectory as a `[n_chains, T, 2]` NumPy array."
     trajectory = _as_numpy(trajectory, 'trajectory', ndim=3)
@@ -196,7 +196,7 @@ def plot_trajectories(trajectory, model=None, *, ax: Optional[Axes] = None, max_
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #69c5d04b
+# %% ../nbs/35_visualization.ipynb #46627506
 def _trace_panels(diagnostics: Mapping[str, torch.Tensor]) -> list:
     "The names of the panels to draw, in a fixed order."
     if not isinstance(diagnostics, Mapping):
@@ -242,7 +242,7 @@ def plot_diagnostics(diagnostics: Mapping[str, torch.Tensor], *, thin: int = 1, 
     fig.tight_layout()
     return fig
 
-# %% ../nbs/35_visualization.ipynb #ff26c0d7
+# %% ../nbs/35_visualization.ipynb #76854f0d
 @torch.no_grad()
 def _draw_model_samples(sampler, n_samples: int, k_sampling: int, device, dtype, generator) -> torch.Tensor:
     "Run `sampler` for `k_sampling` steps from `[n_samples, 2]` Gaussian noise."
@@ -281,7 +281,7 @@ def plot_energy_and_samples(model, real_samples=None, sampler=None, epoch: Optio
     if save_path is not None: ax.figure.savefig(save_path, dpi=100, bbox_inches='tight')
     return ax.figure
 
-# %% ../nbs/35_visualization.ipynb #30a6cb82
+# %% ../nbs/35_visualization.ipynb #3376e5bd
 _WRITERS = {'.gif': 'pillow', '.mp4': 'ffmpeg'}
 
 def _writer_for(save_path: Path) -> str:
