@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
-# %% ../../nbs/14_hmc.ipynb #70ffff34
+# %% ../../nbs/14_hmc.ipynb #2f789a3e
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_proba
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
                                     model_energy, model_energy_and_gradient, per_step_tensor)
 
-# %% ../../nbs/14_hmc.ipynb #310c8120
+# %% ../../nbs/14_hmc.ipynb #c9325829
 def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     "Stan-style `(start, end)` step windows in which the variance of the chains is estimated."
     if n_adapt < 20: return []
@@ -32,7 +32,7 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
         start, size = end, 2 * size
     return windows
 
-# %% ../../nbs/14_hmc.ipynb #13cb61a2
+# %% ../../nbs/14_hmc.ipynb #09899d9f
 class RunningVariance:
     "Running mean and variance over batches `x: [n_chains, *dim]` (pooled over chains and calls)."
     def __init__(self): self.count, self.mean, self.m2 = 0, None, None
@@ -55,7 +55,7 @@ class RunningVariance:
         n = self.count
         return (n / (n + 5.0)) * (self.m2 / max(n - 1, 1)) + 1e-3 * (5.0 / (n + 5.0))
 
-# %% ../../nbs/14_hmc.ipynb #2489dd5e
+# %% ../../nbs/14_hmc.ipynb #cf3fb7a0
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,
