@@ -8,7 +8,7 @@ __all__ = ['NAN_POLICIES', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', '
            'schedule_values', 'check_schedule', 'check_chains_finite', 'run_chain', 'MCMCSampler', 'fused_kernels',
            'kernel_seed', 'per_step_tensor', 'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
-# %% ../../nbs/12_mcmc.ipynb #4dedbc33
+# %% ../../nbs/12_mcmc.ipynb #3031807f
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_choice, check_finite,
                                 check_nonnegative_int, resolve_model, warn_deprecated)
 
-# %% ../../nbs/12_mcmc.ipynb #33470bd3
+# %% ../../nbs/12_mcmc.ipynb #90a1ac22
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-# %% ../../nbs/12_mcmc.ipynb #dd606116
+# %% ../../nbs/12_mcmc.ipynb #3570b182
 def checked_energy(energy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "`energy` if it has shape `[batch]` for `x: [batch, *dim]` (a shape check only, no sync)."
     if energy.shape != x.shape[:1]:
@@ -60,7 +60,7 @@ def evaluated(model, state: ChainState) -> ChainState:
     energy, grad = model_energy_and_gradient(model, state.x)
     return ChainState(state.x, energy, grad)
 
-# %% ../../nbs/12_mcmc.ipynb #136a46db
+# %% ../../nbs/12_mcmc.ipynb #b7b0f167
 def warn_deprecated_arguments(owner: str, used: Dict[str, str]) -> None:
     "One `DeprecationWarning` for all deprecated constructor arguments in `used` (`old name -> replacement`)."
     if not used: return
@@ -72,7 +72,7 @@ def resolve_sampler_model(owner: str, model, energy_function):
         warnings.simplefilter('ignore', DeprecationWarning)
         return resolve_model(model, energy_function, owner)
 
-# %% ../../nbs/12_mcmc.ipynb #ad89464b
+# %% ../../nbs/12_mcmc.ipynb #fe039b42
 def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[str, List[float]]:
     "The value of every scheduler at steps `0 .. n_steps-1` (after resetting it); the schedulers end reset."
     values = {}
@@ -88,7 +88,7 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
-# %% ../../nbs/12_mcmc.ipynb #2fa84b4f
+# %% ../../nbs/12_mcmc.ipynb #a513e906
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
     energy = state.energy if state.energy is not None else model_energy(model, x)
@@ -117,10 +117,10 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
     message = (f"{owner}: NaN or inf appeared in {len(chains)} of {x.shape[0]} chains (chains [{shown}]) "
                f"between steps {first_step} and {last_step}; reduce step_size or check the model's energy")
     if policy == 'raise': raise ValueError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)  # points at the sampler.sample(...) call
     return False
 
-# %% ../../nbs/12_mcmc.ipynb #8cbd8719
+# %% ../../nbs/12_mcmc.ipynb #044f3935
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler', nan_policy: str = 'raise'):
@@ -153,7 +153,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if guarding and last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner, nan_policy)
     return state, trajectory, diagnostics
 
-# %% ../../nbs/12_mcmc.ipynb #ee52bdfc
+# %% ../../nbs/12_mcmc.ipynb #ee55b8b1
 DEFAULT_N_STEPS = 100
 
 class MCMCSampler(BaseSampler):
@@ -231,7 +231,7 @@ class MCMCSampler(BaseSampler):
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
 
-# %% ../../nbs/12_mcmc.ipynb #a417076a
+# %% ../../nbs/12_mcmc.ipynb #f0736b29
 def fused_kernels():
     "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
     try:
@@ -249,7 +249,7 @@ def per_step_tensor(values: List[float]) -> torch.Tensor:
     "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
     return torch.tensor(values, dtype=torch.float64)
 
-# %% ../../nbs/12_mcmc.ipynb #ae61f36a
+# %% ../../nbs/12_mcmc.ipynb #cee51acc
 class DualAveraging:
     "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
     def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
@@ -282,7 +282,7 @@ class DualAveraging:
         "The averaged step size $\\bar\\epsilon$ to use after warm-up."
         return self.log_eps_bar.exp()
 
-# %% ../../nbs/12_mcmc.ipynb #a00fbf44
+# %% ../../nbs/12_mcmc.ipynb #f7536b6c
 PER_CHAIN_GAMMA = 0.2
 
 def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:
