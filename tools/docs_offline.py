@@ -54,6 +54,9 @@ def strip_quarto(nb):
             hidden = re.search(r'^\s*#\|\s*echo:\s*false', cell.source, re.M)
             cell.source = DIRECTIVE.sub('', cell.source).strip('\n')
             if hidden: cell.metadata.setdefault('tags', []).append('remove_input')  # nbconvert hides inputs by tag
+            for output in cell.get('outputs', []):   # show_doc's markdown carries Quarto link attributes too
+                markdown = output.get('data', {}).get('text/markdown')
+                if markdown: output['data']['text/markdown'] = ATTRIBUTES.sub(r'\1', markdown)
             if (hidden or not cell.source) and not cell.get('outputs'): continue
         cells.append(cell)
     nb.cells = cells

@@ -22,6 +22,20 @@ echo "[test] nbdev_test"
 timeout 1500 nbdev_test --n_workers 2 --timing
 echo "[test] nbdev_test done at $((SECONDS-T0))s"
 
+echo "[test] offline docs: _docs/*.html and README.md from nbs/index.ipynb"
+T1=$SECONDS
+timeout 300 python tools/docs_offline.py
+if ! git diff --quiet -- README.md; then
+  git --no-pager diff --stat -- README.md
+  echo "[test] FAIL: README.md is out of date with nbs/index.ipynb: run 'python tools/docs_offline.py' and commit README.md"
+  exit 1
+fi
+if ! command -v chromium >/dev/null 2>&1; then   # tests/test_docs.py opens the pages in headless Chromium
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -q chromium >/dev/null || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+echo "[test] offline docs done in $((SECONDS-T1))s"
+
 echo "[test] pytest"
 set +e
 timeout 1500 python -m pytest -q -ra -p no:cacheprovider
