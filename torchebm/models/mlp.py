@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MLPEnergy', 'TimeConditionedMLP']
 
-# %% ../../nbs/31_models.ipynb #9785372a
+# %% ../../nbs/31_models.ipynb #5244d4c5
 from typing import Optional, Sequence, Union
 
 import torch
@@ -15,7 +15,7 @@ from ..core.base import check_batch, check_nonnegative_int, check_positive
 from ..core.energies import MLP, EnergyModel, activation_class
 from .components import (AdaLNZeroLinearHead, AdaLNZeroMLPBlock, ConditionEmbedder, _xavier_init)
 
-# %% ../../nbs/31_models.ipynb #34aca393
+# %% ../../nbs/31_models.ipynb #24759812
 class MLPEnergy(EnergyModel):
     "A scalar energy network `x: [batch, input_dim] -> [batch]`: `EnergyModel(MLP(input_dim, hidden_dims, 1))`."
     def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (128, 128),
@@ -34,7 +34,7 @@ class MLPEnergy(EnergyModel):
         check_batch(x, 'x', dim=self.input_dim)
         return super().forward(x)
 
-# %% ../../nbs/31_models.ipynb #0ae7edef
+# %% ../../nbs/31_models.ipynb #5a2236de
 class TimeConditionedMLP(nn.Module):
     "A conditioned residual MLP `model(x: [batch, input_dim], t: [batch], y=None) -> [batch, output_dim]`, zero at init."
     def __init__(self, input_dim: int, output_dim: Optional[int] = None, hidden_dim: int = 256, depth: int = 3,
