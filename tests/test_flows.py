@@ -375,3 +375,30 @@ def test_equilibrium_matching_energy_is_sampled_by_descent_and_langevin():
     out = LangevinDynamics(energy, step_size=0.01, noise_scale=0.1).sample(x=descent, n_steps=200, generator=g)
     nearest_after = torch.cdist(out, CENTERS).argmin(1)
     assert (nearest_after == nearest).float().mean() > 0.95
+
+
+def _gaussian_marginal_velocity(interp):
+    "The exact marginal velocity of `interp` for data N(MU, S^2 I): x_t ~ N(alpha MU, (alpha^2 S^2 + sigma^2) I)."
+    def velocity(x, t):
+        s = interp(t.clamp(max=1 - 1e-7))  # VP's sigma * d_sigma is 0 * inf at t = 1 (its limit is finite)
+        a, sg, da, dsg = (v[:, None] for v in (s.alpha, s.sigma, s.d_alpha, s.d_sigma))
+        var = a ** 2 * S ** 2 + sg ** 2
+        return da * MU + (a * da * S ** 2 + sg * dsg) / var * (x - a * MU)
+    return velocity
+
+
+@pytest.mark.parametrize('interp', INTERPOLANTS[:3], ids=repr)
+def test_loss_minimiser_is_the_sampled_field_for_every_interpolant(interp):
+    """The loss's target and the sampler's convention agree: the exact marginal velocity minimises the loss
+    (a constant shift of 0.1 costs exactly 0.01 more) and its ODE carries N(0, I) onto the data law."""
+    velocity = _gaussian_marginal_velocity(interp)
+    data = MU + S * torch.randn(40000, 2, generator=gen(4), dtype=F64)
+    loss_fn = FlowMatchingLoss(velocity, interpolant=interp, t_max=0.999)
+    best = loss_fn(data, generator=gen(5))
+    shifted = FlowMatchingLoss(lambda x, t: velocity(x, t) + 0.1, interpolant=interp, t_max=0.999)(data, generator=gen(5))
+    assert abs((shifted - best).item() - 0.01) < 3e-3
+    out = FlowSampler(velocity, interpolant=interp, integrator='rk4', n_steps=200).sample(
+        x=torch.randn(20000, 2, generator=gen(6), dtype=F64))
+    alpha0 = interp(torch.zeros(1, dtype=F64)).alpha  # VP starts at alpha(0) ~ 0.006, not exactly at noise
+    torch.testing.assert_close(out.mean(0), MU, rtol=0, atol=0.02 + 3 * alpha0.item())
+    torch.testing.assert_close(out.std(0), torch.full((2,), S, dtype=F64), rtol=0, atol=0.02)
