@@ -5,8 +5,7 @@
 # %% auto #0
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
-# %% ../../nbs/14_hmc.ipynb #2f789a3e
-import math
+# %% ../../nbs/14_hmc.ipynb #44963a8b
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -18,7 +17,7 @@ from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_proba
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
                                     model_energy, model_energy_and_gradient, per_step_tensor)
 
-# %% ../../nbs/14_hmc.ipynb #c9325829
+# %% ../../nbs/14_hmc.ipynb #208890ab
 def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     "Stan-style `(start, end)` step windows in which the variance of the chains is estimated."
     if n_adapt < 20: return []
@@ -32,7 +31,7 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
         start, size = end, 2 * size
     return windows
 
-# %% ../../nbs/14_hmc.ipynb #09899d9f
+# %% ../../nbs/14_hmc.ipynb #c1be80d4
 class RunningVariance:
     "Running mean and variance over batches `x: [n_chains, *dim]` (pooled over chains and calls)."
     def __init__(self): self.count, self.mean, self.m2 = 0, None, None
@@ -55,7 +54,7 @@ class RunningVariance:
         n = self.count
         return (n / (n + 5.0)) * (self.m2 / max(n - 1, 1)) + 1e-3 * (5.0 / (n + 5.0))
 
-# %% ../../nbs/14_hmc.ipynb #cf3fb7a0
+# %% ../../nbs/14_hmc.ipynb #7b8637f3
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['squared_norm', 'check_schedulable', 'langevin_integrator', 'LangevinDynamics']
 
-# %% ../../nbs/13_langevin.ipynb #4caf9a21
+# %% ../../nbs/13_langevin.ipynb #28f3f6c3
 import math
-from typing import Dict, List, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -17,7 +17,7 @@ from .mcmc import (ChainState, MCMCSampler, StepSizeAdaptation, acceptance_proba
                                     check_chains_finite, check_schedule, evaluated, fused_kernels, kernel_seed,
                                     model_energy_and_gradient, model_gradient, per_step_tensor)
 
-# %% ../../nbs/13_langevin.ipynb #d48a23ab
+# %% ../../nbs/13_langevin.ipynb #79a1dd22
 def squared_norm(v: torch.Tensor) -> torch.Tensor:
     "$\\lVert v_i \\rVert^2$ per chain of `v: [n_chains, *dim]`."
     return v.reshape(v.shape[0], -1).square().sum(-1)
@@ -39,7 +39,7 @@ def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
                          f"known in closed form for that step, got {type(resolved).__name__}")
     return resolved
 
-# %% ../../nbs/13_langevin.ipynb #71b19da7
+# %% ../../nbs/13_langevin.ipynb #ed30e1f3
 class LangevinDynamics(MCMCSampler):
     "Langevin dynamics `x - step_size * grad E + sqrt(2 step_size) * noise_scale * eps`; `metropolis=True` for MALA."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3,
