@@ -10,7 +10,7 @@ __all__ = ['status', 'format_status', 'kernels_enabled', 'enable_kernels', 'disa
            'analytic_energy', 'AnalyticEnergy', 'langevin_reference', 'hmc_reference', 'CPU_EXTENSION',
            'CUDA_EXTENSION']
 
-# %% ../../nbs/42_cuda.ipynb #f8253e21
+# %% ../../nbs/42_cuda.ipynb #4c5777b8
 from .loader import *
 from .kernels import *
 
