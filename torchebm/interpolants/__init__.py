@@ -6,7 +6,7 @@
 __all__ = ['INTERPOLANTS', 'LinearInterpolant', 'CosineInterpolant', 'VariancePreservingInterpolant', 'get_interpolant',
            'safe_time_interval', 'finite_difference_schedule']
 
-# %% ../../nbs/16_interpolants.ipynb #95bf2114
+# %% ../../nbs/16_interpolants.ipynb #490f32fc
 import math
 from typing import Dict, Tuple, Union
 
@@ -14,7 +14,7 @@ import torch
 
 from ..core.base import BaseInterpolant, check_positive, resolve_option
 
-# %% ../../nbs/16_interpolants.ipynb #f0aaf4ad
+# %% ../../nbs/16_interpolants.ipynb #c974389b
 class LinearInterpolant(BaseInterpolant):
     "Straight path $\\alpha(t) = t$, $\\sigma(t) = 1 - t$; `t: [batch]`."
     def compute_alpha_t(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,7 @@ class LinearInterpolant(BaseInterpolant):
         "`(1 - t, -1)`."
         return 1 - t, -torch.ones_like(t)
 
-# %% ../../nbs/16_interpolants.ipynb #1bc2e620
+# %% ../../nbs/16_interpolants.ipynb #db8f31ab
 class CosineInterpolant(BaseInterpolant):
     "Trigonometric path $\\alpha(t) = \\sin(\\pi t/2)$, $\\sigma(t) = \\cos(\\pi t/2)$; `t: [batch]`."
     def compute_alpha_t(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ class CosineInterpolant(BaseInterpolant):
         angle = 0.5 * math.pi * t
         return torch.cos(angle), -0.5 * math.pi * torch.sin(angle)
 
-# %% ../../nbs/16_interpolants.ipynb #933895a2
+# %% ../../nbs/16_interpolants.ipynb #2bfd575d
 class VariancePreservingInterpolant(BaseInterpolant):
     "VP-SDE path with linear rate $\\beta(s) = \\beta_{\\min} + s(\\beta_{\\max} - \\beta_{\\min})$, $s = 1 - t$; `t: [batch]`."
     def __init__(self, sigma_min: float = 0.1, sigma_max: float = 20.0):
@@ -66,7 +66,7 @@ class VariancePreservingInterpolant(BaseInterpolant):
 
     def __repr__(self): return f"VariancePreservingInterpolant(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
 
-# %% ../../nbs/16_interpolants.ipynb #3671c0af
+# %% ../../nbs/16_interpolants.ipynb #de8cb74f
 INTERPOLANTS: Dict[str, type] = {'linear': LinearInterpolant, 'cosine': CosineInterpolant,
                                  'vp': VariancePreservingInterpolant,
                                  'variance_preserving': VariancePreservingInterpolant}
@@ -79,7 +79,7 @@ def get_interpolant(interpolant: Union[str, BaseInterpolant], **kwargs) -> BaseI
                         f"got {type(interpolant).__name__}")
     return resolved
 
-# %% ../../nbs/16_interpolants.ipynb #e6730c91
+# %% ../../nbs/16_interpolants.ipynb #74840638
 def safe_time_interval(interpolant: BaseInterpolant, eps: float = 1e-5) -> Tuple[float, float]:
     "`(t_min, t_max)`: [0, 1] without the ends where the schedule or its derivatives are not finite."
     check_positive('eps', eps)
@@ -87,7 +87,7 @@ def safe_time_interval(interpolant: BaseInterpolant, eps: float = 1e-5) -> Tuple
     finite = torch.stack([s.alpha, s.sigma, s.d_alpha, s.d_sigma]).isfinite().all(0).tolist()
     return (0.0 if finite[0] else eps), (1.0 if finite[1] else 1.0 - eps)
 
-# %% ../../nbs/16_interpolants.ipynb #9def4c81
+# %% ../../nbs/16_interpolants.ipynb #cadecfa1
 def finite_difference_schedule(interpolant: BaseInterpolant, t: torch.Tensor, h: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     "Central differences `(d alpha/dt, d sigma/dt)` at `t` (a check for new schedules; use float64)."
     up, down = interpolant(t + h), interpolant(t - h)

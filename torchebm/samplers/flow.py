@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PREDICTIONS', 'MODES', 'DIFFUSION_FORMS', 'log_standard_normal', 'nats_to_bits_per_dim', 'FlowSampler']
 
-# %% ../../nbs/17_flow_sampler.ipynb #071c0d00
+# %% ../../nbs/17_flow_sampler.ipynb #0389baea
 import math
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ from ..integrators import Dopri5, Leapfrog, RK4, get_integrator
 from ..interpolants import get_interpolant
 from .mcmc import check_chains_finite
 
-# %% ../../nbs/17_flow_sampler.ipynb #2e16f105
+# %% ../../nbs/17_flow_sampler.ipynb #ad4c5483
 PREDICTIONS = ('velocity', 'score', 'noise')
 MODES = ('ode', 'sde')
 DIFFUSION_FORMS = ('sigma', 'constant')
@@ -43,7 +43,7 @@ def _resolve_flow_integrator(integrator, mode: str) -> BaseIntegrator:
                          f"got {type(resolved).__name__}, which integrates ODEs only")
     return resolved
 
-# %% ../../nbs/17_flow_sampler.ipynb #edb519fb
+# %% ../../nbs/17_flow_sampler.ipynb #6022168d
 class FlowSampler(BaseSampler):
     "Integrate a flow / diffusion / EqM model `model(x, t) -> [batch, *dim]` from noise (t=0) to data (t=1)."
     def __init__(self, model=None, interpolant: Union[str, BaseInterpolant] = 'linear', prediction: str = 'velocity',
