@@ -9,7 +9,7 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler', 'BaseLoss', 'BaseIntegrator',
            'InterpolantSchedule', 'expand_like', 'BaseInterpolant']
 
-# %% ../../nbs/00_base.ipynb #3649917e
+# %% ../../nbs/00_base.ipynb #7545a42d
 import math
 import warnings
 from dataclasses import dataclass
@@ -18,12 +18,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-# %% ../../nbs/00_base.ipynb #ea743aab
+# %% ../../nbs/00_base.ipynb #01db54e1
 def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
     "Emit one `DeprecationWarning` saying that `old` is replaced by `new`."
     warnings.warn(f"{old} is deprecated; use {new} instead.", DeprecationWarning, stacklevel=stacklevel)
 
-# %% ../../nbs/00_base.ipynb #4c680eac
+# %% ../../nbs/00_base.ipynb #d6df1727
 def check_positive(name: str, value) -> None:
     "Raise `ValueError` unless `value` is a finite number > 0 (`TypeError` if it is not a number)."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -47,7 +47,7 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
         raise ValueError(f"{name}={value!r} is not valid; expected one of {sorted(choices)}")
     return key
 
-# %% ../../nbs/00_base.ipynb #408afaf8
+# %% ../../nbs/00_base.ipynb #0e554b42
 def expect_one_deprecation(f: Callable):
     "Call `f()`, assert it emitted exactly one `DeprecationWarning`, and return its result."
     with warnings.catch_warnings(record=True) as caught:
@@ -57,14 +57,14 @@ def expect_one_deprecation(f: Callable):
     assert len(found) == 1, f"expected one DeprecationWarning, got {[str(w.message) for w in found]}"
     return result
 
-# %% ../../nbs/00_base.ipynb #dab2c929
+# %% ../../nbs/00_base.ipynb #f30983e7
 def resolve_option(value, registry: Dict[str, Callable], name: str, **kwargs):
     "Return `value` itself, or build `registry[value](**kwargs)` when `value` is a registered name."
     if isinstance(value, str):
         return registry[check_choice(name, value, list(registry))](**kwargs)
     return value
 
-# %% ../../nbs/00_base.ipynb #2830b81f
+# %% ../../nbs/00_base.ipynb #1a51b878
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     "Standard normal noise shaped like `x`, drawn from `generator` (or the global RNG)."
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -77,7 +77,7 @@ def rademacher_like(x: torch.Tensor, generator: Optional[torch.Generator] = None
     "Random signs (+1/-1) shaped like `x`."
     return torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype).mul_(2).sub_(1)
 
-# %% ../../nbs/00_base.ipynb #bb794b3c
+# %% ../../nbs/00_base.ipynb #4acfd975
 def _first_float_tensor(module: nn.Module) -> Optional[torch.Tensor]:
     for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point(): return t
@@ -120,7 +120,7 @@ class DeviceMixin(nn.Module):
     def float(self): self._remember(dtype=torch.float32); return super().float()
     def double(self): self._remember(dtype=torch.float64); return super().double()
 
-# %% ../../nbs/00_base.ipynb #bff5ff10
+# %% ../../nbs/00_base.ipynb #2a01cacc
 class BaseModel(DeviceMixin):
     "Base class of energy models: `forward(x: [batch, *dim]) -> [batch]` energies."
     def __init__(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
@@ -171,7 +171,7 @@ class BaseModel(DeviceMixin):
         "The score $\\nabla_x \\log p(x) = -\\nabla_x E(x)$."
         return -self.gradient(x, create_graph=create_graph)
 
-# %% ../../nbs/00_base.ipynb #316192e3
+# %% ../../nbs/00_base.ipynb #2890bbbd
 def deprecated_alias(cls: type, old_name: str) -> type:
     "A subclass of `cls` named `old_name` that emits one `DeprecationWarning` when used."
     def __init_subclass__(sub, **kwargs):
@@ -185,10 +185,10 @@ def deprecated_alias(cls: type, old_name: str) -> type:
                                         __module__=cls.__module__))
     return alias
 
-# %% ../../nbs/00_base.ipynb #4a8381b8
+# %% ../../nbs/00_base.ipynb #0d3988c8
 BaseEnergyFunction = deprecated_alias(BaseModel, 'BaseEnergyFunction')
 
-# %% ../../nbs/00_base.ipynb #1fb413d1
+# %% ../../nbs/00_base.ipynb #19415b6b
 def model_tensor_dtype(model) -> Optional[torch.dtype]:
     "The dtype a model is pinned to (its tensors', else its `dtype=`), `None` if it accepts any."
     t = _first_float_tensor(model) if isinstance(model, nn.Module) else None
@@ -212,7 +212,7 @@ def check_batch(x, name: str = 'x', model=None, dim=None) -> torch.Tensor:
     if dim is not None:
         want = tuple(dim) if isinstance(dim, (tuple, list, torch.Size)) else (dim,)
         if tuple(x.shape[1:]) != want:
-            raise ValueError(f"{name} has event shape {tuple(x.shape[1:])} but dim={want} was given")
+            raise ValueError(f"{name} has event shape {tuple(x.shape[1:])} but the expected event shape (dim) is {want}")
     device, dtype = model_tensor_device(model), model_tensor_dtype(model)
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the model is on {device}; move one of them")
@@ -226,7 +226,7 @@ def check_finite(x: torch.Tensor, name: str = 'x') -> torch.Tensor:
         raise ValueError(f"{name} contains NaN or inf values")
     return x
 
-# %% ../../nbs/00_base.ipynb #37232b44
+# %% ../../nbs/00_base.ipynb #b72714ff
 def resolve_model(model, energy_function, owner: str):
     "Pick the model from `model=` or the deprecated `energy_function=` (passing both is a `TypeError`)."
     if model is not None and energy_function is not None:
@@ -238,7 +238,7 @@ def resolve_model(model, energy_function, owner: str):
         raise TypeError(f"{owner}: model must be a callable module, got {type(model).__name__}")
     return model
 
-# %% ../../nbs/00_base.ipynb #df96490e
+# %% ../../nbs/00_base.ipynb #004d83c7
 class BaseScheduler:
     "A value that evolves with a step counter: `get_value()`, `step()`, `reset()`, `state_dict()`."
     def __init__(self, start_value: float):
@@ -269,7 +269,7 @@ class ConstantScheduler(BaseScheduler):
     "Always `start_value`."
     def compute_value(self, step: int) -> float: return self.start_value
 
-# %% ../../nbs/00_base.ipynb #ca4fab4f
+# %% ../../nbs/00_base.ipynb #66ed2fc2
 class BaseSampler(DeviceMixin):
     "Base class of samplers: a model, a scheduler registry and the one `sample(...)` contract."
     def __init__(self, model=None, dtype: Optional[torch.dtype] = None,
@@ -358,10 +358,10 @@ class BaseSampler(DeviceMixin):
         traj = torch.cat([x0.unsqueeze(0), traj.transpose(0, 1)], dim=0)
         return traj[-1], traj
 
-# %% ../../nbs/00_base.ipynb #4a54505f
+# %% ../../nbs/00_base.ipynb #a706ec85
 Sampler = deprecated_alias(BaseSampler, 'Sampler')
 
-# %% ../../nbs/00_base.ipynb #12f5e483
+# %% ../../nbs/00_base.ipynb #654eec03
 class BaseLoss(DeviceMixin):
     "Base class of training losses: `loss_fn(x: [batch, *dim], ...) -> scalar loss`."
     def __init__(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
@@ -374,7 +374,7 @@ class BaseLoss(DeviceMixin):
         "Check that `x` is a finite `[batch, *dim]` batch on the model's device and dtype."
         return check_finite(check_batch(x, 'x', model=model), 'x')
 
-# %% ../../nbs/00_base.ipynb #5e0ac5b4
+# %% ../../nbs/00_base.ipynb #6a712733
 class BaseIntegrator(DeviceMixin):
     "Base class of integrators: `step(state, step_size, *, drift, ...)` and `integrate(...)` on state dicts."
     def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
@@ -394,7 +394,7 @@ class BaseIntegrator(DeviceMixin):
             state = self.step(state, step_size, drift=drift, t=t, noise_scale=noise_scale, generator=generator)
         return state
 
-# %% ../../nbs/00_base.ipynb #7bb5b729
+# %% ../../nbs/00_base.ipynb #bba4575b
 @dataclass
 class InterpolantSchedule:
     "alpha(t), sigma(t) and their time derivatives, each shaped like `t`."
@@ -407,7 +407,7 @@ def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Reshape a `[batch]` time tensor to broadcast against `x: [batch, *dim]`."
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
-# %% ../../nbs/00_base.ipynb #0290f627
+# %% ../../nbs/00_base.ipynb #4c16dc1a
 class BaseInterpolant(DeviceMixin):
     "Base class of interpolants $x_t = \\alpha(t) x_1 + \\sigma(t) x_0$ between noise $x_0$ and data $x_1$."
     def compute_alpha_t(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
