@@ -6,7 +6,7 @@
 __all__ = ['energy_grid', 'grid_quantity', 'plot_energy_landscape', 'plot_samples', 'plot_trajectories', 'plot_diagnostics',
            'plot_energy_and_samples', 'animate_sampling']
 
-# %% ../nbs/35_visualization.ipynb #7a17873e
+# %% ../nbs/35_visualization.ipynb #417ea982
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from .core.base import (check_choice, check_nonnegative_int, check_positive, model_tensor_device,
                                 model_tensor_dtype)
 
-# %% ../nbs/35_visualization.ipynb #57bc2112
+# %% ../nbs/35_visualization.ipynb #b8991ebb
 _QUANTITIES = ('energy', 'density', 'log_density')
 
 def _as_numpy(x, name: str, ndim: Optional[int] = None) -> np.ndarray:
@@ -87,7 +87,7 @@ def grid_quantity(xs: np.ndarray, ys: np.ndarray, energy: np.ndarray, quantity: 
     log_density = log_unnormalised - log_z
     return log_density if quantity == 'log_density' else np.exp(log_density)
 
-# %% ../nbs/35_visualization.ipynb #fe52ac0e
+# %% ../nbs/35_visualization.ipynb #ef27ab10
 def _new_axes(ax: Optional[Axes], figsize, projection: Optional[str] = None) -> Axes:
     "`ax` itself, or the axes of a new figure."
     if ax is not None:
@@ -127,7 +127,7 @@ def plot_energy_landscape(model, x_range: Sequence[float] = (-3.0, 3.0), y_range
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #9c104814
+# %% ../nbs/35_visualization.ipynb #d469fb7b
 def _padded_range(*point_sets: np.ndarray, pad: float = 0.1) -> Tuple[Tuple[float, float], Tuple[float, float]]:
     "x and y ranges covering all points, widened by `pad` of their span."
     pts = np.concatenate([p for p in point_sets if p is not None])
@@ -141,7 +141,7 @@ def plot_samples(samples, model=None, data=None, *, ax: Optional[Axes] = None,
                  x_range: Optional[Sequence[float]] = None, y_range: Optional[Sequence[float]] = None,
                  quantity: str = 'energy', resolution: int = 100, cmap: str = 'viridis', s: float = 6.0,
                  alpha: float = 0.6, title: Optional[str] = None, sample_label: str = 'model samples',
-                 data_label: str = 'data', figsize=(5, 4)) -> Axes:
+                 data_label: str = 'data', colorbar: bool = True, figsize=(5, 4)) -> Axes:
     """Scatter `samples: [n, 2]` (red), over the model's landscape when `model` is given and with `data: [m, 2]` (white) when given.
     Ranges default to the points' extent. Returns the `Axes`."""
     samples = _check_points(samples, 'samples')
@@ -151,7 +151,7 @@ def plot_samples(samples, model=None, data=None, *, ax: Optional[Axes] = None,
     y_range = default_y if y_range is None else y_range
     ax = _new_axes(ax, figsize)
     if model is not None:
-        plot_energy_landscape(model, x_range, y_range, resolution, quantity=quantity, ax=ax, cmap=cmap)
+        plot_energy_landscape(model, x_range, y_range, resolution, quantity=quantity, ax=ax, cmap=cmap, colorbar=colorbar)
     if data is not None:
         ax.scatter(data[:, 0], data[:, 1], s=s, alpha=alpha, c='white', edgecolors='k', linewidths=0.3, label=data_label)
     ax.scatter(samples[:, 0], samples[:, 1], s=s, alpha=alpha, c='tab:red', edgecolors='darkred', linewidths=0.3,
@@ -162,7 +162,7 @@ def plot_samples(samples, model=None, data=None, *, ax: Optional[Axes] = None,
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #aa1a3d95
+# %% ../nbs/35_visualization.ipynb #6c298fd6
 def _check_trajectory(trajectory) -> np.ndarray:
     "A trajectory as a `[n_chains, T, 2]` NumPy array."
     trajectory = _as_numpy(trajectory, 'trajectory', ndim=3)
@@ -173,7 +173,8 @@ def _check_trajectory(trajectory) -> np.ndarray:
 def plot_trajectories(trajectory, model=None, *, ax: Optional[Axes] = None, max_chains: int = 10,
                       x_range: Optional[Sequence[float]] = None, y_range: Optional[Sequence[float]] = None,
                       quantity: str = 'energy', resolution: int = 100, cmap: str = 'viridis',
-                      linewidth: float = 1.0, alpha: float = 0.8, title: Optional[str] = None, figsize=(5, 4)) -> Axes:
+                      linewidth: float = 1.0, alpha: float = 0.8, title: Optional[str] = None, colorbar: bool = True,
+                      figsize=(5, 4)) -> Axes:
     """Draw the paths of the first `max_chains` chains of `trajectory: [n_chains, T, 2]` (circle = start, cross = end),
     over the model's landscape when `model` is given. Returns the `Axes`."""
     trajectory = _check_trajectory(trajectory)
@@ -184,7 +185,7 @@ def plot_trajectories(trajectory, model=None, *, ax: Optional[Axes] = None, max_
     y_range = default_y if y_range is None else y_range
     ax = _new_axes(ax, figsize)
     if model is not None:
-        plot_energy_landscape(model, x_range, y_range, resolution, quantity=quantity, ax=ax, cmap=cmap)
+        plot_energy_landscape(model, x_range, y_range, resolution, quantity=quantity, ax=ax, cmap=cmap, colorbar=colorbar)
     colours = plt.get_cmap('tab10')
     for i, path in enumerate(paths):
         colour = colours(i % 10)
@@ -196,7 +197,7 @@ def plot_trajectories(trajectory, model=None, *, ax: Optional[Axes] = None, max_
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/35_visualization.ipynb #46627506
+# %% ../nbs/35_visualization.ipynb #ad710ac3
 def _trace_panels(diagnostics: Mapping[str, torch.Tensor]) -> list:
     "The names of the panels to draw, in a fixed order."
     if not isinstance(diagnostics, Mapping):
@@ -242,7 +243,7 @@ def plot_diagnostics(diagnostics: Mapping[str, torch.Tensor], *, thin: int = 1, 
     fig.tight_layout()
     return fig
 
-# %% ../nbs/35_visualization.ipynb #76854f0d
+# %% ../nbs/35_visualization.ipynb #4369ebcb
 @torch.no_grad()
 def _draw_model_samples(sampler, n_samples: int, k_sampling: int, device, dtype, generator) -> torch.Tensor:
     "Run `sampler` for `k_sampling` steps from `[n_samples, 2]` Gaussian noise."
@@ -281,7 +282,7 @@ def plot_energy_and_samples(model, real_samples=None, sampler=None, epoch: Optio
     if save_path is not None: ax.figure.savefig(save_path, dpi=100, bbox_inches='tight')
     return ax.figure
 
-# %% ../nbs/35_visualization.ipynb #3376e5bd
+# %% ../nbs/35_visualization.ipynb #5c0f43d3
 _WRITERS = {'.gif': 'pillow', '.mp4': 'ffmpeg'}
 
 def _writer_for(save_path: Path) -> str:
