@@ -6,7 +6,7 @@
 __all__ = ['build_parser', 'resolve_device', 'DemoSettings', 'settings_from_args', 'EBMRun', 'train_ebm', 'EqMRun', 'train_eqm',
            'plot_loss', 'save_ebm_pictures', 'save_eqm_pictures', 'main']
 
-# %% ../nbs/60_demo.ipynb #e686e087
+# %% ../nbs/60_demo.ipynb #22b0c41d
 import argparse
 import sys
 import time
@@ -24,7 +24,7 @@ from .models import MLPEnergy, TimeConditionedMLP
 from .samplers import LangevinDynamics
 from .visualization import plot_diagnostics, plot_energy_and_samples, plot_samples
 
-# %% ../nbs/60_demo.ipynb #bc1ee905
+# %% ../nbs/60_demo.ipynb #4aa8b5b8
 def _positive_int(text: str) -> int:
     "argparse type: an int > 0."
     try: value = int(text)
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--out', type=Path, default=Path('torchebm_demo'), help='output folder (created if missing)')
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument('--steps', type=_positive_int, default=None,
-                        help='training steps per task (default: 1500 for ebm, 2000 for eqm; 25 with --quick)')
+                        help='training steps per task (default: 3000 for ebm, 2000 for eqm; 25 with --quick)')
     parser.add_argument('--batch-size', type=_positive_int, default=256, help='data points per training step')
     parser.add_argument('--lr', type=_positive_float, default=1e-3, help='Adam learning rate')
     parser.add_argument('--k-steps', type=_positive_int, default=10, help='Langevin steps per PCD update')
@@ -75,7 +75,7 @@ def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
             parser.error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
-# %% ../nbs/60_demo.ipynb #10490689
+# %% ../nbs/60_demo.ipynb #44edc812
 @dataclass
 class DemoSettings:
     "Everything one demo run needs, resolved from the command line."
@@ -100,13 +100,13 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> DemoSe
     quick = args.quick
     return DemoSettings(
         task=args.task, out=args.out, device=device,
-        ebm_steps=args.steps or (25 if quick else 1500), eqm_steps=args.steps or (25 if quick else 2000),
+        ebm_steps=args.steps or (25 if quick else 3000), eqm_steps=args.steps or (25 if quick else 2000),
         batch_size=args.batch_size, lr=args.lr, k_steps=args.k_steps, sampler_step_size=args.sampler_step_size,
         n_data=min(args.n_data, 512) if quick else args.n_data, seed=args.seed,
         n_plot_samples=200 if quick else 1000, n_sampling_steps=20 if quick else 300,
         grid_size=30 if quick else 100, progress=not args.no_progress)
 
-# %% ../nbs/60_demo.ipynb #c5c480a4
+# %% ../nbs/60_demo.ipynb #6f64f4f3
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     "Zero mean, unit variance per coordinate."
     return (x - x.mean(0)) / x.std(0)
@@ -158,7 +158,7 @@ def train_ebm(settings: DemoSettings) -> EBMRun:
     return EBMRun(model, sampler, data.cpu(), losses, samples.detach().cpu(),
                   {k: v.detach().cpu() for k, v in diagnostics.items()})
 
-# %% ../nbs/60_demo.ipynb #8111cc93
+# %% ../nbs/60_demo.ipynb #a9633286
 @dataclass
 class EqMRun:
     "What the equilibrium-matching task produced."
@@ -192,7 +192,7 @@ def train_eqm(settings: DemoSettings) -> EqMRun:
         samples = sampler.sample(x=noise, n_steps=max(settings.n_sampling_steps // 3, 10))
     return EqMRun(model, data.cpu(), losses, samples.detach().cpu())
 
-# %% ../nbs/60_demo.ipynb #9ec17b37
+# %% ../nbs/60_demo.ipynb #17a8863b
 def plot_loss(losses: torch.Tensor, title: str, window: int = 25):
     "Raw training loss `[n_steps]` and its moving average over `window` steps. Returns the `Axes`."
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -229,7 +229,7 @@ def save_eqm_pictures(run: EqMRun, settings: DemoSettings) -> List[Path]:
     loss = plot_loss(run.losses, 'equilibrium-matching loss').figure
     return [_save(samples, settings.out / 'eqm_samples.png'), _save(loss, settings.out / 'eqm_loss.png')]
 
-# %% ../nbs/60_demo.ipynb #81a85d13
+# %% ../nbs/60_demo.ipynb #216b0ad9
 def main(argv: Optional[Sequence[str]] = None) -> int:
     "Run the demo with command-line arguments `argv` (default: `sys.argv[1:]`); returns the exit status."
     parser = build_parser()
@@ -244,6 +244,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in written: print(f"  {path}")
     return 0
 
-# %% ../nbs/60_demo.ipynb #628a9868
+# %% ../nbs/60_demo.ipynb #13ac0fb8
 #| eval: false
 if __name__ == '__main__': sys.exit(main())
