@@ -245,7 +245,7 @@ def test_core_components_langevin_forms():
     assert x.shape == (6, 2) and trajectory.shape == (5, 6, 2)     # old layout [n_steps + 1, n_samples, dim]
     torch.testing.assert_close(trajectory[0], start)
     torch.testing.assert_close(trajectory[-1], x)
-    samples = sampler.sample(n_samples=9, dim=2, n_steps=3)
+    samples = expect_one_deprecation(lambda: sampler.sample(n_samples=9, dim=2, n_steps=3))   # old: no x=
     assert samples.shape == (9, 2)
 
 
