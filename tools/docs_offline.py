@@ -27,6 +27,7 @@ from nbdev.doclinks import nbglob
 
 FRONT_MATTER = re.compile(r'^---\s*\n(.*?)\n---\s*$', re.S)
 ATTRIBUTES = re.compile(r'(\]\([^)]*\))\{[^}]*\}')
+NOTEBOOK_LINK = re.compile(r'\]\((?!https?:)([^)#]+)\.ipynb')
 DIRECTIVE = re.compile(r'^\s*#\|.*$\n?', re.M)
 
 
@@ -48,8 +49,8 @@ def strip_quarto(nb):
             md = _front_matter_to_markdown(cell.source)
             if md is None: continue
             cell = nbformat.v4.new_markdown_cell(md)
-        elif cell.cell_type == 'markdown':
-            cell.source = ATTRIBUTES.sub(r'\1', cell.source)
+        elif cell.cell_type == 'markdown':   # Quarto maps links to notebooks onto their pages; do the same
+            cell.source = NOTEBOOK_LINK.sub(r'](\1.html', ATTRIBUTES.sub(r'\1', cell.source))
         elif cell.cell_type == 'code':
             hidden = re.search(r'^\s*#\|\s*echo:\s*false', cell.source, re.M)
             cell.source = DIRECTIVE.sub('', cell.source).strip('\n')
@@ -86,10 +87,12 @@ def render_html(proc: Path, docs: Path) -> list:
     return pages
 
 
-def render_readme(proc: Path, readme_nb: str, readme: Path) -> None:
-    "README.md from the processed home-page notebook, without its figures."
+def render_readme(proc: Path, readme_nb: str, readme: Path, site: str) -> None:
+    "README.md from the processed home-page notebook, without its figures, its page links pointing at the `site`."
     nb = strip_quarto(nbformat.read(proc / readme_nb, as_version=4))
     for cell in nb.cells:
+        if cell.cell_type == 'markdown':
+            cell.source = re.sub(r'\]\((?!https?:|#)([^)]+\.html)', lambda m: f']({site}/{m.group(1)}', cell.source)
         if cell.cell_type == 'code':
             cell.outputs = [o for o in cell.get('outputs', [])
                             if not any(k.startswith('image/') for k in o.get('data', {}))]
@@ -125,7 +128,7 @@ def main() -> int:
         docs = cfg.doc_path
         shutil.rmtree(docs, ignore_errors=True)
         pages = render_html(proc, docs)
-        render_readme(proc, cfg.readme_nb, cfg.config_path / 'README.md')
+        render_readme(proc, cfg.readme_nb, cfg.config_path / 'README.md', cfg.doc_host.rstrip('/') + cfg.doc_baseurl)
     print(f'docs_offline: {len(pages)} pages in {docs}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s)')
     for notebook, error in failures:
         cause = f'{type(error.__cause__).__name__}: {error.__cause__}' if error.__cause__ else ''
