@@ -131,9 +131,11 @@ def main() -> int:
         render_readme(proc, cfg.readme_nb, cfg.config_path / 'README.md', cfg.doc_host.rstrip('/') + cfg.doc_baseurl)
     print(f'docs_offline: {len(pages)} pages in {docs}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s)')
     for notebook, error in failures:
+        header, *cell = str(error).splitlines()
         cause = f'{type(error.__cause__).__name__}: {error.__cause__}' if error.__cause__ else ''
-        print(f'docs_offline: FAIL {notebook}: {str(error).splitlines()[0]} {cause}\n  (nbdev runs the show_doc, '
-              f'export and import cells while building the docs: keep imports in cells of their own)', file=sys.stderr)
+        print(f'docs_offline: FAIL {notebook}: {header} {cause}\n    ' + '\n    '.join(cell[:3]) +
+              '\n  (nbdev runs the show_doc, export and import cells while building the docs: '
+              'keep imports in cells of their own)', file=sys.stderr)
     return 1 if failures else 0
 
 
