@@ -82,3 +82,10 @@ def test_screenshot_of_the_home_page_is_not_blank(docs, tmp_path):
     low, high = image.getextrema()
     assert high - low > 100
     assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50   # text and figures, not a blank page
+
+
+def test_every_notebook_has_its_page(docs):
+    notebooks = [p.relative_to(ROOT / 'nbs') for p in (ROOT / 'nbs').rglob('*.ipynb')
+                 if not any(part.startswith(('_', '.')) for part in p.relative_to(ROOT / 'nbs').parts)]
+    missing = [str(nb) for nb in notebooks if not (docs / nb.with_suffix('.html')).exists()]
+    assert not missing, f'no page for {missing}: run tools/docs_offline.py and read its FAIL lines'
