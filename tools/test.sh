@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 T0=$SECONDS
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 export MPLBACKEND=Agg
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # 2 notebook workers on 2 cores: more threads only oversubscribe
 
 echo "[test] notebooks clean and package in sync"
 nbdev_clean
