@@ -18,6 +18,9 @@ if [ -n "$(git status --porcelain -uno -- nbs torchebm)" ]; then
   exit 1
 fi
 
+echo "[test] compiled kernels: build once before the parallel notebook workers need them"
+python -c "from torchebm.cuda import kernels, loader; loader.load_extension(kernels.CPU_EXTENSION.name); loader.status()"
+
 echo "[test] nbdev_test"
 timeout 1500 nbdev_test --n_workers 2 --timing
 echo "[test] nbdev_test done at $((SECONDS-T0))s"
