@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence']
 
-# %% ../../nbs/20_contrastive_divergence.ipynb #ad15af0f
+# %% ../../nbs/20_contrastive_divergence.ipynb #294db58a
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -14,7 +14,7 @@ from ..core.base import BaseSampler, check_batch, check_nonnegative_int, check_p
 from .loss_utils import (ConditionedModel, EnergyModelLoss, check_loss_finite, is_per_sample,
                                         merge_model_kwargs, model_energy, sampling_model, tile_model_kwargs)
 
-# %% ../../nbs/20_contrastive_divergence.ipynb #e6a43d70
+# %% ../../nbs/20_contrastive_divergence.ipynb #815cfdca
 class ContrastiveDivergence(EnergyModelLoss):
     "Contrastive divergence (CD-k, or persistent CD): `loss, negatives = cd(x)`."
     def __init__(self, model=None, sampler=None, k_steps: int = 10, persistent: bool = False,
@@ -28,11 +28,11 @@ class ContrastiveDivergence(EnergyModelLoss):
             old_forms['ContrastiveDivergence(sampler, ...)'] = 'ContrastiveDivergence(model=..., sampler=...)'
         if k is not None:
             if k_steps != 10: raise TypeError("ContrastiveDivergence: pass k_steps= (or the older k=), not both")
-            k_steps, old_forms['k='] = k, 'k_steps='
+            k_steps, old_forms['ContrastiveDivergence(k=...)'] = k, 'k_steps=...'
         if batch_size is not None:
             if n_negatives is not None:
                 raise TypeError("ContrastiveDivergence: pass n_negatives= (or the older batch_size=), not both")
-            n_negatives, old_forms['batch_size='] = batch_size, 'n_negatives='
+            n_negatives, old_forms['ContrastiveDivergence(batch_size=...)'] = batch_size, 'n_negatives=...'
         if old_forms: warn_deprecated(', '.join(old_forms), ', '.join(old_forms.values()))
         if sampler is None or not callable(getattr(sampler, 'sample', None)):
             raise TypeError(f"ContrastiveDivergence needs sampler= (an object with sample(x=, n_steps=, generator=)), "
@@ -132,7 +132,7 @@ class ContrastiveDivergence(EnergyModelLoss):
         if saved is not None and self.replay_buffer is None: self.replay_buffer = torch.empty_like(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-# %% ../../nbs/20_contrastive_divergence.ipynb #1266fa98
+# %% ../../nbs/20_contrastive_divergence.ipynb #c8af0325
 class PersistentContrastiveDivergence(ContrastiveDivergence):
     "Persistent contrastive divergence: `ContrastiveDivergence(persistent=True)`."
     def __init__(self, model=None, sampler=None, k_steps: int = 10, buffer_size: int = 10000,

@@ -7,7 +7,7 @@ __all__ = ['PROBES', 'merge_model_kwargs', 'tile_model_kwargs', 'is_per_sample',
            'draw_probes', 'hessian_trace', 'probe_projections', 'check_loss_finite', 'EnergyModelLoss',
            'ConditionedModel', 'sampling_model']
 
-# %% ../../nbs/19_loss_utils.ipynb #dabbda40
+# %% ../../nbs/19_loss_utils.ipynb #bb0978d6
 import math
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -18,7 +18,7 @@ from torch import nn
 from ..core.base import (BaseLoss, BaseModel, check_batch, check_choice, rademacher_like, randn_like,
                                 warn_deprecated)
 
-# %% ../../nbs/19_loss_utils.ipynb #9555209b
+# %% ../../nbs/19_loss_utils.ipynb #e3b910c1
 def merge_model_kwargs(y=None, model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     "The extra model inputs of one call: `model_kwargs` plus `y` (passing `y` in both is a `TypeError`)."
     merged = dict(model_kwargs or {})
@@ -35,7 +35,7 @@ def is_per_sample(value, batch: int) -> bool:
     "Whether `value` is a tensor with one entry per sample of a `batch`."
     return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
 
-# %% ../../nbs/19_loss_utils.ipynb #b99104d5
+# %% ../../nbs/19_loss_utils.ipynb #eb920868
 def model_energy(model, x: torch.Tensor, model_kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
     "Energies `[batch]` of `x: [batch, *dim]`, with a graph, checked for shape."
     energy = model(x, **(model_kwargs or {}))
@@ -53,7 +53,7 @@ def energy_gradient(model, x: torch.Tensor, model_kwargs: Optional[Dict[str, Any
         grad, = torch.autograd.grad(model_energy(model, xg, model_kwargs).sum(), xg, create_graph=True)
     return grad
 
-# %% ../../nbs/19_loss_utils.ipynb #cd111f8a
+# %% ../../nbs/19_loss_utils.ipynb #3d0a1b77
 def sphere_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     "Uniform directions on the sphere of radius sqrt(D) over the event dims of `x: [n_probes, batch, *dim]`."
     flat = randn_like(x, generator).reshape(*x.shape[:2], -1)
@@ -66,7 +66,7 @@ def draw_probes(x: torch.Tensor, n_probes: int, kind: str, generator: Optional[t
     "`n_probes` random vectors `[n_probes, batch, *dim]` with identity second moment, like `x: [batch, *dim]`."
     return PROBES[check_choice(name, kind, list(PROBES))](x.new_empty((n_probes, *x.shape)), generator)
 
-# %% ../../nbs/19_loss_utils.ipynb #47a1c493
+# %% ../../nbs/19_loss_utils.ipynb #c93f02cb
 def hessian_trace(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Exact $\\operatorname{tr}\\,\\partial g/\\partial x$ `[batch]` of `grad: [batch, *dim]` (computed from `x`), differentiable."
     flat = grad.reshape(grad.shape[0], -1)
@@ -85,7 +85,7 @@ def probe_projections(grad: torch.Tensor, x: torch.Tensor, probes: torch.Tensor)
         quadratic.append((hv * v).reshape(v.shape[0], -1).sum(-1))
     return projections, torch.stack(quadratic)
 
-# %% ../../nbs/19_loss_utils.ipynb #8b63b895
+# %% ../../nbs/19_loss_utils.ipynb #97ccbfc2
 def check_loss_finite(loss: torch.Tensor, x: torch.Tensor, owner: str) -> torch.Tensor:
     "Return `loss`, or raise `ValueError` if it is NaN/inf (naming `x` when the data is the cause)."
     if not bool(torch.isfinite(loss).all()):
@@ -104,13 +104,14 @@ class EnergyModelLoss(BaseLoss):
 
     def call_arguments(self, first, second=None) -> Tuple[torch.Tensor, Any, bool]:
         "`(x, model, legacy)` from `loss_fn(x)`, or the older `loss_fn(x, model)` / `loss_fn(model, x)` (warns once)."
+        # stacklevel 6 attributes the warning to the caller of `loss_fn(...)`, past nn.Module's call wrappers
         owner = type(self).__name__
         if second is None: return first, self.model, False
         if isinstance(first, torch.Tensor) and not isinstance(second, torch.Tensor) and callable(second):
-            warn_deprecated(f"{owner}(...)(x, model)", f"{owner}(model=model, ...)(x)", stacklevel=4)
+            warn_deprecated(f"{owner}(...)(x, model)", f"{owner}(model=model, ...)(x)", stacklevel=6)
             return first, second, True
         if isinstance(second, torch.Tensor) and not isinstance(first, torch.Tensor) and callable(first):
-            warn_deprecated(f"{owner}(...)(model, x)", f"{owner}(model=model, ...)(x)", stacklevel=4)
+            warn_deprecated(f"{owner}(...)(model, x)", f"{owner}(model=model, ...)(x)", stacklevel=6)
             return second, first, True
         raise TypeError(f"{owner}: call it as loss_fn(x) with x: [batch, *dim] (or the older loss_fn(x, model)), "
                         f"got ({type(first).__name__}, {type(second).__name__})")
@@ -128,7 +129,7 @@ class EnergyModelLoss(BaseLoss):
         "The scalar loss (subclasses implement this; inputs are already checked)."
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(...)")
 
-# %% ../../nbs/19_loss_utils.ipynb #91924229
+# %% ../../nbs/19_loss_utils.ipynb #c7a90cc3
 class ConditionedModel(BaseModel):
     "The energy `x -> model(x, **model_kwargs)` with its extra inputs bound."
     def __init__(self, model, model_kwargs: Dict[str, Any]):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['sample_noise', 'NoiseContrastiveEstimation']
 
-# %% ../../nbs/22_nce.ipynb #f70f0cab
+# %% ../../nbs/22_nce.ipynb #c4451d55
 import math
 from typing import Optional, Union
 
@@ -16,7 +16,7 @@ from torch import nn
 from ..core.base import check_finite, check_nonnegative_int, model_tensor_device, model_tensor_dtype
 from .loss_utils import EnergyModelLoss, model_energy, tile_model_kwargs
 
-# %% ../../nbs/22_nce.ipynb #ac4dae2b
+# %% ../../nbs/22_nce.ipynb #157a1e88
 def sample_noise(distribution, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     "`n` samples `[n, *dim]` of `distribution`; reproducible from `generator` without touching the global RNG."
     if generator is None: return distribution.sample((n,))
@@ -26,7 +26,7 @@ def sample_noise(distribution, n: int, generator: Optional[torch.Generator] = No
         torch.manual_seed(seed)
         return distribution.sample((n,))
 
-# %% ../../nbs/22_nce.ipynb #a003477b
+# %% ../../nbs/22_nce.ipynb #fb20fe15
 class NoiseContrastiveEstimation(EnergyModelLoss):
     "NCE: classify data against `noise_ratio` noise samples per data point, learning $\\log Z$ as a parameter."
     def __init__(self, model, noise_distribution, noise_ratio: int = 1, learn_log_normalizer: bool = True,

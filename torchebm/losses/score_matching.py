@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ScoreMatching', 'SlicedScoreMatching', 'noise_levels', 'DenoisingScoreMatching']
 
-# %% ../../nbs/21_score_matching.ipynb #1dcd7697
+# %% ../../nbs/21_score_matching.ipynb #91407980
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +14,7 @@ from ..core.base import check_choice, check_nonnegative_int, check_positive, ran
 from .loss_utils import (PROBES, EnergyModelLoss, draw_probes, energy_gradient, hessian_trace,
                                         probe_projections)
 
-# %% ../../nbs/21_score_matching.ipynb #f51334c1
+# %% ../../nbs/21_score_matching.ipynb #18d15783
 class ScoreMatching(EnergyModelLoss):
     "Score matching $\\mathbb E[\\frac12\\lVert\\nabla_x E\\rVert^2 - \\operatorname{tr}\\nabla_x^2 E]$, exact or with Hutchinson's trace estimate."
     def __init__(self, model, hessian_method: str = 'exact', hutchinson_samples: int = 1, probe: str = 'rademacher',
@@ -38,7 +38,7 @@ class ScoreMatching(EnergyModelLoss):
                 trace = probe_projections(grad, x, probes)[1].mean(0)
             return (0.5 * grad.pow(2).reshape(x.shape[0], -1).sum(-1) - trace).mean()
 
-# %% ../../nbs/21_score_matching.ipynb #11773c14
+# %% ../../nbs/21_score_matching.ipynb #f885d5e5
 class SlicedScoreMatching(EnergyModelLoss):
     "Sliced score matching $\\mathbb E[\\frac12 (v^\\top\\nabla_x E)^2 - v^\\top\\nabla_x^2E\\,v]$ over random projections $v$."
     def __init__(self, model, n_projections: int = 5, projection_type: str = 'rademacher',
@@ -60,7 +60,7 @@ class SlicedScoreMatching(EnergyModelLoss):
             else: first = 0.5 * projections.pow(2).mean(0)
             return (first - curvature.mean(0)).mean()
 
-# %% ../../nbs/21_score_matching.ipynb #5deafc38
+# %% ../../nbs/21_score_matching.ipynb #b629e222
 def noise_levels(sigma) -> Tuple[float, ...]:
     "The noise level(s) of `sigma` (a number or a sequence / 1-D tensor of numbers) as positive floats."
     levels = sigma.tolist() if isinstance(sigma, torch.Tensor) else sigma
