@@ -69,6 +69,9 @@ def test_api_page_has_show_doc_blocks_and_figures(docs, tmp_path):
     assert re.search(r'<h3 id="LangevinDynamics">LangevinDynamics', dom)
     signatures = re.findall(r'<h[234] id="[\w.]+">[\w.]+<a class="anchor-link"[^>]*>¶</a></h[234]>\s*<div class="highlight">', dom)
     assert len(signatures) >= 2, 'expected show_doc signature blocks'
+    # nbdev 2 renders the argument table as one documented line per parameter inside the signature block
+    for argument_doc in ('step size eta &gt; 0, or a scheduler', 'add a Metropolis-Hastings test (MALA)'):
+        assert argument_doc in dom, f'argument documentation {argument_doc!r} missing from the API page'
     assert '>source</a>' in dom and '{target=' not in dom and '#| ' not in dom
     assert len(_pictures(dom)) >= 1
 

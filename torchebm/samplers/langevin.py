@@ -42,12 +42,23 @@ def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
 # %% ../../nbs/13_langevin.ipynb #ed30e1f3
 class LangevinDynamics(MCMCSampler):
     "Langevin dynamics `x - step_size * grad E + sqrt(2 step_size) * noise_scale * eps`; `metropolis=True` for MALA."
-    def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3,
-                 noise_scale: Union[float, BaseScheduler] = 1.0, n_steps: Optional[int] = None,
-                 metropolis: bool = False, integrator: Union[str, BaseIntegrator] = 'euler_maruyama',
-                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, use_kernels: bool = True,
-                 adapt_step_size: bool = False, target_accept: float = 0.57, n_adapt_steps: Optional[int] = None,
-                 adapt_per_chain: bool = False, nan_policy: str = 'warn'):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
+                 step_size: Union[float, BaseScheduler] = 1e-3,  # step size eta > 0, or a scheduler
+                 noise_scale: Union[float, BaseScheduler] = 1.0,  # noise multiplier (1 = exact Langevin), or a scheduler
+                 n_steps: Optional[int] = None,  # deprecated default for `sample(n_steps=)`
+                 metropolis: bool = False,  # add a Metropolis-Hastings test (MALA)
+                 integrator: Union[str, BaseIntegrator] = 'euler_maruyama',  # integrator name or instance
+                 dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
+                 device=None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None,  # deprecated name of `model`
+                 use_kernels: bool = True,  # use the fused compiled kernels when the model has one
+                 adapt_step_size: bool = False,  # MALA only: dual-averaging warm-up toward `target_accept`
+                 target_accept: float = 0.57,  # target acceptance rate of the adaptation
+                 n_adapt_steps: Optional[int] = None,  # warm-up length (default: half of the steps)
+                 adapt_per_chain: bool = False,  # one adapted step size per chain instead of a shared one
+                 nan_policy: str = 'warn'):  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
                          nan_policy=nan_policy)
         check_schedulable('step_size', step_size)
