@@ -11,13 +11,6 @@ from torchebm.integrators import (INTEGRATORS, RK4, Dopri5, EulerMaruyama, Euler
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Small tensors: intra-op threads only contend for shared CI cores (restored afterwards)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 ROTATION = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=F64)  # a damped rotation: dx/dt = A x
 
 

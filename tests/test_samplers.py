@@ -13,15 +13,6 @@ from torchebm.samplers import mcmc
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Small tensors: intra-op threads only contend for shared CI cores (restored afterwards)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Gaussian(BaseModel):
     "E(x) = (x - mean)^T P (x - mean) / 2 with a closed-form gradient."
     def __init__(self, mean, cov):

@@ -10,14 +10,6 @@ from torchebm.samplers import GradientDescentSampler, HamiltonianMonteCarlo, Lan
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Gaussian2D(BaseModel):
     def __init__(self):
         super().__init__()
