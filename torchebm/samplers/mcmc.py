@@ -9,6 +9,7 @@ __all__ = ['NAN_POLICIES', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', '
            'kernel_seed', 'per_step_tensor', 'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
+import functools
 import math
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -232,6 +233,7 @@ class MCMCSampler(BaseSampler):
         return (out, diagnostics) if return_diagnostics else out
 
 # %% ../../nbs/12_mcmc.ipynb #f0736b29
+@functools.lru_cache(maxsize=None)  # one import attempt per process, also when it fails
 def fused_kernels():
     "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
     try:
