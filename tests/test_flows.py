@@ -377,6 +377,76 @@ def test_equilibrium_matching_energy_is_sampled_by_descent_and_langevin():
     assert (nearest_after == nearest).float().mean() > 0.95
 
 
+def _exact_eqm_field(centers, std, loss, n_quad=100):
+    """The minimiser of the EqM `loss` (linear path, uniform t) for data `sum_k N(centers_k, std^2 I) / K`:
+    E[c(t)(x0 - x1) | x_t = x], with t integrated by the midpoint rule. Given t and the component k, x0, x1 and
+    x_t = t x1 + (1 - t) x0 are jointly Gaussian, and x_t ~ N(t m_k, var I) with var = t^2 std^2 + (1 - t)^2."""
+    t = loss.t_min + (loss.t_max - loss.t_min) * (torch.arange(n_quad, dtype=F64) + 0.5) / n_quad
+    c, sigma, var = loss.decay(t), 1 - t, t ** 2 * std ** 2 + (1 - t) ** 2
+    def field(x, t_unused=None):
+        diff = x[:, None, None] - t[None, :, None, None] * centers[None, None]             # [B, T, K, d]
+        log_w = -0.5 * diff.square().sum(-1) / var[:, None] - 0.5 * x.shape[1] * var.log()[:, None]
+        w = torch.softmax(log_w.flatten(1), 1).view_as(log_w) * c[:, None]                 # p(t, k | x) c(t)
+        resid = diff / var[:, None, None]
+        noise = sigma[:, None, None] * resid                                                 # E[x0 | x, t, k]
+        data = centers[None, None] + (t * std ** 2)[:, None, None] * resid                   # E[x1 | x, t, k]
+        return torch.einsum('btk,btkd->bd', w, noise - data)
+    return field
+
+
+@pytest.mark.slow
+def test_exact_eqm_field_and_where_its_descent_ends():
+    """The closed-form EqM minimiser is orthogonal to x in the loss (a 5% error is not), and descent on it for
+    tau = 1 ends *outside* the modes: at radius 2.25 for the tutorial's narrow ring of radius 2 and far out for
+    wide modes, the displacement the tutorial describes (the data points are equilibria only for isolated points)."""
+    loss = EquilibriumMatchingLoss(lambda x, t: x)
+    g = gen(0)
+    data = CENTERS.double()[torch.randint(0, 4, (20000,), generator=g)] + 0.3 * torch.randn(20000, 2, generator=g, dtype=F64)
+    field = _exact_eqm_field(CENTERS.double(), 0.3, loss)
+    def x_correlation(f, delta=0.1):  # E[(f(x_t) - target) . x_t] from the loss: (L(f + d x) - L(f - d x)) / 4d
+        plus, minus = (EquilibriumMatchingLoss(lambda x, t: f(x) + s * delta * x)(data, generator=gen(5)) for s in (1, -1))
+        return ((plus - minus) / (4 * delta)).item()
+    assert abs(x_correlation(field)) < 0.05
+    assert abs(x_correlation(lambda x: 1.05 * field(x))) > 0.1
+    descend = lambda f, n: FlowSampler(f, negate_velocity=True, integrator='euler').sample(
+        x=torch.randn(n, 2, generator=g, dtype=F64), n_steps=100)
+    assert descend(field, 300).norm(dim=1).median() > 3.3                       # the modes sit at radius 2.83
+    angles = torch.arange(8, dtype=F64) * math.pi / 4
+    ring = _exact_eqm_field(2.0 * torch.stack([angles.cos(), angles.sin()], 1), 0.2, loss)
+    assert 2.15 < descend(ring, 300).norm(dim=1).median() < 2.4                 # the ring has radius 2
+
+
+@pytest.mark.slow
+def test_equilibrium_matching_descent_reproduces_the_tutorial_mixture():
+    """The tutorial's EqM run: descent for tau = 1 recovers the mean, spread and modes of 8 narrow Gaussians; 10x
+    longer descent contracts the modes."""
+    from torchebm.datasets import GaussianMixtureDataset
+    from torchebm.models import VectorFieldEnergy
+    from torchebm.samplers import GradientDescentSampler
+    torch.manual_seed(0)
+    dataset = GaussianMixtureDataset(n_samples=8192, n_components=8, std=0.2, radius=2.0, seed=0)
+    data, centers = dataset.get_data(), dataset.centers.float()
+    net = nn.Sequential(nn.Linear(2, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(),
+                        nn.Linear(128, 2))
+    loss_fn, g = EquilibriumMatchingLoss(lambda x, t: net(x)), gen(0)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3000)
+    for _ in range(3000):
+        loss = loss_fn(data[torch.randint(0, len(data), (256,), generator=g)], generator=g)
+        opt.zero_grad(); loss.backward(); opt.step(); schedule.step()
+    noise = torch.randn(4000, 2, generator=gen(1))
+    samples = FlowSampler(loss_fn.field, negate_velocity=True, integrator='euler').sample(x=noise, n_steps=100)
+    nearest = torch.cdist(samples, centers).argmin(1)
+    share = nearest.bincount(minlength=8) / len(samples)
+    distance = lambda s: (s - centers[torch.cdist(s, centers).argmin(1)]).norm(dim=1).median()
+    assert samples.mean(0).abs().max() < 0.15 and (samples.std(0) - data.std(0)).abs().max() < 0.15
+    assert share.min() > 0.07 and share.max() < 0.18, share
+    assert distance(samples) < 1.25 * distance(data)                              # data: 0.24
+    descent = GradientDescentSampler(VectorFieldEnergy(net, energy_type='implicit', t=None), step_size=0.01)
+    torch.testing.assert_close(descent.sample(x=noise, n_steps=100), samples, rtol=1e-5, atol=1e-5)
+    assert distance(descent.sample(x=noise, n_steps=1000)) < 0.9 * distance(samples)
+
+
 def _gaussian_marginal_velocity(interp):
     "The exact marginal velocity of `interp` for data N(MU, S^2 I): x_t ~ N(alpha MU, (alpha^2 S^2 + sigma^2) I)."
     def velocity(x, t):
