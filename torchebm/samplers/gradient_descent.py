@@ -6,7 +6,7 @@
 __all__ = ['GradientDescentSampler', 'NesterovSampler']
 
 # %% ../../nbs/15_gradient_descent.ipynb #ba772b08
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -18,9 +18,10 @@ from .mcmc import ChainState, MCMCSampler, check_schedule, model_gradient
 class GradientDescentSampler(MCMCSampler):
     "Deterministic descent `x <- x - step_size * grad E(x)`."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, n_steps: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, nan_policy: str = 'warn'):
+                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, nan_policy: str = 'warn',
+                 compile: Union[bool, Dict[str, Any]] = False):
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
-                         nan_policy=nan_policy)
+                         nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
         self.diagnostic_keys = ('energy', 'mean', 'var', 'step_size')
         self.register_scheduler('step_size', step_size)
@@ -28,7 +29,7 @@ class GradientDescentSampler(MCMCSampler):
     def make_step(self, x, values, n_steps, generator):
         "The descent step for one run."
         check_schedule('step_size', values['step_size'])
-        model, step_sizes = self.model, values['step_size']
+        model, step_sizes = self.step_model, values['step_size']
         def step(state, i):
             h = step_sizes[i]
             return ChainState(torch.add(state.x, model_gradient(model, state.x), alpha=-h)), {'step_size': h}
@@ -39,9 +40,9 @@ class NesterovSampler(MCMCSampler):
     "Nesterov accelerated gradient: `v <- momentum v - step_size grad E(x + momentum v)`, `x <- x + v`."
     def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, momentum: float = 0.9,
                  n_steps: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None, *,
-                 energy_function=None, nan_policy: str = 'warn'):
+                 energy_function=None, nan_policy: str = 'warn', compile: Union[bool, Dict[str, Any]] = False):
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
-                         nan_policy=nan_policy)
+                         nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
@@ -52,7 +53,7 @@ class NesterovSampler(MCMCSampler):
     def make_step(self, x, values, n_steps, generator):
         "The Nesterov step for one run (the velocity starts at zero)."
         check_schedule('step_size', values['step_size'])
-        model, step_sizes, mu = self.model, values['step_size'], self.momentum
+        model, step_sizes, mu = self.step_model, values['step_size'], self.momentum
         velocity = torch.zeros_like(x)
         def step(state, i):
             nonlocal velocity

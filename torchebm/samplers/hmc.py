@@ -6,7 +6,7 @@
 __all__ = ['mass_adaptation_windows', 'RunningVariance', 'HamiltonianMonteCarlo']
 
 # %% ../../nbs/14_hmc.ipynb #44963a8b
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -61,9 +61,10 @@ class HamiltonianMonteCarlo(MCMCSampler):
                  mass: Union[None, float, torch.Tensor, MassMatrix] = None, n_steps: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, use_kernels: bool = True,
                  adapt_step_size: bool = False, adapt_mass: bool = False, target_accept: float = 0.65,
-                 n_adapt_steps: Optional[int] = None, adapt_per_chain: bool = False, nan_policy: str = 'warn'):
+                 n_adapt_steps: Optional[int] = None, adapt_per_chain: bool = False, nan_policy: str = 'warn',
+                 compile: Union[bool, Dict[str, Any]] = False):
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
-                         nan_policy=nan_policy)
+                         nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
         check_nonnegative_int('n_leapfrog_steps', n_leapfrog_steps, minimum=1)
         if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
@@ -104,7 +105,7 @@ class HamiltonianMonteCarlo(MCMCSampler):
     def make_step(self, x, values, n_steps, generator):
         "The HMC transition for one run (with warm-up adaptation when enabled)."
         check_schedule('step_size', values['step_size'])
-        model, leapfrog, n_leapfrog = self.model, self.integrator, self.n_leapfrog_steps
+        model, leapfrog, n_leapfrog = self.step_model, self.integrator, self.n_leapfrog_steps
         step_sizes = values['step_size']
         mass = self._mass_for(x)
         n_adapt = min(self.n_adapt_steps if self.n_adapt_steps is not None else n_steps // 2, n_steps)

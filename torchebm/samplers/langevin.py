@@ -7,7 +7,7 @@ __all__ = ['squared_norm', 'check_schedulable', 'langevin_integrator', 'Langevin
 
 # %% ../../nbs/13_langevin.ipynb #28f3f6c3
 import math
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -58,9 +58,10 @@ class LangevinDynamics(MCMCSampler):
                  target_accept: float = 0.57,  # target acceptance rate of the adaptation
                  n_adapt_steps: Optional[int] = None,  # warm-up length (default: half of the steps)
                  adapt_per_chain: bool = False,  # one adapted step size per chain instead of a shared one
-                 nan_policy: str = 'warn'):  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile (True, or its keyword arguments)
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
-                         nan_policy=nan_policy)
+                         nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
         check_schedulable('noise_scale', noise_scale, allow_zero=not metropolis)
         if adapt_step_size and not metropolis:
@@ -102,7 +103,7 @@ class LangevinDynamics(MCMCSampler):
         return out
 
     def _ula_step(self, values, generator):
-        model, step_sizes, noise_scales = self.model, values['step_size'], values['noise_scale']
+        model, step_sizes, noise_scales = self.step_model, values['step_size'], values['noise_scale']
         def step(state, i):
             x, h = state.x, step_sizes[i]
             grad = state.grad if state.grad is not None else model_gradient(model, x)
@@ -113,7 +114,7 @@ class LangevinDynamics(MCMCSampler):
         return step
 
     def _integrator_step(self, values, generator):
-        model, integrator = self.model, self.integrator
+        model, integrator = self.step_model, self.integrator
         step_sizes, noise_scales = values['step_size'], values['noise_scale']
         def drift(x, t): return model_gradient(model, x).neg_()
         def step(state, i):
@@ -124,7 +125,7 @@ class LangevinDynamics(MCMCSampler):
         return step
 
     def _mala_step(self, x, values, n_steps, generator):
-        model, step_sizes, noise_scales = self.model, values['step_size'], values['noise_scale']
+        model, step_sizes, noise_scales = self.step_model, values['step_size'], values['noise_scale']
         adaptation = None
         if self.adapt_step_size:
             n_adapt = self.n_adapt_steps if self.n_adapt_steps is not None else n_steps // 2

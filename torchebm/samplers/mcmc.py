@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['NAN_POLICIES', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
            'model_energy_and_gradient', 'evaluated', 'warn_deprecated_arguments', 'resolve_sampler_model',
-           'schedule_values', 'check_schedule', 'check_chains_finite', 'run_chain', 'MCMCSampler', 'fused_kernels',
-           'kernel_seed', 'per_step_tensor', 'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
+           'schedule_values', 'check_schedule', 'check_chains_finite', 'run_chain', 'compile_options',
+           'compiled_energy_and_gradient', 'CompiledModel', 'MCMCSampler', 'fused_kernels', 'kernel_seed',
+           'per_step_tensor', 'DualAveraging', 'acceptance_probability', 'StepSizeAdaptation']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import functools
 import math
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -154,6 +155,47 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     if guarding and last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner, nan_policy)
     return state, trajectory, diagnostics
 
+# %% ../../nbs/12_mcmc.ipynb #a7c01d02
+def compile_options(compile: Union[bool, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    "`None` for `compile=False`, else the keyword arguments for `torch.compile` (none for `True`)."
+    if isinstance(compile, bool): return {} if compile else None
+    if isinstance(compile, dict) and all(isinstance(k, str) for k in compile): return dict(compile)
+    raise TypeError(f"compile must be True, False or a dict of torch.compile keyword arguments, got {compile!r}")
+
+def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
+    "`x -> (energy [batch], grad [batch, *dim])` for `model`, traced by `torch.compile(**options)` on first call."
+    if isinstance(model, BaseModel) and model.has_analytic_gradient:
+        def evaluate(x): return model(x), model.analytic_gradient(x)
+    else:
+        def summed(x):
+            energy = checked_energy(model(x), x)
+            return energy.sum(), energy
+        grad_and_energy = torch.func.grad(summed, has_aux=True)
+        def evaluate(x):
+            grad, energy = grad_and_energy(x)
+            return energy, grad
+    return torch.compile(evaluate, **options)
+
+class CompiledModel(BaseModel):
+    "`model` whose energy and gradient come from `compiled_energy_and_gradient`: what samplers step with under `compile=`."
+    def __init__(self, model, options: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        object.__setattr__(self, 'wrapped', model)  # not a sub-module: the sampler owns the model
+        self._evaluate = compiled_energy_and_gradient(model, options or {})
+
+    @property
+    def dim(self) -> Optional[int]: return getattr(self.wrapped, 'dim', None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return model_energy(self.wrapped, x)
+
+    def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(): energy, grad = self._evaluate(x)  # detached, and one program for every caller
+        return checked_energy(energy, x), grad
+
+    def gradient(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        if create_graph: raise ValueError("a compiled sampling model gives detached gradients; create_graph=True needs the model itself")
+        return self.energy_and_gradient(x)[1]
+
 # %% ../../nbs/12_mcmc.ipynb #ee55b8b1
 DEFAULT_N_STEPS = 100
 
@@ -162,7 +204,8 @@ class MCMCSampler(BaseSampler):
     diagnostic_keys: Tuple[str, ...] = ('energy', 'mean', 'var')
 
     def __init__(self, model=None, dtype=None, device=None, *, energy_function=None, n_steps=None,
-                 nan_policy: str = 'warn', deprecated: Optional[Dict[str, str]] = None):
+                 nan_policy: str = 'warn', compile: Union[bool, Dict[str, Any]] = False,
+                 deprecated: Optional[Dict[str, str]] = None):
         owner = type(self).__name__
         policy = check_choice('nan_policy', nan_policy, NAN_POLICIES)
         deprecated = dict(deprecated or {})
@@ -173,7 +216,17 @@ class MCMCSampler(BaseSampler):
         model = resolve_sampler_model(owner, model, energy_function)
         super().__init__(model, dtype=dtype, device=device)
         self.n_steps, self.nan_policy = n_steps, policy
+        self.compile_options = compile_options(compile)
+        object.__setattr__(self, '_compiled', None)
         warn_deprecated_arguments(owner, deprecated)
+
+    @property
+    def step_model(self):
+        "The model the steps evaluate: `model`, or its `CompiledModel` (built once per model) under `compile=`."
+        if self.compile_options is None: return self.model
+        if self._compiled is None or self._compiled.wrapped is not self.model:
+            object.__setattr__(self, '_compiled', CompiledModel(self.model, self.compile_options))
+        return self._compiled
 
     def make_step(self, x: torch.Tensor, values: Dict[str, List[float]], n_steps: int,
                   generator: Optional[torch.Generator]) -> Callable:

@@ -1,0 +1,82 @@
+"The samplers' `compile=` option: same chains as the eager path, one compiled program reused, clear bad input."
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from torchebm.core.energies import GaussianModel
+from torchebm.samplers import (GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, NesterovSampler)
+from torchebm.samplers.mcmc import CompiledModel, model_energy_and_gradient
+
+pytestmark = pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g++') is None,
+                                reason='torch.compile on the CPU needs a C++ compiler')
+
+
+class MLPEnergy(nn.Module):
+    def __init__(self, dim=3, hidden=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+    def forward(self, x): return self.net(x).squeeze(-1) + 0.5 * x.square().sum(-1)
+
+
+SAMPLERS = {
+    'ula': lambda m, **kw: LangevinDynamics(m, step_size=0.01, **kw),
+    'mala': lambda m, **kw: LangevinDynamics(m, step_size=0.05, metropolis=True, **kw),
+    'hmc': lambda m, **kw: HamiltonianMonteCarlo(m, step_size=0.1, n_leapfrog_steps=3, **kw),
+    'descent': lambda m, **kw: GradientDescentSampler(m, step_size=0.05, **kw),
+    'nesterov': lambda m, **kw: NesterovSampler(m, step_size=0.05, **kw),
+}
+
+
+@pytest.mark.parametrize('name', SAMPLERS)
+def test_compiled_chains_match_eager_chains(name):
+    model = MLPEnergy()
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    run = lambda sampler: sampler.sample(x=x, n_steps=5, generator=torch.Generator().manual_seed(2))
+    eager = run(SAMPLERS[name](model))
+    compiled_sampler = SAMPLERS[name](model, compile=True)
+    compiled = run(compiled_sampler)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert isinstance(compiled_sampler.step_model, CompiledModel)
+    assert compiled_sampler.step_model is compiled_sampler.step_model  # built once, reused by every run
+
+
+def test_compiled_gradient_matches_autograd_in_float64():
+    model = MLPEnergy().double()
+    x = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    energy, grad = CompiledModel(model).energy_and_gradient(x)
+    ref_energy, ref_grad = model_energy_and_gradient(model, x)
+    assert grad.dtype == torch.float64 and not grad.requires_grad
+    torch.testing.assert_close(energy, ref_energy)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_compiled_analytic_gradient_and_weights_that_change():
+    "A closed-form gradient is compiled as it is; a network trained between runs is sampled with its new weights."
+    gaussian = GaussianModel(torch.zeros(2), torch.tensor([[2.0, 0.3], [0.3, 0.5]]))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(CompiledModel(gaussian).gradient(x), gaussian.gradient(x))
+    model = MLPEnergy()
+    sampler = GradientDescentSampler(model, step_size=0.05, compile=True)
+    before = sampler.sample(x=x.new_ones(16, 3), n_steps=3)
+    with torch.no_grad(): model.net[-1].bias += 1.0       # a constant shift: same gradient, same chains
+    torch.testing.assert_close(sampler.sample(x=x.new_ones(16, 3), n_steps=3), before)
+    with torch.no_grad(): model.net[0].weight.mul_(2.0)   # a real change must reach the compiled program
+    after = sampler.sample(x=x.new_ones(16, 3), n_steps=3)
+    torch.testing.assert_close(after, GradientDescentSampler(model, step_size=0.05).sample(x=x.new_ones(16, 3), n_steps=3),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize('bad', ['yes', 1, {1: 'mode'}])
+def test_bad_compile_option(bad):
+    with pytest.raises(TypeError, match='compile must be'):
+        LangevinDynamics(MLPEnergy(), step_size=0.01, compile=bad)
+
+
+def test_compiled_model_refuses_create_graph():
+    with pytest.raises(ValueError, match='create_graph'):
+        CompiledModel(MLPEnergy()).gradient(torch.randn(4, 3), create_graph=True)
