@@ -103,14 +103,19 @@ class LangevinDynamics(MCMCSampler):
         return out
 
     def _ula_step(self, values, generator):
+        "ULA updating the chains in place, with one noise buffer per run (the first step copies the caller's `x`)."
         model, step_sizes, noise_scales = self.step_model, values['step_size'], values['noise_scale']
+        noise = None
         def step(state, i):
+            nonlocal noise
             x, h = state.x, step_sizes[i]
             grad = state.grad if state.grad is not None else model_gradient(model, x)
+            x = torch.add(x, grad, alpha=-h) if i == 0 else x.add_(grad, alpha=-h)
             scale = math.sqrt(2 * h) * noise_scales[i]
-            if scale == 0: return ChainState(torch.add(x, grad, alpha=-h)), {'step_size': h}
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            return ChainState(torch.add(x, grad, alpha=-h).add_(eps, alpha=scale)), {'step_size': h}
+            if scale != 0:
+                if noise is None: noise = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+                x.add_(noise.normal_(generator=generator), alpha=scale)
+            return ChainState(x), {'step_size': h}
         return step
 
     def _integrator_step(self, values, generator):
