@@ -421,3 +421,31 @@ def test_losses_run_on_cuda():
     pcd.cuda()
     assert pcd.replay_buffer.is_cuda
     pcd(x[:8], generator=g)
+
+
+@pytest.mark.slow
+def test_cd_k_learns_two_moons():
+    """CD-10 (chains started at the batch) on standardised two moons, 600 Adam steps: held-out data gets lower
+    energy than points away from the moons, and Langevin chains from N(0, I) end on the moons. An untrained network
+    scores about 0.4 and leaves the chains about 2 away."""
+    from torchebm.datasets import TwoMoonsDataset
+    from torchebm.models import MLPEnergy
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    raw = TwoMoonsDataset(4096, noise=0.05, seed=0).get_data()
+    data, held_out = ((raw - raw.mean(0)) / raw.std(0)).split(2048)
+    model = MLPEnergy(2, (64, 64))
+    sampler = LangevinDynamics(model, step_size=0.01)
+    cd = ContrastiveDivergence(model, sampler, k_steps=10, energy_reg=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(600):
+        loss, _ = cd(data[torch.randint(0, len(data), (256,), generator=g)], generator=g)
+        opt.zero_grad(); loss.backward(); opt.step()
+    distance = lambda s: torch.cdist(s, data).min(1).values
+    box = torch.rand(4000, 2, generator=g) * 6 - 3
+    away = box[distance(box) > 0.5]
+    with torch.no_grad():
+        ranked = (model(held_out)[:, None] < model(away)[None]).float().mean()
+    assert ranked > 0.97, ranked
+    samples = sampler.sample(x=torch.randn(1000, 2, generator=g), n_steps=500, generator=g)
+    assert distance(samples).median() < 0.2 and (distance(samples) < 0.2).float().mean() > 0.5
