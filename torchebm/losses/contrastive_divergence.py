@@ -17,11 +17,21 @@ from .loss_utils import (ConditionedModel, EnergyModelLoss, check_loss_finite, i
 # %% ../../nbs/20_contrastive_divergence.ipynb #815cfdca
 class ContrastiveDivergence(EnergyModelLoss):
     "Contrastive divergence (CD-k, or persistent CD): `loss, negatives = cd(x)`."
-    def __init__(self, model=None, sampler=None, k_steps: int = 10, persistent: bool = False,
-                 buffer_size: int = 10000, reinit_prob: float = 0.05, energy_reg: float = 0.0, init_std: float = 1.0,
-                 n_negatives: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None, *, k: Optional[int] = None,
-                 batch_size: Optional[int] = None):
+    def __init__(self,
+                 model=None,  # energy model `E(x) -> [batch]` being trained
+                 sampler=None,  # MCMC sampler drawing the negatives (e.g. `LangevinDynamics(model, ...)`)
+                 k_steps: int = 10,  # sampler steps per loss call
+                 persistent: bool = False,  # keep chains in a replay buffer between calls (PCD)
+                 buffer_size: int = 10000,  # PCD: chains in the replay buffer
+                 reinit_prob: float = 0.05,  # PCD: chance that a drawn chain restarts from noise
+                 energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
+                 init_std: float = 1.0,  # standard deviation of the noise new chains start from
+                 n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
+                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 device: Union[str, torch.device, None] = None,  # device of the buffer (default: the model's)
+                 *,
+                 k: Optional[int] = None,  # deprecated name of `k_steps`
+                 batch_size: Optional[int] = None):  # deprecated name of `n_negatives`
         old_forms = {}
         if sampler is None and isinstance(model, BaseSampler):
             sampler, model = model, None

@@ -132,11 +132,18 @@ class FlowMatchingLoss(InterpolantLoss):
     "Conditional flow matching: regress `model(x_t, t)` on the velocity, noise or score target of the interpolant."
     PREDICTIONS = ('velocity', 'noise', 'score')
 
-    def __init__(self, model, interpolant: Union[str, BaseInterpolant] = 'linear', prediction: str = 'velocity',
-                 time_sampler: Union[str, Callable] = 'uniform', logit_normal_loc: float = 0.0,
-                 logit_normal_scale: float = 1.0, t_min: Optional[float] = None, t_max: Optional[float] = None,
-                 ot_pairing: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # the network `model(x_t, t, **model_kwargs) -> [batch, *dim]`
+                 interpolant: Union[str, BaseInterpolant] = 'linear',  # 'linear', 'cosine', 'vp' or an interpolant
+                 prediction: str = 'velocity',  # the regression target: 'velocity', 'noise' or 'score'
+                 time_sampler: Union[str, Callable] = 'uniform',  # 'uniform', 'logit_normal' or a callable `(n, *, device, dtype, generator) -> [n]` in [0, 1)
+                 logit_normal_loc: float = 0.0,  # logit-normal time sampler: location
+                 logit_normal_scale: float = 1.0,  # logit-normal time sampler: scale
+                 t_min: Optional[float] = None,  # smallest training time (default: the interpolant's safe interval)
+                 t_max: Optional[float] = None,  # largest training time (default: the interpolant's safe interval)
+                 ot_pairing: bool = False,  # pair noise and data by minibatch optimal transport (exact assignment)
+                 dtype: Optional[torch.dtype] = None,  # the loss's dtype for `.to()`; times and noise follow the batch
+                 device: Union[str, torch.device, None] = None):  # the loss's device for `.to()`; times and noise follow the batch
         super().__init__(model, interpolant, time_sampler, logit_normal_loc, logit_normal_scale, t_min, t_max,
                          ot_pairing, dtype, device)
         self.prediction = check_choice('prediction', prediction, self.PREDICTIONS)
@@ -198,13 +205,21 @@ class EquilibriumField(nn.Module):
 # %% ../../nbs/23_flow_losses.ipynb #0f95a172
 class EquilibriumMatchingLoss(InterpolantLoss):
     "Equilibrium matching: regress the time-invariant field on $-u_t\\,c(t)$ (data-to-noise, vanishing on the data)."
-    def __init__(self, model, interpolant: Union[str, BaseInterpolant] = 'linear',
-                 energy_parametrization: Union[bool, str] = False, time_invariant: bool = True,
-                 decay_threshold: float = 0.8, gradient_scale: float = 4.0,
-                 time_sampler: Union[str, Callable] = 'uniform', logit_normal_loc: float = 0.0,
-                 logit_normal_scale: float = 1.0, t_min: Optional[float] = None, t_max: Optional[float] = None,
-                 ot_pairing: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # the network `model(x, t, **model_kwargs) -> [batch, *dim]`: the field itself, or net(x) of an energy
+                 interpolant: Union[str, BaseInterpolant] = 'linear',  # 'linear', 'cosine', 'vp' or an interpolant
+                 energy_parametrization: Union[bool, str] = False,  # False, or the field as the gradient of <x, net(x)> ('dot') or -|net(x)|^2/2 ('l2')
+                 time_invariant: bool = True,  # call the model with t = 0 (EqM's time-free field)
+                 decay_threshold: float = 0.8,  # a in c(t) = lambda min(1, (1 - t) / (1 - a))
+                 gradient_scale: float = 4.0,  # lambda in c(t)
+                 time_sampler: Union[str, Callable] = 'uniform',  # 'uniform', 'logit_normal' or a callable `(n, *, device, dtype, generator) -> [n]` in [0, 1)
+                 logit_normal_loc: float = 0.0,  # logit-normal time sampler: location
+                 logit_normal_scale: float = 1.0,  # logit-normal time sampler: scale
+                 t_min: Optional[float] = None,  # smallest training time (default: the interpolant's safe interval)
+                 t_max: Optional[float] = None,  # largest training time (default: the interpolant's safe interval)
+                 ot_pairing: bool = False,  # pair noise and data by minibatch optimal transport (exact assignment)
+                 dtype: Optional[torch.dtype] = None,  # the loss's dtype for `.to()`; times and noise follow the batch
+                 device: Union[str, torch.device, None] = None):  # the loss's device for `.to()`; times and noise follow the batch
         super().__init__(model, interpolant, time_sampler, logit_normal_loc, logit_normal_scale, t_min, t_max,
                          ot_pairing, dtype, device)
         check_positive('gradient_scale', gradient_scale)

@@ -46,11 +46,19 @@ def _resolve_flow_integrator(integrator, mode: str) -> BaseIntegrator:
 # %% ../../nbs/17_flow_sampler.ipynb #6022168d
 class FlowSampler(BaseSampler):
     "Integrate a flow / diffusion / EqM model `model(x, t) -> [batch, *dim]` from noise (t=0) to data (t=1)."
-    def __init__(self, model=None, interpolant: Union[str, BaseInterpolant] = 'linear', prediction: str = 'velocity',
-                 mode: str = 'ode', integrator: Union[str, BaseIntegrator] = 'heun', negate_velocity: bool = False,
-                 diffusion_scale: float = 1.0, diffusion_form: str = 'sigma', t_eps: float = 1e-3,
-                 n_steps: int = 100, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model=None,  # the network `model(x, t, **model_kwargs) -> [batch, *dim]`
+                 interpolant: Union[str, BaseInterpolant] = 'linear',  # 'linear', 'cosine', 'vp' or an interpolant
+                 prediction: str = 'velocity',  # what the model predicts: 'velocity', 'score' or 'noise'
+                 mode: str = 'ode',  # 'ode' (probability flow, deterministic) or 'sde' (adds noise, needs 'euler'/'heun')
+                 integrator: Union[str, BaseIntegrator] = 'heun',  # 'euler', 'heun', 'rk4', 'dopri5' or an integrator
+                 negate_velocity: bool = False,  # flip a field trained with the opposite sign (EqM: data-to-noise)
+                 diffusion_scale: float = 1.0,  # SDE mode: multiplier of the diffusion D(t)
+                 diffusion_form: str = 'sigma',  # SDE mode: D(t) = scale * sigma(t) ('sigma') or constant ('constant')
+                 t_eps: float = 1e-3,  # distance kept from t = 0 and 1 where score/noise conversions divide by 0
+                 n_steps: int = 100,  # default number of steps of `sample`
+                 dtype: Optional[torch.dtype] = None,  # dtype of samples drawn from noise (default: the model's)
+                 device: Union[str, torch.device, None] = None):  # device of samples drawn from noise
         super().__init__(model, dtype=dtype, device=device)
         self.interpolant = get_interpolant(interpolant)
         self.prediction = check_choice('prediction', prediction, PREDICTIONS)

@@ -57,12 +57,24 @@ class RunningVariance:
 # %% ../../nbs/14_hmc.ipynb #7b8637f3
 class HamiltonianMonteCarlo(MCMCSampler):
     "HMC with `n_leapfrog_steps` leapfrog steps per proposal, Metropolis correction and optional warm-up adaptation."
-    def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 0.1, n_leapfrog_steps: int = 10,
-                 mass: Union[None, float, torch.Tensor, MassMatrix] = None, n_steps: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, use_kernels: bool = True,
-                 adapt_step_size: bool = False, adapt_mass: bool = False, target_accept: float = 0.65,
-                 n_adapt_steps: Optional[int] = None, adapt_per_chain: bool = False, nan_policy: str = 'warn',
-                 compile: Union[bool, Dict[str, Any]] = False):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
+                 step_size: Union[float, BaseScheduler] = 0.1,  # leapfrog step size > 0, or a scheduler
+                 n_leapfrog_steps: int = 10,  # leapfrog steps per proposal
+                 mass: Union[None, float, torch.Tensor, MassMatrix] = None,  # scalar, diagonal `[*dim]` or dense mass (default 1)
+                 n_steps: Optional[int] = None,  # deprecated default for `sample(n_steps=)`
+                 dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
+                 device=None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None,  # deprecated name of `model`
+                 use_kernels: bool = True,  # use the fused compiled kernels when the model has one
+                 adapt_step_size: bool = False,  # dual-averaging warm-up of the step size toward `target_accept`
+                 adapt_mass: bool = False,  # estimate a diagonal mass from the warm-up samples (windowed)
+                 target_accept: float = 0.65,  # target acceptance rate of the step-size adaptation
+                 n_adapt_steps: Optional[int] = None,  # warm-up length (default: half of the steps)
+                 adapt_per_chain: bool = False,  # one adapted step size per chain instead of a shared one
+                 nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
                          nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
