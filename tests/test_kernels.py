@@ -454,3 +454,24 @@ def test_cuda_diagnostics(ext):
     _, traj, diag = fused_langevin(DoubleWellModel().cuda(), x, step_sizes=steps(20, .01), noise_scales=steps(20, 1.),
                                    thin=5, return_trajectory=True, return_diagnostics=True, seed=0)
     assert traj.shape == (100, 4, 2) and diag['mean'].is_cuda and torch.allclose(diag['mean'], traj.mean(0))
+
+
+ALLOCATOR_PROBE = '''
+import os, sys, torch
+import torchebm.cuda as tc
+def resident(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+if sys.argv[1] == 'tuned': assert tc.tune_cpu_allocator() is True
+x = torch.ones(16 << 20)  # 64 MiB, written, so resident
+held = resident(); del x
+print((held - resident()) >> 20)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
+def test_tune_cpu_allocator_keeps_freed_memory():
+    "Default glibc returns a freed 64 MiB tensor to the OS; after tune_cpu_allocator() it stays for reuse."
+    def released_mib(mode):
+        out = subprocess.run([sys.executable, '-c', ALLOCATOR_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+    assert released_mib('default') >= 60
+    assert released_mib('tuned') <= 4
