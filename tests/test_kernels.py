@@ -4,6 +4,7 @@ cache hit in a second process)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -475,3 +476,25 @@ def test_tune_cpu_allocator_keeps_freed_memory():
         return int(out.stdout.split()[-1])
     assert released_mib('default') >= 60
     assert released_mib('tuned') <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which('nvcc') is None, reason='needs the CUDA compiler (nvcc)')
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """The CUDA twins compile (device code for sm_80, no warnings from our source) against this torch's headers,
+    also on a machine without a GPU. A CPU build of torch lacks one generated CUDA header, supplied here."""
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+    from torchebm.cuda.kernels import _CUDA_SOURCE
+    shim = tmp_path / 'shim' / 'c10' / 'cuda' / 'impl'
+    shim.mkdir(parents=True)
+    (shim / 'cuda_cmake_macros.h').write_text('#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n')
+    source = tmp_path / 'kernels.cu'
+    source.write_text(_CUDA_SOURCE)
+    includes = [f'-I{tmp_path / "shim"}', *(f'-I{p}' for p in include_paths()), f'-I{sysconfig.get_paths()["include"]}']
+    cmd = ['nvcc', '-c', str(source), '-o', str(tmp_path / 'kernels.o'), '-std=c++17', '-O3', *includes,
+           '-DTORCH_EXTENSION_NAME=tebm_check', '-D_GLIBCXX_USE_CXX11_ABI=1', '-gencode=arch=compute_80,code=sm_80']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = [line for line in out.stderr.splitlines() if str(source) in line]
+    assert not ours, '\n'.join(ours)
