@@ -1,15 +1,18 @@
-"""FlowSampler overhead against a hand-written loop in the same process (issue 7, rows W8a/W8b).
+"""Sampler overhead against hand-written loops in the same process (issue 7: flow rows W8a/W8b and the per-step
+overhead of the generic Langevin step on a neural energy with 100 chains).
 
 On a shared VM the speed of the W8 network (MLP 3-128-128-2, 4096 samples) changes by up to 2x between processes
 (memory placement), which swamps a cross-process comparison of two libraries. Here every worker times the library's
 `FlowSampler` and a plain Euler/Heun loop over the same network, interleaved, so the ratio `library / plain loop`
-is measured under one placement. A second row uses a trivial field on 100 samples, where only the per-step Python
-and dispatch cost is left. Each library runs in its own interpreter (both are packages named `torchebm`).
+is measured under one placement. A trivial field on 100 samples leaves only the sampler's per-step Python and
+dispatch cost. The Langevin row runs `LangevinDynamics` on a small MLP energy (2-32-1, 100 chains, 1000 steps, no
+fused kernel) against a plain autograd loop. Each library runs in its own interpreter (both are packages named
+`torchebm`).
 
-    python benchmarks/bench_flow_overhead.py                  # this checkout vs TorchEBM 0.8.9 (.venv089)
-    python benchmarks/bench_flow_overhead.py --procs 8 --threads 1
+    python benchmarks/bench_overhead.py                  # this checkout vs TorchEBM 0.8.9 (.venv089)
+    python benchmarks/bench_overhead.py --procs 8 --threads 1
 
-Writes benchmarks/results/flow_overhead.{json,md}.
+Writes benchmarks/results/overhead.{json,md}.
 """
 import argparse
 import json
@@ -27,7 +30,8 @@ import json, statistics, sys, time, torch
 from torch import nn
 threads, reps, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(threads)
-from torchebm.samplers import FlowSampler
+from torchebm.core import BaseModel
+from torchebm.samplers import FlowSampler, LangevinDynamics
 
 def mlp(seed):
     g = torch.Generator().manual_seed(seed)
@@ -71,6 +75,29 @@ for row, field, n_samples in (('mlp', Velocity(), 4096), ('trivial', Trivial(), 
             for k in (('library', 'plain') if r % 2 == 0 else ('plain', 'library')):
                 t0 = time.perf_counter(); runs[k](); times[k].append(time.perf_counter() - t0)
         out[f'{row}/{integrator}'] = {k: statistics.median(v) for k, v in times.items()}
+class SmallEnergy(BaseModel):
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.SiLU(), nn.Linear(32, 1))
+    def forward(self, x): return self.net(x).squeeze(-1)
+
+def plain_langevin(model, x, n, h=0.01):
+    for _ in range(n):
+        xr = x.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(model(xr).sum(), xr)
+        x = x.detach() - h * grad + (2 * h) ** 0.5 * torch.randn_like(x)
+    return x
+
+energy, x0 = SmallEnergy(), torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+kw = dict(step_size=0.01, noise_scale=1.0, **({'device': 'cpu'} if which == 'torchebm089' else {}))
+langevin = LangevinDynamics(energy, **kw)
+runs = {'library': lambda: langevin.sample(x=x0.clone(), n_steps=1000), 'plain': lambda: plain_langevin(energy, x0.clone(), 1000)}
+for f in runs.values(): f()
+times = {k: [] for k in runs}
+for r in range(reps):
+    for k in (('library', 'plain') if r % 2 == 0 else ('plain', 'library')):
+        t0 = time.perf_counter(); runs[k](); times[k].append(time.perf_counter() - t0)
+out['langevin-mlp-100/ula'] = {k: statistics.median(v) for k, v in times.items()}
 print(json.dumps(out))
 '''
 
@@ -100,7 +127,7 @@ def summarise(results):
 
 
 def markdown(table, meta):
-    lines = [f"Flow sampling overhead, {meta['procs']} processes per library, {meta['threads']} thread(s), "
+    lines = [f"Sampler overhead, {meta['procs']} processes per library, {meta['threads']} thread(s), "
              f"{meta['reps']} interleaved repetitions per process; `ratio` = library time / plain loop time in the "
              "same process (median over processes, range in brackets).", '',
              '| row | participant | library s | plain loop s | ratio |', '|---|---|---|---|---|']
@@ -117,7 +144,7 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--reps', type=int, default=6)
     ap.add_argument('--old-venv', default=os.environ.get('OLD_VENV', str(ROOT / '.venv089')))
-    ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'flow_overhead'))
+    ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'overhead'))
     opts = ap.parse_args()
     participants = {'torchebm': sys.executable}  # this checkout, installed in the running venv
     old_python = Path(opts.old_venv) / 'bin' / 'python'
