@@ -45,8 +45,11 @@ def as_time_batch(t, batch: int, like: torch.Tensor) -> torch.Tensor:
 # %% ../../nbs/32_components.ipynb #3bc76e1c
 class MLPTimestepEmbedder(nn.Module):
     "Sinusoidal features of `t: [batch]` followed by Linear-SiLU-Linear: `[batch] -> [batch, out_dim]`."
-    def __init__(self, out_dim: int, frequency_embedding_size: int = 256, max_period: float = 10000.0,
-                 time_scale: float = 1.0):
+    def __init__(self,
+                 out_dim: int,  # width of the output embedding `[batch, out_dim]`
+                 frequency_embedding_size: int = 256,  # number of sinusoidal features fed to the MLP (>= 2)
+                 max_period: float = 10000.0,  # longest period of the sinusoids (> 0)
+                 time_scale: float = 1.0):  # factor applied to `t` before the sinusoids, e.g. 1000 for `t` in [0, 1]
         super().__init__()
         check_nonnegative_int('out_dim', out_dim, minimum=1)
         check_nonnegative_int('frequency_embedding_size', frequency_embedding_size, minimum=2)
@@ -63,7 +66,11 @@ class MLPTimestepEmbedder(nn.Module):
 # %% ../../nbs/32_components.ipynb #46f7f019
 class LabelEmbedder(nn.Module):
     "Embedding table for class labels `[batch] -> [batch, out_dim]` with an optional null label `num_classes` for CFG."
-    def __init__(self, num_classes: int, out_dim: int, dropout_prob: float = 0.0, null_token: Optional[bool] = None):
+    def __init__(self,
+                 num_classes: int,  # number of real classes; labels are `0 .. num_classes-1`
+                 out_dim: int,  # width of the embedding `[batch, out_dim]`
+                 dropout_prob: float = 0.0,  # training: chance in [0, 1] a label becomes the null label (for CFG)
+                 null_token: Optional[bool] = None):  # add the null label `num_classes` (None: only if `dropout_prob` > 0)
         super().__init__()
         check_nonnegative_int('num_classes', num_classes, minimum=1)
         check_nonnegative_int('out_dim', out_dim, minimum=1)
@@ -99,8 +106,13 @@ class LabelEmbedder(nn.Module):
 # %% ../../nbs/32_components.ipynb #a694c726
 class ConditionEmbedder(nn.Module):
     "Sum of the embeddings of time `t: [batch]`, labels `y: [batch]` and a raw `cond: [batch, cond_dim]`."
-    def __init__(self, cond_dim: int, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0,
-                 frequency_embedding_size: int = 256, time_scale: float = 1.0, time_embedding: bool = True):
+    def __init__(self,
+                 cond_dim: int,  # width of the conditioning vector `[batch, cond_dim]`
+                 num_classes: Optional[int] = None,  # number of class labels (None: no label embedding); adds null label
+                 class_dropout_prob: float = 0.0,  # training: chance a label becomes the null label; needs `num_classes`
+                 frequency_embedding_size: int = 256,  # number of sinusoidal features of the time embedding
+                 time_scale: float = 1.0,  # factor applied to `t` before the sinusoidal embedding (> 0)
+                 time_embedding: bool = True):  # build the time embedder (False: passing `t` raises)
         super().__init__()
         check_nonnegative_int('cond_dim', cond_dim, minimum=1)
         if class_dropout_prob and num_classes is None:
@@ -168,7 +180,10 @@ def unpatchify2d(tokens: torch.Tensor, patch_size: int, out_channels: int,
 
 class ConvPatchEmbed2d(nn.Module):
     "Patch embedding by a `p x p` convolution with stride `p`: `[B, C, H, W] -> [B, N, embed_dim]`."
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+    def __init__(self,
+                 in_channels: int,  # channels `C` of the input images `[B, C, H, W]`
+                 embed_dim: int,  # width of each patch token
+                 patch_size: int):  # patch side `p` (kernel size and stride of the convolution)
         super().__init__()
         for name, v in (('in_channels', in_channels), ('embed_dim', embed_dim), ('patch_size', patch_size)):
             check_nonnegative_int(name, v, minimum=1)
@@ -204,7 +219,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class MultiheadSelfAttention(nn.Module):
     "Multi-head self-attention `[B, N, D] -> [B, N, D]` with a fused QKV projection and `scaled_dot_product_attention`."
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+    def __init__(self,
+                 embed_dim: int,  # token width `D`; must be divisible by `num_heads`
+                 num_heads: int,  # number of attention heads
+                 dropout: float = 0.0):  # dropout probability on the attention weights (training only)
         super().__init__()
         check_nonnegative_int('embed_dim', embed_dim, minimum=1); check_nonnegative_int('num_heads', num_heads, minimum=1)
         if embed_dim % num_heads:
@@ -221,8 +239,11 @@ class MultiheadSelfAttention(nn.Module):
 
 class FeedForward(nn.Module):
     "Position-wise MLP `D -> mlp_ratio*D -> D` (tanh-GELU by default, as in DiT)."
-    def __init__(self, embed_dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 act_layer: Optional[Callable[[], nn.Module]] = None):
+    def __init__(self,
+                 embed_dim: int,  # input and output width `D`
+                 mlp_ratio: float = 4.0,  # hidden width as a multiple of `embed_dim` (> 0)
+                 dropout: float = 0.0,  # dropout probability after the activation
+                 act_layer: Optional[Callable[[], nn.Module]] = None):  # activation class, e.g. `nn.SiLU` (None: tanh GELU)
         super().__init__()
         check_positive('mlp_ratio', mlp_ratio)
         hidden = max(1, int(embed_dim * mlp_ratio))
@@ -245,8 +266,13 @@ def _xavier_init(module: nn.Module) -> None:
 
 class AdaLNZeroBlock(nn.Module):
     "DiT block: attention and MLP branches modulated and gated by `cond: [B, cond_dim]`; the identity at init."
-    def __init__(self, embed_dim: int, num_heads: int, cond_dim: Optional[int] = None, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, eps: float = 1e-6):
+    def __init__(self,
+                 embed_dim: int,  # token width `D` of `x: [B, N, D]`; divisible by `num_heads`
+                 num_heads: int,  # number of attention heads
+                 cond_dim: Optional[int] = None,  # width of `cond: [B, cond_dim]` (None: `embed_dim`)
+                 mlp_ratio: float = 4.0,  # hidden width of the MLP as a multiple of `embed_dim`
+                 dropout: float = 0.0,  # dropout probability in the attention and the MLP
+                 eps: float = 1e-6):  # epsilon of the (affine-free) LayerNorms
         super().__init__()
         cond_dim = embed_dim if cond_dim is None else cond_dim
         self.norm1 = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=eps)
@@ -263,8 +289,12 @@ class AdaLNZeroBlock(nn.Module):
 
 class AdaLNZeroMLPBlock(nn.Module):
     "The MLP branch of a DiT block on a vector stream `[B, D]`, modulated and gated by `cond`; the identity at init."
-    def __init__(self, embed_dim: int, cond_dim: Optional[int] = None, mlp_ratio: float = 4.0,
-                 act_layer: Optional[Callable[[], nn.Module]] = None, eps: float = 1e-6):
+    def __init__(self,
+                 embed_dim: int,  # width `D` of the stream `x: [B, D]`
+                 cond_dim: Optional[int] = None,  # width of `cond: [B, cond_dim]` (None: `embed_dim`)
+                 mlp_ratio: float = 4.0,  # hidden width of the MLP as a multiple of `embed_dim`
+                 act_layer: Optional[Callable[[], nn.Module]] = None,  # activation factory (None: tanh-GELU)
+                 eps: float = 1e-6):  # epsilon of the (affine-free) LayerNorm
         super().__init__()
         cond_dim = embed_dim if cond_dim is None else cond_dim
         self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=eps)
@@ -279,7 +309,11 @@ class AdaLNZeroMLPBlock(nn.Module):
 # %% ../../nbs/32_components.ipynb #437ac699
 class AdaLNZeroLinearHead(nn.Module):
     "Final adaLN-Zero layer on a vector stream: `[B, D] -> [B, out_dim]`, exactly zero at init."
-    def __init__(self, embed_dim: int, out_dim: int, cond_dim: Optional[int] = None, eps: float = 1e-6):
+    def __init__(self,
+                 embed_dim: int,  # width `D` of the input `[B, D]` (or tokens `[B, N, D]`)
+                 out_dim: int,  # width of the output
+                 cond_dim: Optional[int] = None,  # width of `cond: [B, cond_dim]` (None: `embed_dim`)
+                 eps: float = 1e-6):  # epsilon of the (affine-free) LayerNorm
         super().__init__()
         cond_dim = embed_dim if cond_dim is None else cond_dim
         self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=eps)
@@ -292,8 +326,13 @@ class AdaLNZeroLinearHead(nn.Module):
 
 class AdaLNZeroPatchHead(AdaLNZeroLinearHead):
     "Final DiT layer: tokens `[B, N, D]` to images `[B, out_channels, H, W]`, exactly zero at init."
-    def __init__(self, embed_dim: int, patch_size: int, out_channels: int, grid_size: Union[int, Tuple[int, int]],
-                 cond_dim: Optional[int] = None, eps: float = 1e-6):
+    def __init__(self,
+                 embed_dim: int,  # token width `D` of `tokens: [B, N, D]`
+                 patch_size: int,  # patch side `p`; each token becomes a `p x p` patch
+                 out_channels: int,  # channels of the output images
+                 grid_size: Union[int, Tuple[int, int]],  # token grid `(gh, gw)` with `N = gh*gw` (an int: square)
+                 cond_dim: Optional[int] = None,  # width of `cond: [B, cond_dim]` (None: `embed_dim`)
+                 eps: float = 1e-6):  # epsilon of the (affine-free) LayerNorm
         super().__init__(embed_dim, patch_size * patch_size * out_channels, cond_dim, eps)
         self.patch_size, self.out_channels, self.grid_size = patch_size, out_channels, _grid(grid_size)
 

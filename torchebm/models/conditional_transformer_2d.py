@@ -18,11 +18,21 @@ from .components import (AdaLNZeroBlock, AdaLNZeroPatchHead, ConditionEmbedder, 
 # %% ../../nbs/33_transformer.ipynb #86f95775
 class ConditionalTransformer2D(nn.Module):
     "DiT backbone: `x: [B, in_channels, H, W]`, condition -> `[B, out_channels, H, W]`; exactly zero at init."
-    def __init__(self, in_channels: int, out_channels: Optional[int] = None,
-                 input_size: Union[int, Tuple[int, int]] = 32, patch_size: int = 2, embed_dim: int = 384,
-                 depth: int = 12, num_heads: int = 6, cond_dim: Optional[int] = None,
-                 num_classes: Optional[int] = None, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 dropout: float = 0.0, use_sincos_pos_embed: bool = True, time_scale: float = 1.0):
+    def __init__(self,
+                 in_channels: int,  # channels `C` of the input images `[B, C, H, W]`
+                 out_channels: Optional[int] = None,  # channels of the output (None: `in_channels`)
+                 input_size: Union[int, Tuple[int, int]] = 32,  # image side (square) or `(H, W)`, divisible by `patch_size`
+                 patch_size: int = 2,  # patch side `p`; the transformer sees `(H/p)(W/p)` tokens
+                 embed_dim: int = 384,  # token width; divisible by `num_heads` (and by 4 for sin-cos positions)
+                 depth: int = 12,  # number of adaLN-Zero transformer blocks
+                 num_heads: int = 6,  # number of attention heads
+                 cond_dim: Optional[int] = None,  # width of the conditioning vector (None: `embed_dim`)
+                 num_classes: Optional[int] = None,  # number of class labels `y` (None: no labels); adds null label
+                 mlp_ratio: float = 4.0,  # hidden width of each block's MLP as a multiple of `embed_dim`
+                 class_dropout_prob: float = 0.1,  # training: chance a label becomes the null label (ignored without labels)
+                 dropout: float = 0.0,  # dropout probability in the attention and MLPs
+                 use_sincos_pos_embed: bool = True,  # fixed 2-D sin-cos positions (False: no positional embedding)
+                 time_scale: float = 1.0):  # factor applied to `t` before the sinusoidal embedding (> 0)
         super().__init__()
         for name, v in (('in_channels', in_channels), ('patch_size', patch_size), ('embed_dim', embed_dim),
                         ('depth', depth), ('num_heads', num_heads)):

@@ -18,9 +18,13 @@ from .components import (AdaLNZeroLinearHead, AdaLNZeroMLPBlock, ConditionEmbedd
 # %% ../../nbs/31_models.ipynb #24759812
 class MLPEnergy(EnergyModel):
     "A scalar energy network `x: [batch, input_dim] -> [batch]`: `EnergyModel(MLP(input_dim, hidden_dims, 1))`."
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (128, 128),
-                 activation: Union[str, type] = 'silu', spectral_norm: bool = False,
-                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 input_dim: int,  # data dimension `D` of `x: [batch, D]`
+                 hidden_dims: Sequence[int] = (128, 128),  # widths of the hidden layers, in order
+                 activation: Union[str, type] = 'silu',  # 'silu', 'relu', 'tanh', 'gelu', ... or an `nn.Module` class
+                 spectral_norm: bool = False,  # wrap every Linear layer in spectral normalisation
+                 dtype: Optional[torch.dtype] = None,  # dtype of the parameters (default: torch's default dtype)
+                 device: Union[str, torch.device, None] = None):  # device of the parameters (default: CPU)
         if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence):
             raise TypeError(f"hidden_dims must be a sequence of ints, got {hidden_dims!r}")
         network = MLP(input_dim, tuple(hidden_dims), 1, activation=activation, spectral_norm=spectral_norm)
@@ -37,10 +41,18 @@ class MLPEnergy(EnergyModel):
 # %% ../../nbs/31_models.ipynb #5a2236de
 class TimeConditionedMLP(nn.Module):
     "A conditioned residual MLP `model(x: [batch, input_dim], t: [batch], y=None) -> [batch, output_dim]`, zero at init."
-    def __init__(self, input_dim: int, output_dim: Optional[int] = None, hidden_dim: int = 256, depth: int = 3,
-                 mlp_ratio: float = 2.0, activation: Union[str, type] = 'silu',
-                 cond_dim: Optional[int] = None, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0,
-                 time_conditioned: bool = True, time_scale: float = 1.0):
+    def __init__(self,
+                 input_dim: int,  # data dimension of `x: [batch, input_dim]`
+                 output_dim: Optional[int] = None,  # width of the output (None: `input_dim`, a vector field)
+                 hidden_dim: int = 256,  # width of the residual stream
+                 depth: int = 3,  # number of adaLN-Zero MLP blocks (>= 1)
+                 mlp_ratio: float = 2.0,  # hidden width of each block's MLP, as a multiple of `hidden_dim` (> 0)
+                 activation: Union[str, type] = 'silu',  # 'silu', 'relu', 'tanh', 'gelu', ... or an `nn.Module` class
+                 cond_dim: Optional[int] = None,  # width of the conditioning vector (None: `hidden_dim`)
+                 num_classes: Optional[int] = None,  # number of class labels `y` (None: no labels); adds null label
+                 class_dropout_prob: float = 0.0,  # training: chance a label becomes the null label (CFG)
+                 time_conditioned: bool = True,  # False: a time-invariant field `model(x)` (any `t` is ignored)
+                 time_scale: float = 1.0):  # factor applied to `t` before the sinusoidal embedding (> 0)
         super().__init__()
         for name, v in (('input_dim', input_dim), ('hidden_dim', hidden_dim), ('depth', depth)):
             check_nonnegative_int(name, v, minimum=1)

@@ -24,8 +24,11 @@ def _batch_double(value, batch: int):
 
 class ClassifierFreeGuidance(BaseModel):
     "Guided model `u + w (c - u)` from one doubled-batch call of a conditional field `model(x, t, y=)` or energy `model(x, y=)`."
-    def __init__(self, model: nn.Module, guidance_scale: float, null_label: Union[int, torch.Tensor, None] = None,
-                 y: Union[int, torch.Tensor, None] = None):
+    def __init__(self,
+                 model: nn.Module,  # conditional field `model(x, t, y=)` or energy `model(x, y=)`
+                 guidance_scale: float,  # guidance weight `w` (finite): 1 = conditional, 0 = unconditional
+                 null_label: Union[int, torch.Tensor, None] = None,  # label id meaning 'no class' (None: `model.null_label`)
+                 y: Union[int, torch.Tensor, None] = None):  # labels when `forward` gets none: an int or `[batch]`
         super().__init__()
         if not callable(model): raise TypeError(f"model must be a callable module, got {type(model).__name__}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
@@ -70,8 +73,12 @@ class VectorFieldEnergy(BaseModel):
     "Scalar energy `[batch]` built from a vector field `f(x)`: `<x, f(x)>` ('dot'), `-|f(x)|^2/2` ('l2') or `f` as the gradient ('implicit')."
     ENERGY_TYPES = ('dot', 'l2', 'implicit')
 
-    def __init__(self, field: nn.Module, energy_type: str = 'dot', t: Optional[float] = 0.0,
-                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 field: nn.Module,  # vector field `f(x)` or `f(x, t)` returning a tensor shaped like `x`
+                 energy_type: str = 'dot',  # 'dot', 'l2' or 'implicit' (samplers follow `f` as the gradient)
+                 t: Optional[float] = 0.0,  # fixed time the field is called at (None: call `field(x)` without a time)
+                 dtype: Optional[torch.dtype] = None,  # fallback dtype when the field has no parameters
+                 device: Union[str, torch.device, None] = None):  # fallback device when the field has no parameters
         super().__init__(dtype=dtype, device=device)
         if not callable(field): raise TypeError(f"field must be a callable module, got {type(field).__name__}")
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
