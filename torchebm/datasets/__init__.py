@@ -34,8 +34,11 @@ def _check_seed(seed) -> None:
 # %% ../../nbs/30_datasets.ipynb #056b3528
 class SyntheticDataset(Dataset):
     "A seeded sample `[n_samples, 2]` of a 2-D distribution; items are `[2]` tensors."
-    def __init__(self, n_samples: int = 2000, device: Union[str, torch.device, None] = None,
-                 dtype: torch.dtype = torch.float32, seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_nonnegative_int('n_samples', n_samples, minimum=1)
         _check_dtype(dtype)
         self.n_samples, self.dtype = n_samples, dtype
@@ -91,9 +94,14 @@ class _MixtureDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #267a6118
 class GaussianMixtureDataset(_MixtureDataset):
     "`n_components` equal-weight Gaussians with standard deviation `std`, centred evenly on a circle of `radius`."
-    def __init__(self, n_samples: int = 2000, n_components: int = 8, std: float = 0.05, radius: float = 1.0,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 n_components: int = 8,  # number of equal-weight Gaussians, >= 1
+                 std: float = 0.05,  # standard deviation of each Gaussian, >= 0 (0: points on the centres, no `log_prob`)
+                 radius: float = 1.0,  # radius > 0 of the circle the centres lie on
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_nonnegative_int('n_components', n_components, minimum=1)
         _check_nonnegative('std', std); check_positive('radius', radius)
         self.n_components, self.std, self.radius = n_components, std, radius
@@ -105,9 +113,13 @@ class GaussianMixtureDataset(_MixtureDataset):
 # %% ../../nbs/30_datasets.ipynb #c54c2f41
 class EightGaussiansDataset(_MixtureDataset):
     "Eight equal-weight Gaussians with standard deviation `std` at the compass points of a circle of radius `scale`."
-    def __init__(self, n_samples: int = 2000, std: float = 0.02, scale: float = 2.0,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 std: float = 0.02,  # standard deviation of each Gaussian, >= 0 (0: points on the centres, no `log_prob`)
+                 scale: float = 2.0,  # radius > 0 of the circle the eight centres lie on
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         _check_nonnegative('std', std); check_positive('scale', scale)
         self.std, self.scale = std, scale
         self.centers = _ring_centers(8, scale)
@@ -118,9 +130,14 @@ class EightGaussiansDataset(_MixtureDataset):
 # %% ../../nbs/30_datasets.ipynb #b0790854
 class GridDataset(_MixtureDataset):
     "Equal-weight Gaussians (standard deviation `std`) on a `grid_size` x `grid_size` grid spanning `[-range_limit, range_limit]^2`."
-    def __init__(self, n_samples: int = 2000, grid_size: int = 5, range_limit: float = 2.0, std: float = 0.05,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 grid_size: int = 5,  # centres per side, >= 1 (1: a single Gaussian at the origin)
+                 range_limit: float = 2.0,  # outermost centres sit at +-range_limit on each axis, > 0
+                 std: float = 0.05,  # standard deviation of each Gaussian, >= 0 (0: points on the centres, no `log_prob`)
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_nonnegative_int('grid_size', grid_size, minimum=1)
         check_positive('range_limit', range_limit); _check_nonnegative('std', std)
         self.grid_size, self.range_limit, self.std = grid_size, range_limit, std
@@ -135,9 +152,12 @@ class GridDataset(_MixtureDataset):
 # %% ../../nbs/30_datasets.ipynb #d0656a73
 class TwoMoonsDataset(SyntheticDataset):
     "Two interleaving half circles with isotropic Gaussian noise of standard deviation `noise`."
-    def __init__(self, n_samples: int = 2000, noise: float = 0.05,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 noise: float = 0.05,  # standard deviation of the isotropic Gaussian noise, >= 0
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         _check_nonnegative('noise', noise)
         self.noise = noise
         super().__init__(n_samples, device=device, dtype=dtype, seed=seed)
@@ -155,9 +175,13 @@ class TwoMoonsDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #9b91e471
 class CircleDataset(SyntheticDataset):
     "Points at a uniform angle on a circle of `radius`, with Gaussian noise of standard deviation `noise`."
-    def __init__(self, n_samples: int = 2000, noise: float = 0.05, radius: float = 1.0,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 noise: float = 0.05,  # standard deviation of the isotropic Gaussian noise, >= 0
+                 radius: float = 1.0,  # radius of the circle, > 0
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         _check_nonnegative('noise', noise); check_positive('radius', radius)
         self.noise, self.radius = noise, radius
         super().__init__(n_samples, device=device, dtype=dtype, seed=seed)
@@ -172,9 +196,14 @@ class CircleDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #d9cb735e
 class SwissRollDataset(SyntheticDataset):
     "A 2-D swiss roll: `t (cos t, sin t)` for `t` uniform in `[pi a, 3 pi a]` (a = `arclength`), scaled to outer radius `radius`."
-    def __init__(self, n_samples: int = 2000, noise: float = 0.05, arclength: float = 1.5, radius: float = 2.5,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 noise: float = 0.05,  # standard deviation of the isotropic Gaussian noise, >= 0
+                 arclength: float = 1.5,  # a > 0: t is uniform in `[pi a, 3 pi a]`, so the roll makes a turns
+                 radius: float = 2.5,  # outer radius of the roll (before noise), > 0
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         _check_nonnegative('noise', noise); check_positive('arclength', arclength); check_positive('radius', radius)
         self.noise, self.arclength, self.radius = noise, arclength, radius
         super().__init__(n_samples, device=device, dtype=dtype, seed=seed)
@@ -190,9 +219,15 @@ class SwissRollDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #c2838cae
 class SpiralDataset(SyntheticDataset):
     "`n_arms` interleaved Archimedean spirals of `turns` turns reaching `radius`, uniform along the arc, plus noise."
-    def __init__(self, n_samples: int = 2000, n_arms: int = 2, turns: float = 1.5, radius: float = 2.5,
-                 noise: float = 0.05, device: Union[str, torch.device, None] = None,
-                 dtype: torch.dtype = torch.float32, seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 n_arms: int = 2,  # number of spiral arms, evenly rotated, >= 1
+                 turns: float = 1.5,  # turns each arm makes from the centre to `radius`, > 0
+                 radius: float = 2.5,  # outer radius of the arms (before noise), > 0
+                 noise: float = 0.05,  # standard deviation of the isotropic Gaussian noise, >= 0
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_nonnegative_int('n_arms', n_arms, minimum=1)
         check_positive('turns', turns); check_positive('radius', radius); _check_nonnegative('noise', noise)
         self.n_arms, self.turns, self.radius, self.noise = n_arms, turns, radius, noise
@@ -211,10 +246,16 @@ class SpiralDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #c230ea67
 class PinwheelDataset(SyntheticDataset):
     "`n_classes` curved blades: radius `radial_scale*sqrt(u)`, angle bent by `spiral_scale*sqrt(u)` and jittered by `angular_scale`."
-    def __init__(self, n_samples: int = 2000, n_classes: int = 5, noise: float = 0.05, radial_scale: float = 2.0,
-                 angular_scale: float = 0.1, spiral_scale: float = 5.0,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 n_classes: int = 5,  # number of blades, evenly rotated, >= 1
+                 noise: float = 0.05,  # standard deviation of the isotropic Gaussian noise, >= 0
+                 radial_scale: float = 2.0,  # outer radius of the blades (before noise), > 0
+                 angular_scale: float = 0.1,  # standard deviation of the angular jitter in radians, >= 0 (blade width)
+                 spiral_scale: float = 5.0,  # bend in radians at the outer end of a blade, >= 0 (0: straight blades)
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_nonnegative_int('n_classes', n_classes, minimum=1)
         _check_nonnegative('noise', noise); check_positive('radial_scale', radial_scale)
         _check_nonnegative('angular_scale', angular_scale); _check_nonnegative('spiral_scale', spiral_scale)
@@ -237,9 +278,14 @@ class PinwheelDataset(SyntheticDataset):
 # %% ../../nbs/30_datasets.ipynb #5d8b1c8e
 class CheckerboardDataset(SyntheticDataset):
     "Uniform on the black cells of an `n_cells` x `n_cells` checkerboard over `[-range_limit, range_limit]^2`."
-    def __init__(self, n_samples: int = 2000, range_limit: float = 2.0, n_cells: int = 4, noise: float = 0.0,
-                 device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+    def __init__(self,
+                 n_samples: int = 2000,  # number of points drawn, >= 1
+                 range_limit: float = 2.0,  # the board covers `[-range_limit, range_limit]^2`, > 0
+                 n_cells: int = 4,  # cells per side, >= 2
+                 noise: float = 0.0,  # standard deviation of the isotropic Gaussian noise, >= 0 (0: uniform on the cells)
+                 device: Union[str, torch.device, None] = None,  # device of the stored data (default: CPU)
+                 dtype: torch.dtype = torch.float32,  # floating dtype of the stored data (drawn in float64, then cast)
+                 seed: Optional[int] = None):  # int for a reproducible sample; None draws a fresh seed (kept in `.seed`)
         check_positive('range_limit', range_limit); check_nonnegative_int('n_cells', n_cells, minimum=2)
         _check_nonnegative('noise', noise)
         self.range_limit, self.n_cells, self.noise = range_limit, n_cells, noise
