@@ -102,7 +102,12 @@ class Callback:
 
 class LambdaCallback(Callback):
     "A callback from plain functions: `LambdaCallback(on_step=lambda trainer, logs: ...)`."
-    def __init__(self, on_fit_start=None, on_step=None, on_epoch=None, on_checkpoint=None, on_fit_end=None):
+    def __init__(self,
+                 on_fit_start=None,  # `fn(trainer)` when `fit` starts; None: nothing
+                 on_step=None,  # `fn(trainer, logs)` after each optimiser step (logs: loss, x, negatives, step, ...)
+                 on_epoch=None,  # `fn(trainer, logs)` after each epoch (logs: epoch, step, mean loss, lr)
+                 on_checkpoint=None,  # `fn(trainer, path)` after each checkpoint is written
+                 on_fit_end=None):  # `fn(trainer)` when `fit` ends
         for name, fn in dict(on_fit_start=on_fit_start, on_step=on_step, on_epoch=on_epoch,
                              on_checkpoint=on_checkpoint, on_fit_end=on_fit_end).items():
             if fn is not None:
@@ -111,7 +116,11 @@ class LambdaCallback(Callback):
 
 class EarlyStopping(Callback):
     "Stop when the epoch metric `monitor` has not improved by `min_delta` for `patience` epochs."
-    def __init__(self, monitor: str = 'loss', patience: int = 5, min_delta: float = 0.0, mode: str = 'min'):
+    def __init__(self,
+                 monitor: str = 'loss',  # key of the epoch logs to watch (a missing key raises `KeyError`)
+                 patience: int = 5,  # epochs without improvement before stopping, >= 1
+                 min_delta: float = 0.0,  # smallest change that counts as an improvement, >= 0
+                 mode: str = 'min'):  # 'min' (lower is better) or 'max'
         check_nonnegative_int('patience', patience, minimum=1)
         if min_delta < 0: raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
@@ -489,13 +498,25 @@ _INTERVALS = ('step', 'epoch')
 
 class Trainer(_TrainingLoop, _Checkpointing, _CheckpointState, _BufferMixing, _Logging, _TrainingStep):
     "Fit an energy-based model with `loss_fn` and `optimizer`: `Trainer(model, loss_fn, optimizer).fit(loader, epochs)`."
-    def __init__(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, *, lr_scheduler=None,
-                 scheduler_interval: str = 'epoch', grad_clip: Optional[float] = None,
-                 ema_decay: Optional[float] = None, mixed_precision: Union[bool, str] = False,
-                 callbacks: Sequence[Callback] = (), checkpoint_dir: Union[str, os.PathLike, None] = None,
-                 checkpoint_every: Optional[int] = None, keep_checkpoints: int = 2,
-                 device: Union[str, torch.device, None] = None, seed: Optional[int] = None,
-                 log_every: int = 10, progress: bool = True, mix_buffers_every: Optional[int] = None):
+    def __init__(self,
+                 model: nn.Module,  # the model to train (moved to `device`)
+                 loss_fn,  # `loss_fn(x: [batch, *dim])` -> scalar loss or `(loss, negatives)` (a Module goes to `device`)
+                 optimizer: torch.optim.Optimizer,  # optimiser over the model's parameters
+                 *,
+                 lr_scheduler=None,  # learning-rate scheduler stepped every `scheduler_interval`; None: constant rate
+                 scheduler_interval: str = 'epoch',  # 'epoch' or 'step': when `lr_scheduler.step()` is called
+                 grad_clip: Optional[float] = None,  # clip the total gradient norm to this value > 0; None: no clipping
+                 ema_decay: Optional[float] = None,  # decay in (0, 1) of an EMA of the weights (`ema_model`); None: no EMA
+                 mixed_precision: Union[bool, str] = False,  # True or 'bf16': bf16 autocast; 'fp16': fp16 + GradScaler
+                 callbacks: Sequence[Callback] = (),  # `Callback` instances whose hooks `fit` calls
+                 checkpoint_dir: Union[str, os.PathLike, None] = None,  # folder for automatic checkpoints; None: none
+                 checkpoint_every: Optional[int] = None,  # save every this many steps, >= 1; None: after each epoch
+                 keep_checkpoints: int = 2,  # newest checkpoints kept in `checkpoint_dir`, >= 1
+                 device: Union[str, torch.device, None] = None,  # where to train (default: the model's device, else CPU)
+                 seed: Optional[int] = None,  # seeds torch, NumPy, Python (+ rank); None: unseeded (DDP shares a random one)
+                 log_every: int = 10,  # steps between progress-bar updates and divergence checks, >= 1
+                 progress: bool = True,  # show tqdm progress bars (on rank 0)
+                 mix_buffers_every: Optional[int] = None):  # DDP: mix `loss_fn.replay_buffer` across ranks every n steps
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn): raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
