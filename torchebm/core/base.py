@@ -272,8 +272,12 @@ class ConstantScheduler(BaseScheduler):
 # %% ../../nbs/00_base.ipynb #66ed2fc2
 class BaseSampler(DeviceMixin):
     "Base class of samplers: a model, a scheduler registry and the one `sample(...)` contract."
-    def __init__(self, model=None, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None, *, energy_function=None):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]` (any callable module)
+                 dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
+                 device: Union[str, torch.device, None] = None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None):  # deprecated name of `model`
         super().__init__(device=device, dtype=dtype)
         object.__setattr__(self, 'model', resolve_model(model, energy_function, type(self).__name__))
         self.schedulers: Dict[str, BaseScheduler] = {}

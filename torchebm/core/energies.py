@@ -33,8 +33,11 @@ def _check_points(x: torch.Tensor, owner: str, dim: Optional[int] = None) -> Non
 # %% ../../nbs/02_energies.ipynb #974b1ae3
 class GaussianModel(BaseModel):
     "Multivariate normal energy $\\tfrac12 (x-\\mu)^\\top \\Sigma^{-1} (x-\\mu)$ with mean `[d]` and covariance `[d, d]`."
-    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 mean: torch.Tensor,  # mean `[d]`
+                 cov: torch.Tensor,  # covariance `[d, d]`: symmetric positive definite
+                 dtype: Optional[torch.dtype] = None,  # dtype of the buffers (default: mean/cov's, float32 if integer)
+                 device: Union[str, torch.device, None] = None):  # device of the buffers (default: that of `mean`/`cov`)
         super().__init__(dtype=dtype, device=device)
         mean, cov = torch.as_tensor(mean), torch.as_tensor(cov)
         if mean.ndim != 1: raise ValueError(f"mean must be a 1-D tensor [d], got shape {tuple(mean.shape)}")
@@ -78,8 +81,11 @@ class GaussianModel(BaseModel):
 # %% ../../nbs/02_energies.ipynb #ed28e5b9
 class DoubleWellModel(BaseModel):
     "Double well $h \\sum_i (x_i^2 - b^2)^2$: wells at $x_i = \\pm b$ separated by a barrier of height $h b^4$."
-    def __init__(self, barrier_height: float = 2.0, b: float = 1.0, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 barrier_height: float = 2.0,  # prefactor h > 0 (barrier h b^4 per coordinate)
+                 b: float = 1.0,  # well position: minima at `x_i = +-b`
+                 dtype: Optional[torch.dtype] = None,  # dtype samplers require of inputs (None: any)
+                 device: Union[str, torch.device, None] = None):  # device samplers require inputs on (None: any)
         super().__init__(dtype=dtype, device=device)
         self.barrier_height, self.b = _as_float('barrier_height', barrier_height), _as_float('b', b)
         check_positive('barrier_height', self.barrier_height)
@@ -93,7 +99,10 @@ class DoubleWellModel(BaseModel):
 
 class HarmonicModel(BaseModel):
     "Isotropic harmonic well $\\tfrac k2 \\lVert x \\rVert^2$ (a standard normal for k=1)."
-    def __init__(self, k: float = 1.0, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 k: float = 1.0,  # spring constant k > 0 (1: standard normal)
+                 dtype: Optional[torch.dtype] = None,  # dtype samplers require of inputs (None: any)
+                 device: Union[str, torch.device, None] = None):  # device samplers require inputs on (None: any)
         super().__init__(dtype=dtype, device=device)
         self.k = _as_float('k', k)
         if self.k <= 0: raise ValueError(f"k must be positive, got {k!r}")
@@ -106,8 +115,11 @@ class HarmonicModel(BaseModel):
 
 class RosenbrockModel(BaseModel):
     "Rosenbrock's banana valley $\\sum_{i<d} b (x_{i+1} - x_i^2)^2 + (a - x_i)^2$ (d >= 2)."
-    def __init__(self, a: float = 1.0, b: float = 100.0, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 a: float = 1.0,  # target of each `x_i` in `(a - x_i)^2` (for d = 2 the minimum is at (a, a^2))
+                 b: float = 100.0,  # weight of the valley term `(x_{i+1} - x_i^2)^2` (larger: narrower valley)
+                 dtype: Optional[torch.dtype] = None,  # dtype samplers require of inputs (None: any)
+                 device: Union[str, torch.device, None] = None):  # device samplers require inputs on (None: any)
         super().__init__(dtype=dtype, device=device)
         self.a, self.b = _as_float('a', a), _as_float('b', b)
 
@@ -127,7 +139,10 @@ class RosenbrockModel(BaseModel):
 
 class RastriginModel(BaseModel):
     "Rastrigin's egg crate $a d + \\sum_i x_i^2 - a\\cos(2\\pi x_i)$: many local minima, global minimum 0 at 0."
-    def __init__(self, a: float = 10.0, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 a: float = 10.0,  # amplitude of the cosine ripples (0: a plain quadratic)
+                 dtype: Optional[torch.dtype] = None,  # dtype samplers require of inputs (None: any)
+                 device: Union[str, torch.device, None] = None):  # device samplers require inputs on (None: any)
         super().__init__(dtype=dtype, device=device)
         self.a = _as_float('a', a)
 
@@ -140,8 +155,12 @@ class RastriginModel(BaseModel):
 
 class AckleyModel(BaseModel):
     "Ackley's function: a nearly flat outer region with a deep central hole at 0."
-    def __init__(self, a: float = 20.0, b: float = 0.2, c: float = 2 * math.pi, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 a: float = 20.0,  # depth of the exponential hole `-a exp(-b r)`, r = |x| / sqrt(d)
+                 b: float = 0.2,  # decay rate of the hole with r
+                 c: float = 2 * math.pi,  # angular frequency of the ripples `cos(c x_i)`
+                 dtype: Optional[torch.dtype] = None,  # dtype samplers require of inputs (None: any)
+                 device: Union[str, torch.device, None] = None):  # device samplers require inputs on (None: any)
         super().__init__(dtype=dtype, device=device)
         self.a, self.b, self.c = _as_float('a', a), _as_float('b', b), _as_float('c', c)
 
@@ -202,9 +221,13 @@ class StyblinskiTangModel(BaseModel):
 # %% ../../nbs/02_energies.ipynb #b73a15af
 class CompositeEnergy(BaseModel):
     "Weighted sum $\\sum_k w_k E_k(x)$ of energy models."
-    def __init__(self, energies: Optional[Sequence[nn.Module]] = None, weights: Optional[Sequence[float]] = None,
-                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None, *,
-                 energy_functions: Optional[Sequence[nn.Module]] = None):
+    def __init__(self,
+                 energies: Optional[Sequence[nn.Module]] = None,  # energy models `E_k`, sharing one `dim` (non-empty)
+                 weights: Optional[Sequence[float]] = None,  # one finite weight `w_k` per energy (default: all 1.0)
+                 dtype: Optional[torch.dtype] = None,  # fallback when the parts hold no float tensors (None: any)
+                 device: Union[str, torch.device, None] = None,  # fallback when the parts hold no float tensors (None: any)
+                 *,
+                 energy_functions: Optional[Sequence[nn.Module]] = None):  # deprecated name of `energies`
         super().__init__(dtype=dtype, device=device)
         if energies is not None and energy_functions is not None:
             raise TypeError("CompositeEnergy: pass energies= (or the deprecated energy_functions=), not both")
@@ -252,8 +275,12 @@ def activation_class(activation) -> type:
 
 class MLP(nn.Sequential):
     "Multilayer perceptron `input_dim -> hidden_dims... -> output_dim` with an activation between layers."
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (64, 64), output_dim: int = 1,
-                 activation='silu', spectral_norm: bool = False):
+    def __init__(self,
+                 input_dim: int,  # number of input features, int >= 1
+                 hidden_dims: Sequence[int] = (64, 64),  # width of each hidden layer, ints >= 1 (empty: one linear layer)
+                 output_dim: int = 1,  # number of outputs, int >= 1 (1 for an energy)
+                 activation='silu',  # 'silu'/'relu'/'tanh'/'selu'/'gelu'/'elu'/'softplus'/'leaky_relu' or a module class
+                 spectral_norm: bool = False):  # wrap every linear layer in spectral normalisation
         act = activation_class(activation)
         dims = [input_dim, *hidden_dims, output_dim]
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
@@ -267,7 +294,10 @@ class MLP(nn.Sequential):
 
 class EnergyModel(BaseModel):
     "Wrap a network whose output is `[batch]` or `[batch, 1]` as an energy model."
-    def __init__(self, network: nn.Module, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 network: nn.Module,  # module mapping `[batch, *dim]` to energies `[batch]` or `[batch, 1]`
+                 dtype: Optional[torch.dtype] = None,  # fallback when `network` holds no float tensors (None: any)
+                 device: Union[str, torch.device, None] = None):  # fallback when `network` holds no float tensors (None: any)
         super().__init__(dtype=dtype, device=device)
         if not isinstance(network, nn.Module): raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
         self.network = network

@@ -65,8 +65,12 @@ class CosineScheduler(_StartEndScheduler):
 # %% ../../nbs/01_schedulers.ipynb #fc71414f
 class ExponentialDecayScheduler(BaseScheduler):
     "`start_value * decay_rate**k`, never below `min_value`."
-    def __init__(self, start_value: float = None, decay_rate: float = None, min_value: float = 0.0, *,
-                 initial_value: Optional[float] = None):
+    def __init__(self,
+                 start_value: float = None,  # value at step 0 (required)
+                 decay_rate: float = None,  # factor applied each step, in (0, 1] (required)
+                 min_value: float = 0.0,  # floor: the value never goes below it
+                 *,
+                 initial_value: Optional[float] = None):  # deprecated name of `start_value`
         start = _resolve_spellings('ExponentialDecayScheduler', dict(start_value=start_value),
                                    dict(initial_value=initial_value))['start_value']
         super().__init__(start)
@@ -79,8 +83,12 @@ class ExponentialDecayScheduler(BaseScheduler):
 
 class MultiStepScheduler(BaseScheduler):
     "`start_value` multiplied by `gamma` at each milestone step."
-    def __init__(self, start_value: float = None, milestones: Sequence[int] = (), gamma: float = 0.1, *,
-                 initial_value: Optional[float] = None):
+    def __init__(self,
+                 start_value: float = None,  # value before the first milestone (required)
+                 milestones: Sequence[int] = (),  # strictly increasing steps >= 1 at which the value is multiplied by `gamma`
+                 gamma: float = 0.1,  # factor applied at each milestone, > 0
+                 *,
+                 initial_value: Optional[float] = None):  # deprecated name of `start_value`
         start = _resolve_spellings('MultiStepScheduler', dict(start_value=start_value),
                                    dict(initial_value=initial_value))['start_value']
         super().__init__(start)
@@ -98,7 +106,10 @@ class MultiStepScheduler(BaseScheduler):
 # %% ../../nbs/01_schedulers.ipynb #5805c6d1
 class WarmupScheduler(BaseScheduler):
     "Linear warm-up over `warmup_steps` from `warmup_init_factor` times the start of `main_scheduler`, then `main_scheduler`."
-    def __init__(self, main_scheduler: BaseScheduler, warmup_steps: int, warmup_init_factor: float = 0.01):
+    def __init__(self,
+                 main_scheduler: BaseScheduler,  # schedule that takes over after the warm-up (it starts from its step 0)
+                 warmup_steps: int,  # length of the linear warm-up, int >= 0 (0: no warm-up)
+                 warmup_init_factor: float = 0.01):  # fraction of `main_scheduler`'s start value at step 0, in (0, 1]
         if not isinstance(main_scheduler, BaseScheduler):
             raise TypeError(f"main_scheduler must be a scheduler, got {type(main_scheduler).__name__}")
         check_nonnegative_int('warmup_steps', warmup_steps)

@@ -18,8 +18,11 @@ from ..samplers.mcmc import model_energy_and_gradient
 # %% ../../nbs/51_partition.ipynb #713ebf36
 class GaussianBase:
     "A Gaussian with mean `[d]` and lower Cholesky factor `[d, d]` (or std `[d]`) on flattened events `[*dim]`."
-    def __init__(self, mean: torch.Tensor, dim, scale_tril: Optional[torch.Tensor] = None,
-                 std: Optional[torch.Tensor] = None):
+    def __init__(self,
+                 mean: torch.Tensor,  # mean `[d]` of the flattened event, d = prod(dim)
+                 dim,  # event shape `[*dim]` of samples (a tuple of ints)
+                 scale_tril: Optional[torch.Tensor] = None,  # covariance's lower Cholesky factor `[d, d]` (wins over `std`)
+                 std: Optional[torch.Tensor] = None):  # per-coordinate std `[d]`, used when `scale_tril` is None
         self.mean, self.dim, self.scale_tril, self.std = mean, tuple(dim), scale_tril, std
         log_det = scale_tril.diagonal().log().sum() if scale_tril is not None else std.log().sum()
         self.log_normalizer = log_det + 0.5 * mean.numel() * math.log(2 * math.pi)

@@ -234,8 +234,13 @@ def _combine(x: torch.Tensor, h, coeffs, ks) -> torch.Tensor:
 # %% ../../nbs/10_integrators.ipynb #96daa02d
 class Dopri5(BaseIntegrator):
     "Adaptive Dormand-Prince 5(4) Runge-Kutta for ODEs with relative/absolute tolerances."
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-6, max_steps: int = 10_000, safety: float = 0.9,
-                 device=None, dtype=None):
+    def __init__(self,
+                 rtol: float = 1e-5,  # relative error tolerance per step, > 0
+                 atol: float = 1e-6,  # absolute error tolerance per step, > 0
+                 max_steps: int = 10_000,  # most tried steps (accepted + rejected) per `integrate` before RuntimeError
+                 safety: float = 0.9,  # safety factor on the step-size update, > 0 (below 1 to be cautious)
+                 device=None,  # device recorded on the integrator (states keep their own)
+                 dtype=None):  # dtype recorded on the integrator (states keep their own)
         super().__init__(device=device, dtype=dtype)
         check_positive('rtol', rtol); check_positive('atol', atol); check_positive('safety', safety)
         check_nonnegative_int('max_steps', max_steps, minimum=1)
