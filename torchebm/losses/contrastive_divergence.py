@@ -145,11 +145,20 @@ class ContrastiveDivergence(EnergyModelLoss):
 # %% ../../nbs/20_contrastive_divergence.ipynb #c8af0325
 class PersistentContrastiveDivergence(ContrastiveDivergence):
     "Persistent contrastive divergence: `ContrastiveDivergence(persistent=True)`."
-    def __init__(self, model=None, sampler=None, k_steps: int = 10, buffer_size: int = 10000,
-                 reinit_prob: float = 0.05, energy_reg: float = 0.0, init_std: float = 1.0,
-                 n_negatives: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None, *, k: Optional[int] = None,
-                 batch_size: Optional[int] = None):
+    def __init__(self,
+                 model=None,  # energy model `E(x) -> [batch]` being trained
+                 sampler=None,  # MCMC sampler drawing the negatives (e.g. `LangevinDynamics(model, ...)`)
+                 k_steps: int = 10,  # sampler steps per loss call
+                 buffer_size: int = 10000,  # chains in the replay buffer (>= the negatives per call)
+                 reinit_prob: float = 0.05,  # chance that a drawn chain restarts from noise
+                 energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
+                 init_std: float = 1.0,  # standard deviation of the noise new chains start from
+                 n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
+                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 device: Union[str, torch.device, None] = None,  # device of the buffer (default: the model's)
+                 *,
+                 k: Optional[int] = None,  # deprecated name of `k_steps`
+                 batch_size: Optional[int] = None):  # deprecated name of `n_negatives`
         super().__init__(model, sampler, k_steps=k_steps, persistent=True, buffer_size=buffer_size,
                          reinit_prob=reinit_prob, energy_reg=energy_reg, init_std=init_std, n_negatives=n_negatives,
                          dtype=dtype, device=device, k=k, batch_size=batch_size)

@@ -71,11 +71,17 @@ def _check_interval(t_min: float, t_max: float) -> None:
 
 class InterpolantLoss(BaseLoss):
     "Base of losses trained on an interpolant path: `loss_fn(x1: [batch, *dim]) -> scalar`."
-    def __init__(self, model, interpolant: Union[str, BaseInterpolant] = 'linear',
-                 time_sampler: Union[str, Callable] = 'uniform', logit_normal_loc: float = 0.0,
-                 logit_normal_scale: float = 1.0, t_min: Optional[float] = None, t_max: Optional[float] = None,
-                 ot_pairing: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # the network `model(x_t, t, **model_kwargs) -> [batch, *dim]`
+                 interpolant: Union[str, BaseInterpolant] = 'linear',  # 'linear', 'cosine', 'vp' or an interpolant
+                 time_sampler: Union[str, Callable] = 'uniform',  # 'uniform', 'logit_normal' or a callable `(n, *, device, dtype, generator) -> [n]` in [0, 1)
+                 logit_normal_loc: float = 0.0,  # logit-normal time sampler: location
+                 logit_normal_scale: float = 1.0,  # logit-normal time sampler: scale
+                 t_min: Optional[float] = None,  # smallest training time (default: the interpolant's safe interval)
+                 t_max: Optional[float] = None,  # largest training time (default: the interpolant's safe interval)
+                 ot_pairing: bool = False,  # pair noise and data by minibatch optimal transport (exact assignment)
+                 dtype: Optional[torch.dtype] = None,  # the loss's dtype for `.to()`; times and noise follow the batch
+                 device: Union[str, torch.device, None] = None):  # the loss's device for `.to()`; times and noise follow the batch
         super().__init__(dtype=dtype, device=device)
         if model is None or isinstance(model, torch.Tensor) or not callable(model):
             raise TypeError(f"{type(self).__name__}: model must be a callable model(x, t), got {type(model).__name__}")
@@ -171,7 +177,10 @@ def _check_energy_parametrization(value) -> Optional[str]:
 
 class EquilibriumField(nn.Module):
     "The EqM field `f(x) -> [batch, *dim]`: a network's output, or $\\nabla_x E$ of the energy it defines."
-    def __init__(self, model, energy_parametrization: Union[bool, str] = False, time_invariant: bool = True):
+    def __init__(self,
+                 model,  # the network `model(x, t, **model_kwargs) -> [batch, *dim]`: the field itself, or net(x) of an energy
+                 energy_parametrization: Union[bool, str] = False,  # False, or the field as the gradient of <x, net(x)> ('dot') or -|net(x)|^2/2 ('l2')
+                 time_invariant: bool = True):  # call the model with t = 0 and ignore `t` (False: `t` is required)
         super().__init__()
         if model is None or isinstance(model, torch.Tensor) or not callable(model):
             raise TypeError(f"EquilibriumField: model must be a callable model(x, t), got {type(model).__name__}")

@@ -96,7 +96,10 @@ def check_loss_finite(loss: torch.Tensor, x: torch.Tensor, owner: str) -> torch.
 
 class EnergyModelLoss(BaseLoss):
     "Base of losses that train one energy `model`: call forms, conditioning and checks."
-    def __init__(self, model, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # energy model `E(x, **model_kwargs) -> [batch]` (any callable) being trained
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` if the model has no float tensors; computed in x's dtype
+                 device: Union[str, torch.device, None] = None):  # `.device` if the model has no float tensors; runs on x's device
         super().__init__(dtype=dtype, device=device)
         if model is None or isinstance(model, torch.Tensor) or not callable(model):
             raise TypeError(f"{type(self).__name__}: model must be a callable energy model, got {type(model).__name__}")

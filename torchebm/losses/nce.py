@@ -29,9 +29,14 @@ def sample_noise(distribution, n: int, generator: Optional[torch.Generator] = No
 # %% ../../nbs/22_nce.ipynb #fb20fe15
 class NoiseContrastiveEstimation(EnergyModelLoss):
     "NCE: classify data against `noise_ratio` noise samples per data point, learning $\\log Z$ as a parameter."
-    def __init__(self, model, noise_distribution, noise_ratio: int = 1, learn_log_normalizer: bool = True,
-                 log_normalizer_init: float = 0.0, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # energy model `E(x): [batch, *dim] -> [batch]`; the model density is exp(-E(x) - log Z)
+                 noise_distribution,  # noise q with `sample((n,))` and `log_prob(x) -> [batch]`, in the data's dtype/device
+                 noise_ratio: int = 1,  # noise samples per data point (>= 1)
+                 learn_log_normalizer: bool = True,  # learn log Z as a parameter (False: a fixed buffer)
+                 log_normalizer_init: float = 0.0,  # initial value of log Z
+                 dtype: Optional[torch.dtype] = None,  # log Z's dtype unless the model has one (default: torch's default)
+                 device: Union[str, torch.device, None] = None):  # log Z's device unless the model has one (default: CPU)
         super().__init__(model, dtype=dtype, device=device)
         if not (callable(getattr(noise_distribution, 'sample', None)) and callable(getattr(noise_distribution, 'log_prob', None))):
             raise TypeError("noise_distribution must have sample(shape) and log_prob(x) (e.g. a torch.distributions "

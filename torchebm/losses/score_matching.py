@@ -17,8 +17,13 @@ from .loss_utils import (PROBES, EnergyModelLoss, draw_probes, energy_gradient, 
 # %% ../../nbs/21_score_matching.ipynb #18d15783
 class ScoreMatching(EnergyModelLoss):
     "Score matching $\\mathbb E[\\frac12\\lVert\\nabla_x E\\rVert^2 - \\operatorname{tr}\\nabla_x^2 E]$, exact or with Hutchinson's trace estimate."
-    def __init__(self, model, hessian_method: str = 'exact', hutchinson_samples: int = 1, probe: str = 'rademacher',
-                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # energy model `E(x): [batch, *dim] -> [batch]` being trained
+                 hessian_method: str = 'exact',  # 'exact' (a backward pass per coordinate), 'hutchinson' ('approx': old name)
+                 hutchinson_samples: int = 1,  # 'hutchinson': probe vectors per data point (>= 1)
+                 probe: str = 'rademacher',  # 'hutchinson': probe distribution, 'rademacher', 'gaussian' or 'sphere'
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` if the model has no float tensors; computed in x's dtype
+                 device: Union[str, torch.device, None] = None):  # `.device` if the model has no float tensors; runs on x's device
         super().__init__(model, dtype=dtype, device=device)
         method = check_choice('hessian_method', hessian_method, ['exact', 'hutchinson', 'approx'])
         if method == 'approx':
@@ -41,9 +46,13 @@ class ScoreMatching(EnergyModelLoss):
 # %% ../../nbs/21_score_matching.ipynb #f885d5e5
 class SlicedScoreMatching(EnergyModelLoss):
     "Sliced score matching $\\mathbb E[\\frac12 (v^\\top\\nabla_x E)^2 - v^\\top\\nabla_x^2E\\,v]$ over random projections $v$."
-    def __init__(self, model, n_projections: int = 5, projection_type: str = 'rademacher',
-                 variance_reduction: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None):
+    def __init__(self,
+                 model,  # energy model `E(x): [batch, *dim] -> [batch]` being trained
+                 n_projections: int = 5,  # random projections v per data point (>= 1)
+                 projection_type: str = 'rademacher',  # v's distribution: 'rademacher', 'gaussian' or 'sphere' (E[v v^T] = I)
+                 variance_reduction: bool = False,  # use the exact |grad E|^2 / 2 instead of its projected estimate (SSM-VR)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` if the model has no float tensors; computed in x's dtype
+                 device: Union[str, torch.device, None] = None):  # `.device` if the model has no float tensors; runs on x's device
         super().__init__(model, dtype=dtype, device=device)
         check_nonnegative_int('n_projections', n_projections, minimum=1)
         self.n_projections = n_projections
@@ -71,9 +80,13 @@ def noise_levels(sigma) -> Tuple[float, ...]:
 
 class DenoisingScoreMatching(EnergyModelLoss):
     "Denoising score matching $\\mathbb E\\,\\frac12\\lVert\\nabla_x E(x+\\sigma\\varepsilon) - \\varepsilon/\\sigma\\rVert^2$ (several levels: $\\sigma^2$-weighted)."
-    def __init__(self, model, sigma: Union[float, Sequence[float], torch.Tensor] = 0.1,
-                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None, *,
-                 noise_scale: Union[float, Sequence[float], None] = None):
+    def __init__(self,
+                 model,  # energy model `E(x): [batch, *dim] -> [batch]` being trained
+                 sigma: Union[float, Sequence[float], torch.Tensor] = 0.1,  # noise std > 0, or several (one drawn per data point)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` if the model has no float tensors; computed in x's dtype
+                 device: Union[str, torch.device, None] = None,  # `.device` if the model has no float tensors; runs on x's device
+                 *,
+                 noise_scale: Union[float, Sequence[float], None] = None):  # deprecated name of `sigma`
         super().__init__(model, dtype=dtype, device=device)
         if noise_scale is not None:
             if not (isinstance(sigma, float) and sigma == 0.1):

@@ -17,9 +17,16 @@ from .mcmc import ChainState, MCMCSampler, check_schedule, model_gradient
 # %% ../../nbs/15_gradient_descent.ipynb #5f126d79
 class GradientDescentSampler(MCMCSampler):
     "Deterministic descent `x <- x - step_size * grad E(x)`."
-    def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, n_steps: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None, *, energy_function=None, nan_policy: str = 'warn',
-                 compile: Union[bool, Dict[str, Any]] = False):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
+                 step_size: Union[float, BaseScheduler] = 1e-3,  # step size > 0, or a scheduler
+                 n_steps: Optional[int] = None,  # deprecated default for `sample(n_steps=)`
+                 dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
+                 device=None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None,  # deprecated name of `model`
+                 nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
                          nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
@@ -38,9 +45,17 @@ class GradientDescentSampler(MCMCSampler):
 # %% ../../nbs/15_gradient_descent.ipynb #2c9dda20
 class NesterovSampler(MCMCSampler):
     "Nesterov accelerated gradient: `v <- momentum v - step_size grad E(x + momentum v)`, `x <- x + v`."
-    def __init__(self, model=None, step_size: Union[float, BaseScheduler] = 1e-3, momentum: float = 0.9,
-                 n_steps: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None, *,
-                 energy_function=None, nan_policy: str = 'warn', compile: Union[bool, Dict[str, Any]] = False):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
+                 step_size: Union[float, BaseScheduler] = 1e-3,  # step size > 0, or a scheduler
+                 momentum: float = 0.9,  # momentum mu in [0, 1) (0: plain gradient descent)
+                 n_steps: Optional[int] = None,  # deprecated default for `sample(n_steps=)`
+                 dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
+                 device=None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None,  # deprecated name of `model`
+                 nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
                          nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)

@@ -203,9 +203,16 @@ class MCMCSampler(BaseSampler):
     "Base of the MCMC samplers: the shared `sample(...)` front end around `run_chain`."
     diagnostic_keys: Tuple[str, ...] = ('energy', 'mean', 'var')
 
-    def __init__(self, model=None, dtype=None, device=None, *, energy_function=None, n_steps=None,
-                 nan_policy: str = 'warn', compile: Union[bool, Dict[str, Any]] = False,
-                 deprecated: Optional[Dict[str, str]] = None):
+    def __init__(self,
+                 model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
+                 dtype=None,  # dtype of chains started from noise (default: the model's)
+                 device=None,  # device of chains started from noise (default: the model's)
+                 *,
+                 energy_function=None,  # deprecated name of `model`
+                 n_steps=None,  # deprecated default for `sample(n_steps=)`
+                 nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
+                 compile: Union[bool, Dict[str, Any]] = False,  # evaluate energy and gradient through torch.compile
+                 deprecated: Optional[Dict[str, str]] = None):  # `{old name: replacement}` of deprecated arguments, one warning
         owner = type(self).__name__
         policy = check_choice('nan_policy', nan_policy, NAN_POLICIES)
         deprecated = dict(deprecated or {})
@@ -307,8 +314,12 @@ def per_step_tensor(values: List[float]) -> torch.Tensor:
 # %% ../../nbs/12_mcmc.ipynb #cee51acc
 class DualAveraging:
     "Dual-averaging step-size adaptation toward `target` acceptance; `step_size` 0-d (shared) or `[n_chains]`."
-    def __init__(self, step_size: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0,
-                 kappa: float = 0.75):
+    def __init__(self,
+                 step_size: torch.Tensor,  # initial step size > 0: 0-d (shared) or `[n_chains]` (per chain)
+                 target: float,  # target acceptance probability in (0, 1)
+                 gamma: float = 0.05,  # shrinkage toward mu = log(10 step_size): larger moves the step size less
+                 t0: float = 10.0,  # offset that damps the first updates
+                 kappa: float = 0.75):  # decay exponent of the averaging weight m^-kappa, in (0.5, 1]
         if not 0 < target < 1: raise ValueError(f"target acceptance must be in (0, 1), got {target!r}")
         self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
         self.restart(step_size)
@@ -346,7 +357,12 @@ def acceptance_probability(log_accept_ratio: torch.Tensor) -> torch.Tensor:
 
 class StepSizeAdaptation:
     "A run's step size: dual averaging for the first `n_adapt` steps, then frozen; `value` is 0-d or `[n_chains]`."
-    def __init__(self, step_size: float, x: torch.Tensor, n_adapt: int, target: float, per_chain: bool = False):
+    def __init__(self,
+                 step_size: float,  # initial step size > 0
+                 x: torch.Tensor,  # chains `[n_chains, *dim]`: the step size takes their dtype and device
+                 n_adapt: int,  # warm-up steps adapted; then the averaged step size is kept
+                 target: float,  # target acceptance probability in (0, 1)
+                 per_chain: bool = False):  # one step size `[n_chains]` per chain instead of a shared 0-d one
         shape = (x.shape[0],) if per_chain else ()
         self.value = torch.full(shape, float(step_size), dtype=x.dtype, device=x.device)
         self.dual_averaging = DualAveraging(self.value, target, gamma=PER_CHAIN_GAMMA if per_chain else 0.05)
