@@ -101,14 +101,15 @@ def render_readme(proc: Path, readme_nb: str, readme: Path, site: str) -> None:
 
 
 def process_notebooks(cfg) -> tuple:
-    """nbdev's `proc_nbs` into `_proc/` (same cache rules), one notebook at a time so that every failing notebook is
-    reported, not just the first. Returns `(cache, [(notebook, error), ...])`."""
+    """nbdev's `proc_nbs` into a fresh `_proc/`, one notebook at a time so that every failing notebook is reported,
+    not just the first. No cache is reused: the doc links of an unchanged notebook change with the module index.
+    Returns `(cache, [(notebook, error), ...])`."""
     cache, path = cfg.config_path / '_proc', cfg.nbs_path
-    cache.mkdir(parents=True, exist_ok=True)
-    if cache.stat().st_mtime < cfg.config_file.stat().st_mtime: shutil.rmtree(cache); cache.mkdir()
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
     sources = nbglob(path, func=Path, file_glob='', file_re='')
     sources += [path / '_quarto.yml'] if (path / '_quarto.yml').exists() else []
-    jobs = [job for job in (_proc_file(s, cache=cache, path=path, mtime=cache.stat().st_mtime) for s in sources) if job]
+    jobs = [job for job in (_proc_file(s, cache=cache, path=path, mtime=0) for s in sources) if job]
     failures = []
     for job in jobs:
         try: nbdev.serve_drv.main(job)
