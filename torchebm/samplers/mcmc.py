@@ -168,7 +168,7 @@ def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
         def evaluate(x): return model(x), model.analytic_gradient(x)
     else:
         def summed(x):
-            energy = checked_energy(model(x), x)
+            energy = model(x)  # its shape is checked outside the traced program, by `CompiledModel`
             return energy.sum(), energy
         grad_and_energy = torch.func.grad(summed, has_aux=True)
         def evaluate(x):
