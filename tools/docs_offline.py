@@ -114,7 +114,6 @@ def process_notebooks(cfg) -> tuple:
     for job in jobs:
         try: nbdev.serve_drv.main(job)
         except Exception as e: failures.append((job[0].relative_to(path), e))
-    cache.touch()
     return cache, failures
 
 
