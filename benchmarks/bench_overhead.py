@@ -1,8 +1,9 @@
 """Sampler overhead against hand-written loops in the same process (issue 7: flow rows W8a/W8b and the per-step
 overhead of the generic Langevin step on a neural energy with 100 chains).
 
-On a shared VM the speed of the W8 network (MLP 3-128-128-2, 4096 samples) changes by up to 2x between processes
-(memory placement), which swamps a cross-process comparison of two libraries. Here every worker times the library's
+The speed of the W8 network (the shared harness's `workloads.VelocityNet`, MLP 3-128-128-2, 4096 samples) changes by
+up to 2.4x between processes (how glibc recycles its 2 MB activation buffers, see `nbs/42_cuda.ipynb`), which swamps
+a cross-process comparison of two libraries. Here every worker times the library's
 `FlowSampler` and a plain Euler/Heun loop over the same network, interleaved, so the ratio `library / plain loop`
 is measured under one placement. A trivial field on 100 samples leaves only the sampler's per-step Python and
 dispatch cost. The Langevin row runs `LangevinDynamics` on a small MLP energy (2-32-1, 100 chains, 1000 steps, no
@@ -28,24 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r'''
 import json, statistics, sys, time, torch
 from torch import nn
-threads, reps, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+threads, reps, which, bench_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(threads)
+sys.path.insert(0, bench_dir)
+from workloads import VelocityNet  # the harness's W8 network (3-128-128-2 SiLU, seeded weights)
 from torchebm.core import BaseModel
 from torchebm.samplers import FlowSampler, LangevinDynamics
-
-def mlp(seed):
-    g = torch.Generator().manual_seed(seed)
-    layers, sizes = [], [3, 128, 128, 2]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        lin = nn.Linear(a, b)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(b, a, generator=g) / a ** 0.5); lin.bias.zero_()
-        layers += [lin] + ([nn.SiLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
-
-class Velocity(nn.Module):
-    def __init__(self): super().__init__(); self.net = mlp(801)
-    def forward(self, x, t, **kw): return self.net(torch.cat([x, t.reshape(-1, 1).to(x.dtype)], -1))
 
 class Trivial(nn.Module):
     def forward(self, x, t, **kw): return x * 0.5 + t.reshape(-1, 1)
@@ -61,7 +50,7 @@ def plain(field, x, n, heun):
     return x
 
 out = {}
-for row, field, n_samples in (('mlp', Velocity(), 4096), ('trivial', Trivial(), 100)):
+for row, field, n_samples in (('mlp', VelocityNet(801), 4096), ('trivial', Trivial(), 100)):
     x0 = torch.randn(n_samples, 2, generator=torch.Generator().manual_seed(0))
     for integrator in ('euler', 'heun'):
         kw = dict(model=field, interpolant='linear', prediction='velocity', integrator=integrator)
@@ -102,13 +91,13 @@ print(json.dumps(out))
 '''
 
 
-def run_worker(python, label, threads, reps):
+def run_worker(python, label, threads, reps, bench_dir):
     "One fresh process of `python` (run outside the checkout so the right `torchebm` is imported)."
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / 'worker.py'
         script.write_text(WORKER)
-        res = subprocess.run([python, str(script), str(threads), str(reps), label], cwd=tmp, capture_output=True,
-                             text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
+        res = subprocess.run([python, str(script), str(threads), str(reps), label, bench_dir], cwd=tmp,
+                             capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
     if res.returncode != 0: raise RuntimeError(f'{label} worker failed:\n{res.stderr[-2000:]}')
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -143,6 +132,8 @@ def main():
     ap.add_argument('--procs', type=int, default=6)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--reps', type=int, default=6)
+    ap.add_argument('--bench-dir', default=os.environ.get('BENCH_DIR', str(ROOT.parent / 'shared' / 'bench')),
+                    help="the shared harness, whose W8 network (workloads.VelocityNet) is timed")
     ap.add_argument('--old-venv', default=os.environ.get('OLD_VENV', str(ROOT / '.venv089')))
     ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'overhead'))
     opts = ap.parse_args()
@@ -154,7 +145,7 @@ def main():
     for p in range(opts.procs):  # alternate the order of the libraries between rounds
         order = list(participants.items()) if p % 2 == 0 else list(participants.items())[::-1]
         for label, python in order:
-            results[label].append(run_worker(python, label, opts.threads, opts.reps))
+            results[label].append(run_worker(python, label, opts.threads, opts.reps, opts.bench_dir))
             print(f'[flow-overhead] process {p + 1}/{opts.procs} {label} done', file=sys.stderr)
     meta = dict(procs=opts.procs, threads=opts.threads, reps=opts.reps)
     table = summarise(results)
