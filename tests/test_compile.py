@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchebm.core.energies import GaussianModel
+from torchebm.models import MLPEnergy
 from torchebm.samplers import (GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, NesterovSampler)
 from torchebm.samplers.mcmc import CompiledModel, model_energy_and_gradient
 
@@ -13,13 +14,10 @@ pytestmark = pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g+
                                 reason='torch.compile on the CPU needs a C++ compiler')
 
 
-class MLPEnergy(nn.Module):
-    def __init__(self, dim=3, hidden=32):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
-    def forward(self, x): return self.net(x).squeeze(-1) + 0.5 * x.square().sum(-1)
+def mlp_energy(dtype=None):
+    "A seeded `MLPEnergy`: a `BaseModel` without a closed-form gradient, so `torch.func.grad` traces its gradient."
+    torch.manual_seed(0)
+    return MLPEnergy(3, (32, 32), dtype=dtype)
 
 
 SAMPLERS = {
@@ -33,7 +31,7 @@ SAMPLERS = {
 
 @pytest.mark.parametrize('name', SAMPLERS)
 def test_compiled_chains_match_eager_chains(name):
-    model = MLPEnergy()
+    model = mlp_energy()
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     run = lambda sampler: sampler.sample(x=x, n_steps=5, generator=torch.Generator().manual_seed(2))
     eager = run(SAMPLERS[name](model))
@@ -45,7 +43,7 @@ def test_compiled_chains_match_eager_chains(name):
 
 
 def test_compiled_gradient_matches_autograd_in_float64():
-    model = MLPEnergy().double()
+    model = mlp_energy(torch.float64)
     x = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     energy, grad = CompiledModel(model).energy_and_gradient(x)
     ref_energy, ref_grad = model_energy_and_gradient(model, x)
@@ -59,12 +57,13 @@ def test_compiled_analytic_gradient_and_weights_that_change():
     gaussian = GaussianModel(torch.zeros(2), torch.tensor([[2.0, 0.3], [0.3, 0.5]]))
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(CompiledModel(gaussian).gradient(x), gaussian.gradient(x))
-    model = MLPEnergy()
+    model = mlp_energy()
     sampler = GradientDescentSampler(model, step_size=0.05, compile=True)
     before = sampler.sample(x=x.new_ones(16, 3), n_steps=3)
-    with torch.no_grad(): model.net[-1].bias += 1.0       # a constant shift: same gradient, same chains
+    first_weight, *_, last_bias = model.parameters()
+    with torch.no_grad(): last_bias += 1.0                # a constant shift: same gradient, same chains
     torch.testing.assert_close(sampler.sample(x=x.new_ones(16, 3), n_steps=3), before)
-    with torch.no_grad(): model.net[0].weight.mul_(2.0)   # a real change must reach the compiled program
+    with torch.no_grad(): first_weight.mul_(2.0)         # a real change must reach the compiled program
     after = sampler.sample(x=x.new_ones(16, 3), n_steps=3)
     torch.testing.assert_close(after, GradientDescentSampler(model, step_size=0.05).sample(x=x.new_ones(16, 3), n_steps=3),
                                rtol=1e-4, atol=1e-5)
@@ -74,12 +73,12 @@ def test_compiled_analytic_gradient_and_weights_that_change():
 @pytest.mark.parametrize('bad', ['yes', 1, {1: 'mode'}])
 def test_bad_compile_option(bad):
     with pytest.raises(TypeError, match='compile must be'):
-        LangevinDynamics(MLPEnergy(), step_size=0.01, compile=bad)
+        LangevinDynamics(mlp_energy(), step_size=0.01, compile=bad)
 
 
 def test_compiled_model_refuses_create_graph():
     with pytest.raises(ValueError, match='create_graph'):
-        CompiledModel(MLPEnergy()).gradient(torch.randn(4, 3), create_graph=True)
+        CompiledModel(mlp_energy()).gradient(torch.randn(4, 3), create_graph=True)
 
 
 def test_flow_sampler_runs_a_compiled_network():
