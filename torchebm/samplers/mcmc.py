@@ -5,21 +5,23 @@
 # %% auto #0
 __all__ = ['NAN_POLICIES', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'warn_deprecated_arguments', 'resolve_sampler_model',
            'schedule_values', 'check_schedule', 'check_chains_finite', 'run_chain', 'compile_options',
-           'compiled_energy_and_gradient', 'CompiledModel', 'MCMCSampler', 'fused_kernels', 'kernel_seed',
-           'per_step_tensor', 'DualAveraging', 'StepSizeAdaptation', 'ChainState', 'checked_energy', 'model_energy',
-           'model_gradient', 'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
+           'compiled_energy_and_gradient', 'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'MCMCSampler',
+           'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveraging', 'StepSizeAdaptation', 'ChainState',
+           'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
+           'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import functools
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_choice, check_finite,
                                 check_nonnegative_int, resolve_model, warn_deprecated)
+from ..integrators import MassMatrix
 from .transitions import (ChainState, acceptance_probability, checked_energy, evaluated,
                                            model_energy, model_energy_and_gradient, model_gradient)
 
@@ -160,6 +162,21 @@ class CompiledModel(BaseModel):
     def gradient(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         if create_graph: raise ValueError("a compiled sampling model gives detached gradients; create_graph=True needs the model itself")
         return self.energy_and_gradient(x)[1]
+
+# %% ../../nbs/12_mcmc.ipynb #95e88c26
+class AdaptedParameters(NamedTuple):
+    "What a warm-up adapted: `step_size` (0-d shared or `[n_chains]` per chain) and the `metric` (a `MassMatrix` or `None`)."
+    step_size: torch.Tensor
+    metric: Optional[MassMatrix] = None
+
+class SamplingResult(NamedTuple):
+    "The outcome of `sample(..., return_result=True)`; per-chain counts are over the draws after warm-up."
+    samples: torch.Tensor  # draws `[n_chains, n_draws // thin, *dim]` with `return_trajectory`, else the final `[n_chains, *dim]`
+    warmup: Optional[torch.Tensor]  # warm-up trajectory `[n_chains, n_warmup // thin, *dim]` (with `return_trajectory`), else None
+    adapted: Optional[AdaptedParameters]  # adapted step size and metric (None when nothing was adapted)
+    accept_rate: torch.Tensor  # mean acceptance probability per chain `[n_chains]` (1 for unadjusted moves)
+    n_divergent: torch.Tensor  # divergent transitions per chain `[n_chains]` (int64)
+    diagnostics: Optional[Dict[str, torch.Tensor]] = None  # per-step diagnostics of the draws (with `return_diagnostics`)
 
 # %% ../../nbs/12_mcmc.ipynb #ee55b8b1
 DEFAULT_N_STEPS = 100
