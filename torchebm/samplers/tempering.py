@@ -7,7 +7,8 @@ __all__ = ['SWAP_SCHEMES', 'GaussianBase', 'resolve_base', 'PathParts', 'Tempere
            'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'PTResult', 'transition_and_params',
            'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #3995d65b
+# %% ../../nbs/18a_parallel_tempering.ipynb #88a5da2d
+import copy
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -20,7 +21,7 @@ from .mcmc import DualAveraging
 from .transitions import (HMC, MALA, ChainState, HMCParams, LangevinParams, Transition,
                                            model_energy_and_gradient)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #d97237c4
+# %% ../../nbs/18a_parallel_tempering.ipynb #9f5cf8ca
 class GaussianBase(BaseModel):
     "A normalised Gaussian energy $-\\log p_0(x)$ on events `[*dim]`, with `sample`: the base of tempering paths."
     def __init__(self,
@@ -34,8 +35,12 @@ class GaussianBase(BaseModel):
         self.register_buffer('mean', mean)
         self.register_buffer('scale_tril', scale_tril)
         self.register_buffer('std', std if scale_tril is None else None)
-        log_det = scale_tril.diagonal().log().sum() if scale_tril is not None else std.log().sum()
-        self.log_normalizer = log_det + 0.5 * mean.numel() * math.log(2 * math.pi)
+
+    @property
+    def log_normalizer(self) -> torch.Tensor:
+        "$\\log Z_0 = \\tfrac d2 \\log 2\\pi + \\log\\det L$, so the energy is the normalised $-\\log p_0$."
+        log_det = self.scale_tril.diagonal().log().sum() if self.scale_tril is not None else self.std.log().sum()
+        return log_det + 0.5 * self.mean.numel() * math.log(2 * math.pi)
 
     @classmethod
     def from_distribution(cls, base: D.Distribution, dim, dtype, device) -> 'GaussianBase':
@@ -83,10 +88,12 @@ class GaussianBase(BaseModel):
 
 def resolve_base(base, dim, dtype, device) -> GaussianBase:
     "`base` as a `GaussianBase` (a `GaussianBase`, a Gaussian `torch.distributions` object, or `None` for $N(0, I)$)."
-    if isinstance(base, GaussianBase): return base.to(device=device, dtype=dtype)
+    if isinstance(base, GaussianBase):
+        same = base.mean.dtype == dtype and base.mean.device == torch.device(device)
+        return base if same else copy.deepcopy(base).to(device=device, dtype=dtype)
     return GaussianBase.from_distribution(base if base is not None else D.Normal(0.0, 1.0), dim, dtype, device)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #0cd5de1c
+# %% ../../nbs/18a_parallel_tempering.ipynb #09ebd9de
 class PathParts(NamedTuple):
     "The two ends of a tempering path evaluated at `x: [n, *dim]`: energies `[n]` and gradients `[n, *dim]`."
     energy: torch.Tensor       # E(x), the target's energy
@@ -136,7 +143,7 @@ class TemperedModel(BaseModel):
     def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.parts(x).at(self._beta(x))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #093687ae
+# %% ../../nbs/18a_parallel_tempering.ipynb #84ffeaee
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     "Piecewise-linear interpolation of the points `(xp, fp)` (`xp` increasing) at `x`, clamped at the ends."
     j = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
@@ -156,7 +163,7 @@ def equalized_ladder(betas: torch.Tensor, swap_rate: torch.Tensor, min_rejection
     new = interpolate(levels, barrier, betas)
     return torch.cat([betas[:1], new[1:-1], betas[-1:]])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #a864218a
+# %% ../../nbs/18a_parallel_tempering.ipynb #89cceeb8
 def swap_log_ratio(gap: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     "Log Metropolis ratio `[K-1, n]` of exchanging the states of neighbouring temperatures $k, k+1$: $(\\beta_{k+1}-\\beta_k)(U_{k+1}-U_k)$, $U = E - E_0$ `[K, n]`."
     return (betas[1:] - betas[:-1]).to(gap.dtype).unsqueeze(1) * (gap[1:] - gap[:-1])
@@ -174,7 +181,7 @@ def swap_permutation(log_ratio: torch.Tensor, parity: torch.Tensor,
     src = src - torch.cat([swapped.new_zeros(1, swapped.shape[1]), swapped])
     return src, accept_prob
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #a2e7cbe8
+# %% ../../nbs/18a_parallel_tempering.ipynb #22fe2140
 class RoundTrips:
     "Counts each replica's round trips hottest -> coldest -> hottest; replicas are tracked through the swaps."
     def __init__(self, n_temperatures: int, n_chains: int, device=None):
@@ -192,7 +199,7 @@ class RoundTrips:
         self.phase[hot] = 1
         self.phase[cold] = torch.where(self.phase[cold] == 1, 2, self.phase[cold])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #3d8b460a
+# %% ../../nbs/18a_parallel_tempering.ipynb #44990486
 class PTResult(NamedTuple):
     "What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up)."
     samples: torch.Tensor          # [n_chains, n_draws, *dim] draws at beta = 1
@@ -220,7 +227,7 @@ def transition_and_params(transition, params, step_size: float, n_leapfrog_steps
         raise TypeError("a Transition instance needs params= (its params NamedTuple, with a step_size field)")
     return transition, params, 0.6
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #aa888ac8
+# %% ../../nbs/18a_parallel_tempering.ipynb #8a581afa
 class ExchangeInfo(NamedTuple):
     "What one replica-exchange step reports."
     accept_prob: torch.Tensor  # [K * n] the transition's acceptance probability of every chain
@@ -243,7 +250,7 @@ def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, t
     return (ChainState(state.x[flat], *parts.at(tempered.beta)), parts,
             ExchangeInfo(info.accept_prob, swap_prob, flat))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #0c0beb44
+# %% ../../nbs/18a_parallel_tempering.ipynb #a3c7d5fb
 class ParallelTempering(BaseSampler):
     "Replica exchange: `n_chains` chains at each of K temperatures in one batch, a transition at every temperature, then swaps between neighbours."
     def __init__(self,
@@ -331,9 +338,10 @@ class ParallelTempering(BaseSampler):
                 continue
             trips.update(info.source)
             accept_sum, swap_sum = accept_sum + accept, swap_sum + swap_rate
-            if (t - n_warmup) % thin == thin - 1: draws.append(state.x.reshape(K, n, *x0.shape[1:]))
-        every = torch.stack(draws, 2)  # [K, n, n_draws, *dim]
-        if not bool(torch.isfinite(every).all()):
+            if (t - n_warmup) % thin == thin - 1:
+                draws.append(state.x.reshape(K, n, *x0.shape[1:]) if return_all_temperatures else state.x[-n:])
+        kept = torch.stack(draws, -x0.ndim)  # [(K,) n, n_draws, *dim]: draws after the chain axis
+        if not bool(torch.isfinite(kept).all()):
             raise ValueError("ParallelTempering: the chains reached NaN or inf; lower step_size or check the model")
-        return PTResult(every[-1], betas, step_size, accept_sum / n_steps, swap_sum / n_steps, trips.count,
-                        every if return_all_temperatures else None)
+        return PTResult(kept[-1] if return_all_temperatures else kept, betas, step_size, accept_sum / n_steps,
+                        swap_sum / n_steps, trips.count, kept if return_all_temperatures else None)
