@@ -1,5 +1,6 @@
 "Tests of torchebm.diagnostics: MCMC diagnostics against ArviZ and closed forms, sample-quality distances."
 import math
+import warnings
 
 import pytest
 import torch
@@ -280,3 +281,47 @@ def test_ais_bimodal_against_quadrature(transition):
                          step_size=0.05, n_leapfrog=3, generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
     assert abs(est.log_z.item() - exact) < 4 * est.stderr.item() + 0.03
+
+
+def check_ais_unbiased(transition='langevin', n_runs=4):
+    "The mean log Z error over independent runs (4 Gaussians) within 4 standard errors of the mean."
+    errors, variances = [], []
+    for seed in range(n_runs):
+        model = _random_gaussian(4, seed)
+        est = estimate_log_z(model, n_chains=256, n_temperatures=150, transition=transition, step_size=0.2,
+                             n_leapfrog=3, generator=torch.Generator().manual_seed(seed))
+        errors.append(est.log_z.item() - model.log_z)
+        variances.append(est.stderr.item() ** 2)
+    stderr = math.sqrt(sum(variances)) / n_runs
+    assert abs(sum(errors) / n_runs) < 4 * stderr, f"mean log Z error {sum(errors) / n_runs:.3f} +- {stderr:.3f}"
+
+
+def test_ais_unbiased_with_large_steps():
+    check_ais_unbiased()
+
+
+def test_ais_check_catches_mutations_without_metropolis_test(monkeypatch):
+    "AIS needs moves that leave each pi_beta invariant: unadjusted Langevin steps bias log Z."
+    from torchebm.samplers import tempering
+    from torchebm.samplers.transitions import ULA
+    monkeypatch.setitem(tempering._TRANSITIONS, 'mala', ULA)
+    with pytest.raises(AssertionError, match='mean log Z error'):
+        check_ais_unbiased()
+
+
+def test_ais_keeps_float64_for_a_parameter_free_energy():
+    "The base distribution's dtype is the data's: float64 stays float64 without dtype= (issue 14)."
+    base = D.Normal(torch.zeros(3, dtype=torch.float64), 1.5)
+    res = annealed_importance_sampling(lambda x: 0.5 * x.pow(2).sum(-1), dim=3, base=base, n_temperatures=20,
+                                       generator=torch.Generator().manual_seed(0))
+    assert res.samples.dtype == torch.float64 and res.log_weights.dtype == torch.float64
+    assert abs(res.log_z.item() - 1.5 * math.log(2 * math.pi)) < 4 * res.stderr.item() + 1e-9
+
+
+def test_ais_warns_when_the_weights_collapse():
+    far = QuadraticEnergy(torch.full((3,), 6.0, dtype=torch.float64), 0.05 * torch.eye(3, dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match='importance weights collapsed'):
+        annealed_importance_sampling(far, n_temperatures=3, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        annealed_importance_sampling(_random_gaussian(3, 0), n_temperatures=100, generator=torch.Generator().manual_seed(0))

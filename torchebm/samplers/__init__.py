@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler', 'MCMCSampler',
-           'ChainState', 'run_chain']
+           'ChainState', 'run_chain', 'ParallelTempering', 'SequentialMonteCarlo', 'TemperedModel', 'GaussianBase']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -15,3 +15,9 @@ from .flow import *
 
 _all_ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler',
          'MCMCSampler', 'ChainState', 'run_chain']
+
+# %% ../../nbs/19_samplers.ipynb #9ad263ca
+from .tempering import GaussianBase, ParallelTempering, TemperedModel
+from .smc import SequentialMonteCarlo
+
+_all_ = ['ParallelTempering', 'SequentialMonteCarlo', 'TemperedModel', 'GaussianBase']

@@ -1,0 +1,148 @@
+"""Parallel tempering: swap acceptance against a hand computation, stationarity of the replica-exchange move,
+and a well-separated mixture's weights recovered where one chain stays stuck.
+
+Each statistical check is a function that raises AssertionError; every test also runs it on a deliberately
+broken variant (a swap without its Metropolis test, no swaps at all) and expects it to fail."""
+import math
+
+import pytest
+import torch
+
+from torchebm.core.base import BaseModel
+from torchebm.core.energies import GaussianModel
+from torchebm.diagnostics import energy_distance_test
+from torchebm.samplers import tempering
+from torchebm.samplers.mcmc import ChainState
+from torchebm.samplers.tempering import (GaussianBase, ParallelTempering, TemperedModel, replica_exchange_step,
+                                         swap_log_ratio, swap_permutation)
+from torchebm.samplers.transitions import MALA, LangevinParams
+
+
+class MixtureEnergy(BaseModel):
+    "Isotropic Gaussian mixture $-\\log \\sum_i w_i e^{-|x - m_i|^2 / 2s^2}$ with a closed-form gradient."
+    def __init__(self, weights, means, std):
+        super().__init__()
+        self.register_buffer('log_weights', torch.as_tensor(weights, dtype=torch.float64).log())
+        self.register_buffer('means', torch.as_tensor(means, dtype=torch.float64))
+        self.std = std
+
+    @property
+    def dim(self): return self.means.shape[1]
+
+    @property
+    def log_z(self) -> float:
+        "$\\log Z = \\log \\sum_i w_i + \\tfrac d2 \\log 2\\pi s^2$."
+        return torch.logsumexp(self.log_weights, 0).item() + 0.5 * self.dim * math.log(2 * math.pi * self.std ** 2)
+
+    def _logits(self, x):
+        sq = (x[:, None, :] - self.means.to(x.dtype)).pow(2).sum(-1)
+        return self.log_weights.to(x.dtype) - 0.5 * sq / self.std ** 2
+
+    def forward(self, x): return -torch.logsumexp(self._logits(x), 1)
+
+    def analytic_gradient(self, x):
+        r = torch.softmax(self._logits(x), 1)
+        return (x - r @ self.means.to(x.dtype)) / self.std ** 2
+
+
+def two_modes(dtype=torch.float64):
+    "Weights 0.3 at (+4, 0) and 0.7 at (-4, 0), std 0.5: a 32-nat barrier no single chain crosses."
+    return MixtureEnergy([0.3, 0.7], [[4.0, 0.0], [-4.0, 0.0]], 0.5).to(dtype)
+
+
+# -- swap acceptance --------------------------------------------------------------------------------------------
+def test_swap_log_ratio_matches_hand_computation():
+    "log r = log pi_k(x_{k+1}) + log pi_{k+1}(x_k) - log pi_k(x_k) - log pi_{k+1}(x_{k+1}), from the path energies."
+    model, base = two_modes(), GaussianBase(torch.zeros(2, dtype=torch.float64), 2, std=torch.ones(2, dtype=torch.float64))
+    betas = torch.tensor([0.1, 0.4, 1.0], dtype=torch.float64)
+    x = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    energy = lambda b, y: TemperedModel(model, base, b)(y)  # E_b(y)
+    hand = torch.stack([energy(betas[k], x[k]) + energy(betas[k + 1], x[k + 1])
+                        - energy(betas[k], x[k + 1]) - energy(betas[k + 1], x[k]) for k in range(2)])
+    gap = TemperedModel(model, base).parts(x.reshape(15, 2)).gap.reshape(3, 5)
+    torch.testing.assert_close(swap_log_ratio(gap, betas), hand)
+
+
+def test_swap_permutation_pairs_and_metropolis():
+    "Even pairs, odd pairs, certain acceptance, certain rejection; acceptance probability min(1, e^log r)."
+    sure, never = torch.zeros(3, 2), torch.full((3, 2), -math.inf)
+    src, prob = swap_permutation(sure, torch.tensor(0))
+    assert src[:, 0].tolist() == [1, 0, 3, 2] and torch.equal(prob, torch.ones(3, 2))
+    assert swap_permutation(sure, torch.tensor(1))[0][:, 1].tolist() == [0, 2, 1, 3]
+    assert swap_permutation(never, torch.tensor(0))[0][:, 0].tolist() == [0, 1, 2, 3]
+    log_r = torch.full((1, 20000), math.log(0.3))
+    src, prob = swap_permutation(log_r, torch.tensor(0), torch.Generator().manual_seed(1))
+    rate = (src[0] == 1).double().mean().item()
+    assert abs(rate - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 20000) and torch.allclose(prob, torch.full_like(prob, 0.3))
+
+
+# -- stationarity of one replica-exchange step -----------------------------------------------------------------
+def _gaussian_path():
+    "Target N(m, s^2 I), base N(0, I): every pi_beta is Gaussian with precision beta/s^2 + 1 - beta."
+    m, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
+    model = GaussianModel(m, s ** 2 * torch.eye(2, dtype=torch.float64))
+    base = GaussianBase(torch.zeros(2, dtype=torch.float64), 2, std=torch.ones(2, dtype=torch.float64))
+    betas = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=torch.float64)
+    precision = betas / s ** 2 + 1 - betas
+    return model, base, betas, (betas / s ** 2)[:, None] * m / precision[:, None], precision.rsqrt()
+
+
+def check_exchange_is_stationary(n=400, k=2, seed=0):
+    "Start at exact draws of every temperature, apply k exchange steps, compare each rung with fresh exact draws."
+    model, base, betas, mean, std = _gaussian_path()
+    g = torch.Generator().manual_seed(seed)
+    exact = lambda: mean[:, None] + std[:, None, None] * torch.randn(4, n, 2, generator=g, dtype=torch.float64)
+    x = exact().reshape(4 * n, 2)
+    parts = TemperedModel(model, base).parts(x)
+    state = ChainState(x, *parts.at(betas.repeat_interleave(n)))
+    params = LangevinParams(step_size=(0.05 * std ** 2).repeat_interleave(n))  # small moves: swaps dominate
+    for t in range(k):
+        state, _, _ = replica_exchange_step(model, base, state, betas, MALA(), params, torch.tensor(t % 2), g)
+    fresh = exact()
+    p = [energy_distance_test(state.x.reshape(4, n, 2)[i], fresh[i], n_permutations=999, generator=g).p_value.item()
+         for i in range(4)]
+    assert min(p) > 0.01 / 4, f"a rung moved away from its distribution: p-values {p}"
+
+
+def test_exchange_step_is_stationary():
+    check_exchange_is_stationary()
+
+
+def test_stationarity_check_catches_a_swap_without_metropolis_test(monkeypatch):
+    monkeypatch.setattr(tempering, 'swap_log_ratio', lambda gap, betas: torch.zeros_like(gap[1:]))
+    with pytest.raises(AssertionError, match='moved away'):
+        check_exchange_is_stationary()
+
+
+# -- a well-separated mixture ----------------------------------------------------------------------------------
+def check_mixture_weight(result, weight=0.3):
+    "The fraction of beta = 1 draws in the right-hand mode, within 4 Monte Carlo standard errors of `weight`."
+    per_column = (result.samples[..., 0] > 0).double().mean(1)  # columns are independent replica systems
+    stderr = per_column.std().item() / math.sqrt(len(per_column))
+    assert stderr < 0.05, f"the check has no power (standard error {stderr:.3f})"
+    assert abs(per_column.mean().item() - weight) < 4 * stderr + 1e-3, \
+        f"mode weight {per_column.mean().item():.3f} +- {stderr:.3f}, expected {weight}"
+
+
+def _mixture_run(**kwargs):
+    pt = ParallelTempering(two_modes(), 'mala', n_temperatures=6, min_beta=0.02, step_size=0.1, **kwargs)
+    x0 = torch.tensor([[4.0, 0.0]], dtype=torch.float64).expand(24, 2)  # every chain starts in the 0.3 mode
+    return pt.sample(x=x0, n_steps=800, n_warmup=200, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize('swap_scheme', ['seo', 'deo'])
+def test_pt_recovers_mixture_weights(swap_scheme):
+    result = _mixture_run(swap_scheme=swap_scheme)
+    check_mixture_weight(result)
+    assert (result.round_trips > 0).all() and result.swap_rate.min() > 0.3
+    assert result.swap_rate.max() - result.swap_rate.min() < 0.15  # the adapted ladder equalises the swap rates
+
+
+def test_mixture_check_catches_chains_without_swaps(monkeypatch):
+    "Without swaps every chain is a plain MALA chain: stuck in the mode it started in."
+    monkeypatch.setattr(tempering, 'swap_log_ratio', lambda gap, betas: torch.full_like(gap[1:], -math.inf))
+    result = _mixture_run()
+    per_column = (result.samples[..., 0] > 0).double().mean(1)
+    assert ((per_column == 0) | (per_column == 1)).all()  # no chain changes mode after warm-up
+    with pytest.raises(AssertionError):
+        check_mixture_weight(result)
