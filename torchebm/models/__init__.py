@@ -7,7 +7,7 @@ __all__ = ['MLPEnergy', 'TimeConditionedMLP', 'ConditionalTransformer2D', 'Class
            'EqMEnergy', 'timestep_embedding', 'as_time_batch', 'MLPTimestepEmbedder', 'LabelEmbedder',
            'ConditionEmbedder', 'patchify2d', 'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed',
            'modulate', 'MultiheadSelfAttention', 'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock',
-           'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead']
+           'AdaLNZeroLinearHead', 'AdaLNZeroPatchHead', 'ConvEnergy', 'UNetVelocity']
 
 # %% ../../nbs/39_models.ipynb #09504dbb
 from .components import *
@@ -21,3 +21,8 @@ _all_ = ['MLPEnergy', 'TimeConditionedMLP', 'ConditionalTransformer2D', 'Classif
          'patchify2d', 'unpatchify2d', 'ConvPatchEmbed2d', 'build_2d_sincos_pos_embed', 'modulate',
          'MultiheadSelfAttention', 'FeedForward', 'AdaLNZeroBlock', 'AdaLNZeroMLPBlock', 'AdaLNZeroLinearHead',
          'AdaLNZeroPatchHead']
+
+# %% ../../nbs/39_models.ipynb #bb38f032
+from .image import *
+
+_all_ = ['ConvEnergy', 'UNetVelocity']
