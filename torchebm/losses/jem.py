@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['class_labels', 'JointEnergyModel', 'JEMLoss', 'CalibrationReport', 'calibration', 'auroc']
 
-# %% ../../nbs/25_jem.ipynb #0547411c
+# %% ../../nbs/25_jem.ipynb #3ec2b342
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -18,7 +18,7 @@ from ..core.base import BaseModel, check_choice, check_nonnegative_int, check_po
 from .contrastive_divergence import ContrastiveDivergence
 from .loss_utils import ConditionedModel, check_loss_finite
 
-# %% ../../nbs/25_jem.ipynb #2dee5e0c
+# %% ../../nbs/25_jem.ipynb #ab5e08d8
 def class_labels(y, batch: int, device, n_classes: Optional[int] = None, name: str = 'y') -> torch.Tensor:
     "Integer labels `[batch]` from an int or a `[batch]` tensor; with `n_classes`, also checks their range (one host sync)."
     if isinstance(y, bool) or not isinstance(y, (int, torch.Tensor)):
@@ -34,19 +34,20 @@ def class_labels(y, batch: int, device, n_classes: Optional[int] = None, name: s
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return labels.long()
 
-# %% ../../nbs/25_jem.ipynb #34417067
+# %% ../../nbs/25_jem.ipynb #2df4ed3e
 class JointEnergyModel(BaseModel):
     "A classifier's logits `f(x)` read as energies: `E(x) = -logsumexp_y f(x)[y]`, and `E(x, y) = -f(x)[y]` when `y` is given."
     OOD_SCORES = ('logsumexp', 'max_softmax', 'grad_norm')
 
     def __init__(self,
-                 classifier: nn.Module,  # network `f(x): [batch, *dim] -> [batch, n_classes]` logits
-                 n_classes: Optional[int] = None,  # number of classes (checked against the logits when given)
+                 classifier: nn.Module,  # logits `f(x): [batch, *dim] -> [batch, n_classes]`: its `logits(x)` method if it has one, else its forward
+                 n_classes: Optional[int] = None,  # number of classes, checked against the logits (default: `classifier.n_classes`, if any)
                  dim=None):  # event shape of `x` (default: the classifier's `dim` attribute, if any)
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module returning logits [batch, n_classes], "
                             f"got {type(classifier).__name__}")
+        if n_classes is None: n_classes = getattr(classifier, 'n_classes', None)
         if n_classes is not None: check_nonnegative_int('n_classes', n_classes, minimum=2)
         self.classifier, self.n_classes, self._dim = classifier, n_classes, dim
 
@@ -55,7 +56,8 @@ class JointEnergyModel(BaseModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         "The classifier's logits `[batch, n_classes]` of `x: [batch, *dim]`."
-        out = self.classifier(x)
+        logits = getattr(self.classifier, 'logits', None)
+        out = logits(x) if callable(logits) else self.classifier(x)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0] or \
                 (self.n_classes is not None and out.shape[1] != self.n_classes):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -97,7 +99,7 @@ class JointEnergyModel(BaseModel):
             if kind == 'logsumexp': return torch.logsumexp(logits, dim=-1)
             return logits.softmax(-1).amax(-1)
 
-# %% ../../nbs/25_jem.ipynb #ce2f36a1
+# %% ../../nbs/25_jem.ipynb #2dd173ec
 class JEMLoss(ContrastiveDivergence):
     "JEM's hybrid loss: `w_clf * cross_entropy(f(x), y) + w_gen * PCD(x)`; `loss, negatives = jem_loss(x, y=y)`."
     def __init__(self,
@@ -147,7 +149,7 @@ class JEMLoss(ContrastiveDivergence):
         self.last_terms = {'cross_entropy': cross_entropy.detach(), 'contrastive': contrastive.detach()}
         return check_loss_finite(loss, x, 'JEMLoss'), negatives
 
-# %% ../../nbs/25_jem.ipynb #0f9702d7
+# %% ../../nbs/25_jem.ipynb #4d4658be
 @dataclass
 class CalibrationReport:
     "Expected calibration error and the reliability diagram it comes from (per bin: confidence, accuracy, count)."
@@ -175,7 +177,7 @@ def calibration(probs: torch.Tensor,  # predicted class probabilities `[n, n_cla
     ece = (acc_sum - conf_sum).abs().sum() / max(probs.shape[0], 1)
     return CalibrationReport(ece, conf_sum / count, acc_sum / count, count)
 
-# %% ../../nbs/25_jem.ipynb #1f576a6d
+# %% ../../nbs/25_jem.ipynb #7e578652
 def auroc(in_scores: torch.Tensor,  # scores `[n]` of in-distribution inputs (higher = more typical)
           out_scores: torch.Tensor  # scores `[m]` of out-of-distribution inputs
          ) -> torch.Tensor:
