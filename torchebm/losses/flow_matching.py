@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TIME_SAMPLERS', 'ENERGY_PARAMETRIZATIONS', 'UniformTimeSampler', 'LogitNormalTimeSampler', 'get_time_sampler',
            'minibatch_ot_pairing', 'resolve_coupling', 'paired_noise', 'InterpolantLoss', 'call_field',
-           'FlowMatchingLoss', 'EquilibriumField', 'EquilibriumMatchingLoss']
+           'FlowMatchingLoss', 'EquilibriumField', 'EquilibriumMatchingLoss', 'EnergyMatchingLoss']
 
 # %% ../../nbs/23_flow_losses.ipynb #19569b40
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -13,9 +13,10 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.base import (BaseInterpolant, BaseLoss, check_choice, check_positive, expand_like, randn_like)
+from ..core.base import (BaseInterpolant, BaseLoss, check_choice, check_nonnegative_int, check_positive,
+                                expand_like, randn_like)
 from ..couplings import BaseCoupling, ExactOTCoupling, IndependentCoupling, get_coupling
-from ..interpolants import StochasticInterpolant, get_interpolant, safe_time_interval
+from ..interpolants import LinearInterpolant, StochasticInterpolant, get_interpolant, safe_time_interval
 from .loss_utils import check_loss_finite, energy_gradient, merge_model_kwargs, model_energy
 
 # %% ../../nbs/23_flow_losses.ipynb #33d9888e
@@ -292,3 +293,61 @@ class EquilibriumMatchingLoss(InterpolantLoss):
         return (f"interpolant={self.interpolant!r}, energy_parametrization={self.energy_parametrization!r}, "
                 f"time_invariant={self.time_invariant}, decay_threshold={self.decay_threshold}, "
                 f"gradient_scale={self.gradient_scale}, time_sampler={self.time_sampler!r}, coupling={self.coupling!r}")
+
+# %% ../../nbs/23_flow_losses.ipynb #54457398
+class EnergyMatchingLoss(BaseLoss):
+    "Energy matching: $-\\nabla V$ regressed on OT velocities, plus contrastive divergence on $e^{-V/\\varepsilon}$ near the data."
+    def __init__(self,
+                 model,  # the scalar energy `V(x): [batch, *dim] -> [batch]` (no time input)
+                 sampler=None,  # MCMC sampler of exp(-V/eps) for the negatives, started at the data (None: transport term only, the warm-up)
+                 coupling: Union[str, BaseCoupling, None] = 'exact',  # pairing of noise and data for the transport term
+                 cd_weight: float = 1.0,  # lambda_CD >= 0, weight of the contrastive term
+                 n_sampler_steps: int = 50,  # MCMC steps per batch for the negatives
+                 transport_t_max: float = 1.0,  # tau*: transport times t ~ U[0, tau*]
+                 dtype: Optional[torch.dtype] = None,  # the loss's dtype for `.to()`; noise and times follow the batch
+                 device: Union[str, torch.device, None] = None):  # the loss's device for `.to()`; noise and times follow the batch
+        super().__init__(dtype=dtype, device=device)
+        if model is None or isinstance(model, torch.Tensor) or not callable(model):
+            raise TypeError(f"EnergyMatchingLoss: model must be a callable energy V(x), got {type(model).__name__}")
+        if sampler is not None and not hasattr(sampler, 'sample'):
+            raise TypeError(f"sampler must have a sample(x=, n_steps=) method, got {type(sampler).__name__}")
+        if isinstance(cd_weight, bool) or not isinstance(cd_weight, (int, float)) or not cd_weight >= 0:
+            raise ValueError(f"cd_weight must be a number >= 0, got {cd_weight!r}")
+        check_nonnegative_int('n_sampler_steps', n_sampler_steps, minimum=1)
+        _check_interval(0.0, transport_t_max)
+        self.model, self.coupling, self.interpolant = model, get_coupling(coupling), LinearInterpolant()
+        object.__setattr__(self, 'sampler', sampler)  # the sampler shares the model; not a second sub-module
+        self.cd_weight, self.n_sampler_steps, self.transport_t_max = float(cd_weight), n_sampler_steps, float(transport_t_max)
+
+    def transport_loss(self, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        "$\\mathrm{mean}\\,\\lVert\\nabla V(x_t) + (x_1 - x_0)\\rVert^2$ on the straight path (differentiable in the parameters)."
+        x_t, u_t = self.interpolant.interpolate(x0, x1, t)
+        return (energy_gradient(self.model, x_t) + u_t).square().mean()
+
+    def contrastive_loss(self, x1: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        "$\\mathrm{mean}\\, V(\\text{data}) - \\mathrm{mean}\\, V(\\text{negatives})$."
+        return model_energy(self.model, x1).mean() - model_energy(self.model, negatives.detach()).mean()
+
+    def negative_samples(self, x1: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        "Negatives: `n_sampler_steps` of the sampler started at the data, detached."
+        return self.sampler.sample(x=x1.detach(), n_steps=self.n_sampler_steps, generator=generator).detach()
+
+    def forward(self, x: torch.Tensor, *, x0: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None,
+                negatives: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        "Scalar loss of data `x: [batch, *dim]`; optional noise `x0`, times `t: [batch]` and `negatives` (else drawn)."
+        x1 = self.validate_data(x, self.model)
+        x0 = paired_noise(self.coupling, x1, x0, generator)
+        if t is None: t = self.transport_t_max * torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
+        loss = self.transport_loss(x1, x0, t)
+        if negatives is None and self.sampler is not None and self.cd_weight > 0:
+            negatives = self.negative_samples(x1, generator)
+        if negatives is not None:
+            if not isinstance(negatives, torch.Tensor) or negatives.shape[1:] != x1.shape[1:]:
+                raise ValueError(f"negatives must be a tensor [m, *dim] with dim {tuple(x1.shape[1:])}, "
+                                 f"got {getattr(negatives, 'shape', type(negatives).__name__)}")
+            loss = loss + self.cd_weight * self.contrastive_loss(x1, negatives)
+        return check_loss_finite(loss, x1, 'EnergyMatchingLoss')
+
+    def extra_repr(self) -> str:
+        return (f"coupling={self.coupling!r}, cd_weight={self.cd_weight}, n_sampler_steps={self.n_sampler_steps}, "
+                f"transport_t_max={self.transport_t_max}, sampler={type(self.sampler).__name__ if self.sampler else None}")
