@@ -11,7 +11,8 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy',
            'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel', 'HarmonicModel',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
-           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy']
+           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'TemperatureScheduler',
+           'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -28,3 +29,8 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
          'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
          'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
          'DoubleWellEnergy']
+
+# %% ../../nbs/03_core.ipynb #464bc4bf
+# issue 15: composed and tempered energies, the temperature schedule
+from .composition import *
+_all_ = ['TemperatureScheduler', 'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy']

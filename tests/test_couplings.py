@@ -1,0 +1,133 @@
+"Minibatch couplings: the exact plans against SciPy, the entropic plans' limits, label-aware pairing, bad input."
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from torchebm.couplings import (COUPLINGS, ConditionalOTCoupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling,
+                                UnbalancedSinkhornCoupling, auction_assignment, get_coupling, linear_assignment,
+                                sinkhorn_plan, squared_distance_cost)
+
+
+def _optimal_cost(cost):
+    r, c = linear_sum_assignment(cost.double().numpy())
+    return cost.double().numpy()[r, c].sum()
+
+
+@pytest.mark.parametrize('n', [2, 3, 16, 64, 128])
+def test_auction_is_the_scipy_plan_on_random_costs(n):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(5):
+        cost = torch.rand(n, n, generator=g, dtype=torch.float64) * 10
+        _, ref = linear_sum_assignment(cost.numpy())
+        assert auction_assignment(cost).tolist() == ref.tolist()
+
+
+def test_auction_with_ties_reaches_the_optimal_cost():
+    "Integer costs have many optimal permutations: the plan may differ, its cost may not."
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 20, 50):
+        cost = torch.randint(0, 4, (n, n), generator=g).double()
+        cols = auction_assignment(cost)
+        assert sorted(cols.tolist()) == list(range(n))
+        assert cost[torch.arange(n), cols].sum().item() == pytest.approx(_optimal_cost(cost), abs=1e-9)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('solver', ['scipy', 'auction'])
+def test_exact_coupling_minimises_the_transport_cost(dtype, solver):
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(100, 3, generator=g, dtype=dtype), torch.randn(100, 3, generator=g, dtype=dtype) + 1
+    paired = ExactOTCoupling(solver)(x0, x1)
+    assert paired.dtype == dtype
+    cost = squared_distance_cost(x1, x0, torch.float64)
+    assert (paired.double() - x1.double()).square().sum().item() == pytest.approx(_optimal_cost(cost), rel=1e-6)
+
+
+def test_images_are_paired_on_flattened_pixels():
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(12, 1, 4, 4, generator=g), torch.randn(12, 1, 4, 4, generator=g)
+    _, ref = linear_sum_assignment(torch.cdist(x1.flatten(1).double(), x0.flatten(1).double()).square().numpy())
+    assert torch.equal(ExactOTCoupling()(x0, x1), x0[ref])
+
+
+def test_sinkhorn_coupling_tends_to_exact_ot_and_is_reproducible():
+    "The sampled pairs' mean cost falls to the exact optimum as reg -> 0 (and stays above it)."
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64) + 2
+    exact = (ExactOTCoupling()(x0, x1) - x1).square().sum(1).mean().item()
+    independent = (x0 - x1).square().sum(1).mean().item()
+    cost = squared_distance_cost(x1, x0)
+    costs = []
+    for reg in (1.0, 0.1, 0.01):
+        plan = SinkhornCoupling(reg=reg, n_iters=1000).plan(x0, x1)
+        costs.append((plan * cost).sum().item() / plan.sum().item())  # the mean cost of the pairs the coupling draws
+    assert independent > costs[0] > costs[1] > costs[2] >= exact * 0.999
+    assert costs[2] < exact * 1.1
+    a = SinkhornCoupling().pair(x0, x1, generator=torch.Generator().manual_seed(0))
+    b = SinkhornCoupling().pair(x0, x1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_unbalanced_tends_to_balanced_as_the_marginal_penalty_grows():
+    g = torch.Generator().manual_seed(4)
+    cost = torch.rand(20, 20, generator=g, dtype=torch.float64)
+    balanced = sinkhorn_plan(cost, 0.1, n_iters=3000)
+    loose, tight = (sinkhorn_plan(cost, 0.1, reg_marginals=rho, n_iters=3000) for rho in (0.1, 1e4))
+    assert (tight - balanced).abs().max() < 1e-4 * balanced.max()
+    assert (loose - balanced).abs().max() > 100 * (tight - balanced).abs().max()
+
+
+def test_unbalanced_coupling_downweights_an_outlier():
+    "A datum far from all noise keeps fewer plan mass than the others (it would dominate a balanced plan)."
+    g = torch.Generator().manual_seed(5)
+    x0, x1 = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
+    x1[0] = torch.tensor([30., 30.], dtype=torch.float64)
+    rows = UnbalancedSinkhornCoupling(reg=0.05, reg_marginals=0.05, n_iters=500).plan(x0, x1).sum(1)
+    assert rows[0] < 0.1 * rows[1:].median()
+
+
+@pytest.mark.parametrize('inner', ['exact', 'sinkhorn'])
+def test_conditional_pairs_stay_within_labels_and_are_optimal_per_label(inner):
+    g = torch.Generator().manual_seed(6)
+    x0, x1 = torch.randn(90, 2, generator=g), torch.randn(90, 2, generator=g)
+    y = torch.randint(0, 4, (90,), generator=g)
+    idx = ConditionalOTCoupling(inner).pair(x0, x1, y=y, generator=g)
+    assert torch.equal(y[idx], y)
+    if inner == 'exact':
+        assert sorted(idx.tolist()) == list(range(90))
+        for label in range(4):
+            rows = (y == label).nonzero().squeeze(1)
+            cost = squared_distance_cost(x1[rows], x0[rows], torch.float64)
+            assert (x0[idx[rows]] - x1[rows]).double().square().sum().item() == pytest.approx(_optimal_cost(cost), rel=1e-6)
+    one_hot = torch.nn.functional.one_hot(y, 4).float()
+    assert torch.equal(ConditionalOTCoupling('exact').pair(x0, x1, y=one_hot), ConditionalOTCoupling('exact').pair(x0, x1, y=y))
+
+
+def test_registry_and_bad_input():
+    assert set(COUPLINGS) == {'independent', 'exact', 'sinkhorn', 'unbalanced_sinkhorn', 'conditional'}
+    assert isinstance(get_coupling(None), IndependentCoupling)
+    c = SinkhornCoupling(reg=0.2); assert get_coupling(c) is c
+    assert get_coupling('sinkhorn', reg=0.3).reg == 0.3
+    with pytest.raises(ValueError, match="'unbalanced_sinkhorn'"): get_coupling('ot')
+    with pytest.raises(TypeError, match='BaseCoupling'): get_coupling(3)
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match='same shape'): ExactOTCoupling()(x, x[:3])
+    with pytest.raises(ValueError, match='batch'): ExactOTCoupling()(torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="'auction'"): ExactOTCoupling('lapjv')
+    with pytest.raises(ValueError, match='square'): linear_assignment(torch.rand(3, 4))
+    with pytest.raises(ValueError, match='reg'): SinkhornCoupling(reg=0.0)
+    with pytest.raises(ValueError, match='reg_marginals'): UnbalancedSinkhornCoupling(reg_marginals=-1.0)
+    with pytest.raises(ValueError, match='labels y'): ConditionalOTCoupling().pair(x, x, y=torch.zeros(3))
+    with pytest.raises(ValueError, match='must not itself use labels'): ConditionalOTCoupling(ConditionalOTCoupling())
+    with pytest.raises(ValueError, match='scaling'): auction_assignment(torch.rand(3, 3), scaling=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('name', ['exact', 'sinkhorn', 'unbalanced_sinkhorn'])
+def test_cuda_couplings_stay_on_the_device(name):
+    g = torch.Generator('cuda').manual_seed(0)
+    x0, x1 = torch.randn(64, 2, device='cuda', generator=g), torch.randn(64, 2, device='cuda', generator=g)
+    out = get_coupling(name)(x0, x1, generator=g)
+    assert out.device == x0.device
+    if name == 'exact':
+        assert torch.equal(out.cpu(), ExactOTCoupling('scipy')(x0.cpu(), x1.cpu()))
