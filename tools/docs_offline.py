@@ -157,7 +157,16 @@ def strip_quarto(nb):
 
 # ---------------------------------------------------------------- markdown and cells to HTML
 
-_markdown = mistune.create_markdown(escape=False, plugins=['table', 'strikethrough', 'footnotes'])
+class _Renderer(mistune.HTMLRenderer):
+    "mistune's HTML with code blocks highlighted like code cells."
+    def block_code(self, code, info=None):
+        lang = (info or '').split()[0] if info else ''
+        if lang in ('python', 'py', ''):
+            return code_html(code.strip('\n')) if lang else f'<pre><code>{html.escape(code.strip(chr(10)))}</code></pre>'
+        return f'<pre><code class="language-{html.escape(lang)}">{html.escape(code.strip(chr(10)))}</code></pre>'
+
+
+_markdown = mistune.create_markdown(escape=False, renderer=_Renderer(escape=False), plugins=['table', 'strikethrough', 'footnotes'])
 
 
 def markdown_html(text: str) -> str:
@@ -337,6 +346,7 @@ class Site:
                 repo = Path(os.path.normpath(Path('nbs') / src_dir / path))
                 return f'{attr}="{self.cfg.git_url}/blob/{self.cfg.branch}/{repo.as_posix()}"'
             else: return m.group(0)
+            if anchor and target in self.pages and anchor not in self.pages[target].ids: anchor = ''   # e.g. a method without show_doc
             return f'{attr}="{self.rel(page.out, target)}{"#" + anchor if anchor else ""}"'
         return re.sub(r'(href)="([^"]*)"', fix, body)
 
@@ -347,7 +357,8 @@ class Site:
                 if item[0] == 'page':
                     p = self.pages[item[1]]
                     cls = ' class="active"' if p is page else ''
-                    out.append(f'<li{cls}><a href="{self.rel(page.out, p.out)}">{html.escape(p.title)}</a></li>')
+                    label = 'Home' if p.out == Path('index.html') else p.title
+                    out.append(f'<li{cls}><a href="{self.rel(page.out, p.out)}">{html.escape(label)}</a></li>')
                 else:
                     out.append(f'<li class="section"><span>{html.escape(item[1])}</span><ul>{walk(item[2])}</ul></li>')
             return ''.join(out)
@@ -694,6 +705,7 @@ def build(cfg) -> tuple:
     unlisted = [p for p in site.pages if p not in listed]
     if unlisted: items.append(('section', 'More', [('page', p) for p in unlisted]))
 
+    for page in site.pages.values(): page.ids = set(re.findall(r'\sid="([^"]+)"', page.body))
     for page in site.pages.values(): site.write(page, items, docs)
     mathjax = write_static(docs, root, site.search_index())
     render_readme(proc, cfg.readme_nb, root / 'README.md', cfg.doc_host.rstrip('/') + cfg.doc_baseurl)
