@@ -432,14 +432,12 @@ def api_index_markdown(modidx: dict) -> str:
 
 
 def api_summary(obj) -> str:
-    "The first line of an object's own docstring; constants say what they hold."
-    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj) or callable(obj) and hasattr(obj, '__doc__'):
-        doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
-        if doc: return ' '.join(doc.strip().split('\n\n')[0].split())
-    if inspect.ismodule(obj): return ' '.join((obj.__doc__ or '').split()) or 'module'
-    if not (inspect.isclass(obj) or callable(obj)):
-        return f'constant: `{type(obj).__name__}` ' + (f'`{obj!r}`' if len(repr(obj)) < 60 else '')
-    return ''
+    "The first paragraph of an object's docstring; constants say what they hold."
+    if inspect.ismodule(obj): return ' '.join((obj.__doc__ or 'module').split('\n\n')[0].split())
+    if inspect.isclass(obj) or inspect.isroutine(obj):
+        return ' '.join((inspect.getdoc(obj) or '').split('\n\n')[0].split())
+    value = repr(obj)
+    return f'constant: `{type(obj).__name__}`' + (f' `{value}`' if len(value) < 60 else '')
 
 
 def benchmarks_page(root: Path) -> str:
