@@ -1,28 +1,39 @@
-"""The offline docs preview (`tools/docs_offline.py` -> `_docs/`) opened in headless Chromium.
+"""The docs site: its offline copy (`tools/docs_offline.py` -> `_docs/`) opened in headless Chromium, and the rules
+every page keeps (unique names, working local links, signatures as in the code, no private headings, no machine
+paths in stored outputs, alt text on figures, an API index that lists every public name).
 
-Checks what a reader sees: the home page (title, the README's two commands, the tour's figures) and one API
-page (show_doc signature blocks for the samplers, figures, no leftover Quarto syntax). tools/test.sh builds the
-pages and installs Debian's `chromium` first; run alone, this file builds the pages when they are missing.
+tools/test.sh builds the pages and installs Debian's `chromium` and the npm `mathjax` package first; run alone,
+this file builds the pages when they are missing. The screenshots land in `_docs/_screenshots/`.
 """
-import base64
 import html
-import io
+import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
 DOCS = ROOT / '_docs'
+sys.path.insert(0, str(ROOT / 'tools'))
+from docs_offline import API_PACKAGES, is_private, page_name  # noqa: E402
+import showdoc  # noqa: E402
+
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync']
-PNG_SRC = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=\s]+)"')
+         '--disable-background-networking', '--disable-component-update', '--disable-sync',
+         '--virtual-time-budget=15000']
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (tools/test.sh installs it)")
+MACHINE_PATH = re.compile(r'(?<![\w.])(/work/|/root/|/home/[\w.-]+/|/tmp/|/Users/|/private/var/|[A-Z]:\\\\Users)')
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (tools/test.sh installs it)")
+
+def notebooks():
+    return sorted(p.relative_to(NBS) for p in NBS.rglob('*.ipynb')
+                  if not any(part.startswith(('_', '.')) for part in p.relative_to(NBS).parts))
 
 
 @pytest.fixture(scope='module')
@@ -33,62 +44,199 @@ def docs():
     return DOCS
 
 
+def pages(docs):
+    return sorted(p for p in docs.rglob('*.html') if not p.relative_to(docs).parts[0].startswith('_'))
+
+
+def text_of(dom: str) -> str:
+    return html.unescape(re.sub(r'<[^>]+>', '', dom))
+
+
+# ---------------------------------------------------------------- names, links, contents (no browser)
+
+def test_no_two_notebooks_share_a_page_name():
+    "nbdev strips `^\\d+[a-zA-Z0-9]*_`: `31_models` and `39_models` would both be models.html on the site."
+    names = {}
+    for nb in notebooks(): names.setdefault(page_name(nb), []).append(str(nb))
+    collisions = {str(k): v for k, v in names.items() if len(v) > 1}
+    assert not collisions, f'notebooks that become the same page: {collisions}; rename one (and fix its links)'
+    assert page_name(Path('31_models.ipynb')) == page_name(Path('39_models.ipynb'))   # the rule the check relies on
+
+
+def test_every_notebook_has_its_page_in_the_sidebar(docs):
+    index = (docs / 'index.html').read_text()
+    sidebar = re.search(r'<nav class="sidebar".*?</nav>', index, re.S).group(0)
+    assert '<span>More</span>' not in sidebar, 'notebooks missing from nbs/_quarto.yml land in a "More" section: list them'
+    for nb in notebooks():
+        page = docs / page_name(nb)
+        assert page.exists(), f'no page for {nb}: run tools/docs_offline.py and read its FAIL lines'
+        assert f'href="{page_name(nb).as_posix()}"' in sidebar, f'{nb} is not in the sidebar'
+
+
+def test_every_local_link_and_anchor_resolves(docs):
+    ids = {}
+    def anchors(page):
+        if page not in ids: ids[page] = set(re.findall(r'\sid="([^"]+)"', page.read_text(encoding='utf-8')))
+        return ids[page]
+    broken = []
+    for page in pages(docs):
+        dom = page.read_text(encoding='utf-8')
+        for url in re.findall(r'(?:href|src)="([^"]+)"', dom):
+            url = html.unescape(url)
+            if re.match(r'^(https?:|data:|mailto:|javascript:)', url): continue
+            path, _, anchor = url.partition('#')
+            target = (page.parent / unquote(path)).resolve() if path else page
+            if not target.exists(): broken.append(f'{page.relative_to(docs)} -> {url}')
+            elif anchor and target.suffix == '.html' and unquote(anchor) not in anchors(target):
+                broken.append(f'{page.relative_to(docs)} -> {url} (no such anchor)')
+    assert not broken, f'{len(broken)} broken local links:\n' + '\n'.join(broken[:40])
+
+
+def test_pages_load_nothing_from_the_network(docs):
+    for page in pages(docs):
+        dom = page.read_text(encoding='utf-8')
+        remote = re.findall(r'<(?:script|link|img|iframe)[^>]+(?:src|href)="(https?:[^"]+)"', dom)
+        assert not remote, f'{page.name} loads {remote[:3]}'
+        assert not re.search(r'href="https?://torchebm\.github\.io', dom), f'{page.name} links the online site'
+    assert (docs / '_static' / 'mathjax' / 'tex-svg-full.js').exists(), 'MathJax not copied: npm install mathjax@3'
+
+
+def test_no_private_name_is_a_heading(docs):
+    private = []
+    for page in pages(docs):
+        for hid, inner in re.findall(r'<h[1-4] id="([^"]+)">(.*?)</h[1-4]>', page.read_text(encoding='utf-8'), re.S):
+            name = text_of(inner).rstrip('#').strip()
+            if re.fullmatch(r'[\w.]+', name) and is_private(name): private.append(f'{page.name}: {name}')
+    assert not private, private
+    assert is_private('_TrainingLoop.fit') and is_private('Trainer._step') and not is_private('Model.__call__')
+
+
+def test_figures_have_alt_text(docs):
+    for page in pages(docs):
+        for tag in re.findall(r'<img[^>]*>', page.read_text(encoding='utf-8')):
+            alt = re.search(r'alt="([^"]*)"', tag)
+            assert alt and len(alt.group(1).strip()) > 8, f'{page.name}: figure without alt text'
+
+
+def test_api_index_lists_every_public_name_with_a_summary(docs):
+    import importlib
+    dom = (docs / 'api.html').read_text(encoding='utf-8')
+    rows = {text_of(name).strip(): text_of(summary).strip()
+            for name, summary in re.findall(r'<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*</tr>', dom, re.S)}
+    for package in API_PACKAGES:
+        module = importlib.import_module(f'torchebm.{package}')
+        assert module.__all__, package
+        for name in module.__all__:
+            assert name in rows, f'torchebm.{package}.{name} missing from the API index'
+            assert rows[name], f'torchebm.{package}.{name} has no one-line summary (give it a docstring)'
+
+
+def test_benchmarks_and_gallery_pages(docs):
+    bench = (docs / 'benchmarks.html').read_text(encoding='utf-8')
+    assert bench.count('<img') >= 2 and 'log scale' in bench and 'W1' in bench
+    gallery = (docs / 'gallery.html').read_text(encoding='utf-8')
+    assert gallery.count('class="card"') >= 5, 'the gallery collects the figures of the tutorials'
+    assert 'href="tutorials/getting_started.html#fig-' in gallery
+
+
+def test_readme_says_how_to_install_this_library():
+    readme = (ROOT / 'README.md').read_text()
+    assert 'git clone' in readme and 'pip install git+' in readme
+    assert 'pip install -e ".[dev]" && python -m torchebm.demo' in readme and 'bash tools/test.sh' in readme
+    assert 'TorchEBM 0.8' in readme, 'say that `pip install torchebm` is another library'
+
+
+# ---------------------------------------------------------------- show_doc signatures
+
+def test_signatures_read_as_in_the_code():
+    from fastcore.docments import DocmentText
+    from torchebm.samplers import LangevinDynamics
+    from torchebm.samplers.mcmc import MCMCSampler
+    showdoc.patch()
+    text = str(DocmentText(LangevinDynamics))
+    assert text.startswith('LangevinDynamics(\n') and 'def LangevinDynamics' not in text
+    assert 'step_size: Union[float, BaseScheduler] = 1e-3, # step size' in text
+    assert 'model=None, # energy model' in text and 'NoneType' not in text
+    assert 'dtype: Optional[torch.dtype] = None' in text and '*, energy_function=None' in text
+    method = str(DocmentText(MCMCSampler.sample))
+    assert method.startswith('def sample(') and 'self' not in method and 'generator: Optional[torch.Generator] = None' in method
+
+    def varargs(x: int, *tensors, scale: float = 1.0, **kwargs) -> int:
+        "Example."
+        return x
+    assert showdoc.signature_text(varargs) == 'def varargs(x: int, *tensors, scale: float = 1.0, **kwargs) -> int:'
+
+
+def test_no_page_shows_a_lossy_signature(docs):
+    "fastcore's own text (`step_size:Union=0.001`, `model:NoneType=None`, `args:VAR_POSITIONAL`) appears nowhere."
+    lossy = re.compile(r'\w:(NoneType|Union|Optional|VAR_POSITIONAL|VAR_KEYWORD)\b')
+    for page in pages(docs):
+        found = lossy.findall(text_of(page.read_text(encoding='utf-8')))
+        assert not found, f'{page.name}: {found[:5]}'
+
+
+# ---------------------------------------------------------------- stored outputs
+
+@pytest.mark.parametrize('nb', notebooks(), ids=str)
+def test_outputs_have_no_machine_paths(nb):
+    "Stored outputs must not show where they were run (`/work/...`, `/root/...`, a temporary directory)."
+    cells = json.loads((NBS / nb).read_text())['cells']
+    found = []
+    for i, cell in enumerate(cells):
+        for output in cell.get('outputs', []):
+            parts = [output.get('text', ''), output.get('traceback', '')]
+            parts += [v for k, v in output.get('data', {}).items() if not k.startswith('image/')]
+            text = '\n'.join(''.join(p) if isinstance(p, list) else str(p) for p in parts)
+            found += [f'cell {i}: ...{text[max(0, m.start() - 40):m.end() + 40]}...' for m in MACHINE_PATH.finditer(text)]
+    assert not found, f'{nb}: ' + '\n'.join(found[:5])
+
+
+def test_machine_path_pattern():
+    assert MACHINE_PATH.search('loaded from /work/main/.torch_extensions/x') and MACHINE_PATH.search('/tmp/tmpab/x.pt')
+    assert not MACHINE_PATH.search('see torchebm/cuda/loader.py and ./torchebm_demo/')
+
+
+# ---------------------------------------------------------------- in the browser
+
 def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([CHROMIUM, *FLAGS, f'--user-data-dir={profile}', *args, page.as_uri()],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
-def _dom(page: Path, tmp_path: Path) -> str:
-    "The page's DOM after Chromium has loaded it."
-    return _chromium(page, tmp_path / 'profile', '--dump-dom').stdout
-
-
-def _pictures(dom: str):
-    "The PNG figures embedded in a page, opened with Pillow."
+@needs_chromium
+@pytest.mark.parametrize('page,maths', [('index.html', 2), ('tutorials/getting_started.html', 3), ('langevin.html', 5)])
+def test_page_in_the_browser_has_sidebar_maths_and_pictures(docs, tmp_path, page, maths):
     from PIL import Image
-    return [Image.open(io.BytesIO(base64.b64decode(re.sub(r'\s', '', m)))) for m in PNG_SRC.findall(dom)]
+    dom = _chromium(docs / page, tmp_path / 'profile', '--dump-dom').stdout
+    sidebar = re.search(r'<nav class="sidebar".*?</nav>', dom, re.S)
+    assert sidebar and sidebar.group(0).count('<a ') > 30, 'the sidebar lists the site'
+    assert 'class="active"' in sidebar.group(0)
+    assert '<header class="navbar">' in dom and 'id="search"' in dom
+    assert dom.count('<mjx-container') >= maths, 'MathJax did not typeset the maths (offline)'
+    errors = re.findall(r'data-mjx-error="([^"]*)"', dom)
+    assert not errors, f'formulas that failed to render: {errors[:5]}'
+    assert dom.count('<img') >= 1 and '{target=' not in dom and '#| ' not in dom
+    shots = docs / '_screenshots'
+    shots.mkdir(exist_ok=True)
+    shot = shots / (page.replace('/', '_').replace('.html', '.png'))
+    _chromium(docs / page, tmp_path / 'profile', '--window-size=1400,1000', '--hide-scrollbars', f'--screenshot={shot}')
+    image = Image.open(shot).convert('RGB')
+    assert image.size == (1400, 1000)
+    assert image.getpixel((700, 20))[2] > image.getpixel((700, 20))[0] + 40, 'the navbar (blue) is on top'
+    grey = image.convert('L')
+    assert len(grey.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, 'a blank page'
 
 
-def test_home_page_has_the_commands_the_tour_and_its_figures(docs, tmp_path):
-    dom = _dom(docs / 'index.html', tmp_path)
-    assert re.search(r'<h1[^>]*>\s*torchebm', dom)
-    text = html.unescape(re.sub(r'<[^>]+>', '', dom))   # highlighted code is split into spans
+def test_search_finds_a_class(docs, tmp_path):
+    "The offline search index knows the API (the script runs from file://, no server)."
+    index = (docs / '_static' / 'search.js').read_text()
+    assert '"LangevinDynamics"' in index and '"u":"langevin.html#langevindynamics"' in index
+
+
+def test_home_page_has_the_commands_and_the_tour(docs):
+    text = text_of((docs / 'index.html').read_text(encoding='utf-8'))
     assert 'pip install -e ".[dev]" && python -m torchebm.demo' in text and 'bash tools/test.sh' in text
     assert 'LangevinDynamics' in text and 'ContrastiveDivergence' in text
-    pictures = _pictures(dom)
-    assert len(pictures) >= 2
-    assert all(p.format == 'PNG' and p.width > 200 and p.height > 150 for p in pictures)
-
-
-def test_api_page_has_show_doc_blocks_and_figures(docs, tmp_path):
-    page = docs / '13_langevin.html'
-    assert page.exists(), sorted(p.name for p in docs.glob('*.html'))
-    dom = _dom(page, tmp_path)
-    assert re.search(r'<h3 id="LangevinDynamics">LangevinDynamics', dom)
-    signatures = re.findall(r'<h[234] id="[\w.]+">[\w.]+<a class="anchor-link"[^>]*>¶</a></h[234]>\s*<div class="highlight">', dom)
-    assert len(signatures) >= 2, 'expected show_doc signature blocks'
-    # nbdev 2 renders the argument table as one documented line per parameter inside the signature block
-    for argument_doc in ('step size eta &gt; 0, or a scheduler', 'add a Metropolis-Hastings test (MALA)'):
-        assert argument_doc in dom, f'argument documentation {argument_doc!r} missing from the API page'
-    assert '>source</a>' in dom and '{target=' not in dom and '#| ' not in dom
-    assert len(_pictures(dom)) >= 1
-
-
-def test_screenshot_of_the_home_page_is_not_blank(docs, tmp_path):
-    from PIL import Image
-    shot = tmp_path / 'home.png'
-    _chromium(docs / 'index.html', tmp_path / 'profile', '--window-size=1000,1400', f'--screenshot={shot}')
-    image = Image.open(shot).convert('L')
-    assert image.size == (1000, 1400)
-    low, high = image.getextrema()
-    assert high - low > 100
-    assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50   # text and figures, not a blank page
-
-
-def test_every_notebook_has_its_page(docs):
-    notebooks = [p.relative_to(ROOT / 'nbs') for p in (ROOT / 'nbs').rglob('*.ipynb')
-                 if not any(part.startswith(('_', '.')) for part in p.relative_to(ROOT / 'nbs').parts)]
-    missing = [str(nb) for nb in notebooks if not (docs / nb.with_suffix('.html')).exists()]
-    assert not missing, f'no page for {missing}: run tools/docs_offline.py and read its FAIL lines'
+    assert text.index('python -m torchebm.demo') < text.index('What is in the box'), 'the two commands come first'

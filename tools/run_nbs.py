@@ -14,6 +14,9 @@ from nbdev.config import get_config
 from nbdev.process import NBProcessor
 from nbdev.frontmatter import FrontmatterProc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import showdoc  # noqa: E402  (tools/showdoc.py: show_doc signatures as in the code, the same as the docs build)
+
 
 def _skip_cell(flags):
     def skip(cell):
@@ -31,6 +34,7 @@ def run_notebook(path: Path, flags: set) -> None:
     for cell in nb.cells:
         if cell.cell_type == 'code': cell.outputs, cell.execution_count = [], None
     os.environ.setdefault('MPLBACKEND', 'Agg')
+    showdoc.patch()
     shell = CaptureShell(path, mpl_format='png')
     with working_directory(path.parent):
         shell.run_all(nb, exc_stop=True, preproc=_skip_cell(flags))

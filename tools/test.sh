@@ -27,6 +27,11 @@ echo "[test] nbdev_test done at $((SECONDS-T0))s"
 
 echo "[test] offline docs: _docs/*.html and README.md from nbs/index.ipynb"
 T1=$SECONDS
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ ! -f node_modules/mathjax/es5/tex-svg-full.js ]; then   # the docs render their maths offline with MathJax from npm
+  command -v npm >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null; $SUDO apt-get install -y -q npm >/dev/null; }
+  npm install --no-save --no-package-lock --no-audit --no-fund mathjax@3.2.2 >/dev/null
+fi
 timeout 300 python tools/docs_offline.py
 if ! git diff --quiet -- README.md; then
   git --no-pager diff --stat -- README.md
@@ -34,7 +39,6 @@ if ! git diff --quiet -- README.md; then
   exit 1
 fi
 if ! command -v chromium >/dev/null 2>&1; then   # tests/test_docs.py opens the pages in headless Chromium
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get install -y -q chromium >/dev/null || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
 fi
 echo "[test] offline docs done in $((SECONDS-T1))s"

@@ -178,8 +178,9 @@ def _build(spec: ExtensionSpec) -> ExtensionState:
         kwargs.update(cuda_sources=list(spec.cuda_sources), extra_cuda_cflags=list(spec.extra_cuda_cflags))
     module = load_inline(**kwargs)
     took = time.perf_counter() - t0
-    if cached: return ExtensionState('cached', f'loaded from {build_dir} in {took:.2f} s', module)
-    return ExtensionState('compiled', f'built in {took:.1f} s into {build_dir}', module)
+    # the reason names the build folder inside `cache_dir()`, not its absolute path: status tables get shared
+    if cached: return ExtensionState('cached', f'loaded from {name} (in cache_dir()) in {took:.2f} s', module)
+    return ExtensionState('compiled', f'built in {took:.1f} s into {name} (in cache_dir())', module)
 
 def load_extension(name: str):
     "The compiled module of extension `name`, building it on first use; `None` (see `status()`) when unavailable."
