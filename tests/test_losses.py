@@ -286,6 +286,55 @@ def test_cd_conditioning_reaches_energies_and_sampler():
     assert torch.allclose(loss, want)
 
 
+def test_cd_passes_its_model_to_the_run_and_never_touches_the_sampler():
+    "The sampler is an argument holder only: its model is not swapped, also not temporarily."
+    class Spy(LangevinDynamics):
+        seen = []
+        def sample(self, *args, model=None, **kwargs):
+            Spy.seen.append((self.model, model))
+            return super().sample(*args, model=model, **kwargs)
+    spy = Spy(step_size=0.01)
+    model = LearnableGaussian(2, dtype=torch.float32)
+    ContrastiveDivergence(model=model, sampler=spy, k_steps=2)(gaussian_data(8, dtype=torch.float32))
+    assert Spy.seen == [(None, model)] and spy.model is None
+
+
+def test_cd_with_a_sampler_that_cannot_take_a_model():
+    "A duck-typed sampler without `sample(model=)` works for its own model and is refused for another one."
+    class Fixed:
+        def __init__(self, model): self.model = model
+        def sample(self, x, n_steps, generator=None): return x + 0.0
+    model = LearnableGaussian(2, dtype=torch.float32)
+    x = gaussian_data(8, dtype=torch.float32)
+    loss, negatives = ContrastiveDivergence(model=model, sampler=Fixed(model))(x)
+    assert torch.equal(negatives, x)
+    with pytest.raises(TypeError, match='must accept model='):
+        ContrastiveDivergence(model=LearnableGaussian(2, dtype=torch.float32), sampler=Fixed(model))(x)
+
+
+@pytest.mark.parametrize('init', ['gaussian', 'uniform', 'data'])
+def test_pcd_restarts_follow_buffer_init(init):
+    "Restarted chains come from the same distribution as the buffer's first fill."
+    _, pcd = small_cd(persistent=True, buffer_size=4000, reinit_prob=1.0, k_steps=1, buffer_init=init,
+                      init_range=(5.0, 6.0), init_std=0.01, data_noise=0.0)
+    x = torch.full((2000, 2), -7.0)
+    pcd.replay_buffer = torch.zeros(4000, 2)
+    index, start = pcd.buffer_start_points(x, 2000, torch.Generator().manual_seed(0))
+    if init == 'gaussian': assert start.abs().max() < 0.1
+    if init == 'uniform': assert start.min() >= 5.0 and start.max() <= 6.0
+    if init == 'data': assert torch.equal(start, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_pcd_buffer_lives_on_the_device_it_was_given():
+    "ContrastiveDivergence(device='cpu') keeps a large buffer in host memory while the chains run on the GPU."
+    model = LearnableGaussian(2).cuda()
+    pcd = ContrastiveDivergence(model=model, sampler=LangevinDynamics(step_size=0.01), k_steps=2, persistent=True,
+                                buffer_size=256, device='cpu')
+    loss, negatives = pcd(torch.randn(32, 2, device='cuda'))
+    assert pcd.replay_buffer.device.type == 'cpu' and negatives.is_cuda and loss.is_cuda
+
+
 # ---------------------------------------------------------------- call forms from the spec
 
 def test_cd_spec_call_forms():

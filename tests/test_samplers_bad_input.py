@@ -206,3 +206,41 @@ def test_energy_of_the_wrong_shape_fails_clearly(name):
         SAMPLERS[name](Bad()).sample(x=torch.zeros(4, 2), n_steps=2)
     with pytest.raises(ValueError, match='energies of shape'):
         LangevinDynamics(Bad()).sample(x=torch.zeros(4, 2), n_steps=2, return_diagnostics=True)
+
+
+# ---------------------------------------------------------------- options of the transition-based samplers
+@pytest.mark.parametrize('cls', [LangevinDynamics, HamiltonianMonteCarlo])
+def test_box_grad_clip_and_adaptation_options_are_checked(cls):
+    model = Gaussian2D()
+    with pytest.raises(TypeError, match='box must be a \\(low, high\\) pair'):
+        cls(model, box=1.0)
+    with pytest.raises(ValueError, match='box must have low < high'):
+        cls(model, box=(1.0, -1.0))
+    with pytest.raises(ValueError, match="box_mode='wrap' is not valid; expected one of \\['clamp', 'reflect'\\]"):
+        cls(model, box=(0.0, 1.0), box_mode='wrap')
+    with pytest.raises(ValueError, match='grad_clip'):
+        cls(model, grad_clip=0.0)
+    extra = {'metropolis': True} if cls is LangevinDynamics else {}
+    with pytest.raises(ValueError, match='jitter must be a number in \\[0, 1\\)'):
+        cls(model, jitter=1.5, **extra)
+    with pytest.raises(ValueError, match="adapt_mass='full' is not valid; expected one of \\['dense', 'diagonal'\\]"):
+        cls(model, adapt_mass='full', **extra)
+
+
+def test_langevin_options_that_need_mala_or_euler_maruyama():
+    with pytest.raises(ValueError, match='metropolis=True'):
+        LangevinDynamics(Gaussian2D(), adapt_mass=True)
+    with pytest.raises(ValueError, match="need integrator='euler_maruyama'"):
+        LangevinDynamics(Gaussian2D(), integrator='heun', box=(0.0, 1.0))
+
+
+def test_warm_start_of_the_wrong_type_or_shape():
+    sampler = HamiltonianMonteCarlo(Gaussian2D())
+    x = torch.zeros(4, 2, dtype=F64)
+    with pytest.raises(TypeError, match='warm_start must be an AdaptedParameters'):
+        sampler.sample(x=x, n_steps=1, warm_start=0.1)
+    from torchebm.samplers.mcmc import AdaptedParameters
+    with pytest.raises(ValueError, match=r'warm_start.step_size must be 0-d or one per chain \(4,\)'):
+        sampler.sample(x=x, n_steps=1, warm_start=AdaptedParameters(torch.ones(3, dtype=F64)))
+    with pytest.raises(ValueError, match='cannot be warm-started'):
+        LangevinDynamics(Gaussian2D(), integrator='heun').sample(x=x, n_steps=1, warm_start=AdaptedParameters(torch.tensor(0.1)))

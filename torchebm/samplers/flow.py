@@ -10,13 +10,12 @@ import math
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.base import (BaseInterpolant, BaseIntegrator, BaseSampler, check_batch, check_choice,
                                 check_nonnegative_int, check_positive, expand_like, rademacher_like)
 from ..integrators import Dopri5, Leapfrog, RK4, get_integrator
 from ..interpolants import get_interpolant
-from .mcmc import check_chains_finite
+from .mcmc import ChainState, check_chains_finite, run_chain
 
 # %% ../../nbs/17_flow_sampler.ipynb #ad4c5483
 PREDICTIONS = ('velocity', 'score', 'noise')
@@ -157,25 +156,19 @@ class FlowSampler(BaseSampler):
 
     def _fixed_step_loop(self, x, drift, t_start, h, n_steps, thin, return_trajectory, return_diagnostics,
                          generator, progress):
-        "The lean loop: times and noise scales are precomputed on the device, so no step waits on the host."
+        "The MCMC samplers' loop (`run_chain`) around the integrator; times and noise scales are precomputed on the device."
         times = t_start + h * torch.arange(n_steps, device=x.device, dtype=x.dtype)
         noise_scales = self.diffusion(times).sqrt() if self.mode == 'sde' else None
-        n_kept = n_steps // thin
-        trajectory = x.new_empty((x.shape[0], n_kept, *x.shape[1:])) if return_trajectory else None
-        diagnostics = {'mean': x.new_empty((n_kept, *x.shape[1:])), 'var': x.new_empty((n_kept, *x.shape[1:])),
-                       't': times[thin - 1::thin][:n_kept] + h} if return_diagnostics else None
-        state = {'x': x}
-        for i in tqdm(range(n_steps), desc='FlowSampler', leave=False, disable=not progress):
-            t = times[i].expand(x.shape[0])
+        def step(state, i):
             noise_scale = 0.0 if noise_scales is None else noise_scales[i]
-            state = self.integrator.step(state, h, drift=drift, t=t, noise_scale=noise_scale, generator=generator)
-            if (i + 1) % thin == 0 and (i + 1) // thin <= n_kept:
-                k = (i + 1) // thin - 1
-                if trajectory is not None: trajectory[:, k] = state['x']
-                if diagnostics is not None:
-                    diagnostics['mean'][k] = state['x'].mean(0)
-                    diagnostics['var'][k] = state['x'].var(0, unbiased=False)
-        return state['x'], trajectory, diagnostics
+            new = self.integrator.step({'x': state.x}, h, drift=drift, t=times[i].expand(x.shape[0]),
+                                       noise_scale=noise_scale, generator=generator)
+            return ChainState(new['x']), {}
+        state, trajectory, diagnostics = run_chain(step, ChainState(x), n_steps, thin=thin, return_trajectory=return_trajectory,
+                                                   return_diagnostics=return_diagnostics, diagnostic_keys=('mean', 'var'),
+                                                   progress=progress, owner='FlowSampler')
+        if diagnostics is not None: diagnostics['t'] = times[thin - 1::thin][:n_steps // thin] + h
+        return state.x, trajectory, diagnostics
 
     # -- likelihoods --------------------------------------------------------------------------------------
     def divergence(self, x: torch.Tensor, t: torch.Tensor, model_kwargs: Dict[str, Any],

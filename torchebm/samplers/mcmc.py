@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA', 'ADAPT_METRICS',
-           'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
+           'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule', 'chain_moments',
            'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options', 'compiled_energy_and_gradient',
            'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'AdaptationOptions', 'adaptation_options',
            'MCMCSampler', 'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
@@ -62,12 +62,14 @@ def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> 
             raise ValueError(f"{name} must be {need} at every step, but its schedule gives {v!r} at step {i}")
 
 # %% ../../nbs/12_mcmc.ipynb #a513e906
+def chain_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    "Mean and unbiased variance over the chains of `x: [n_chains, *dim]` (variance 0 for one chain): what every sampler records."
+    return x.mean(0), x.var(0, correction=1 if x.shape[0] > 1 else 0)
+
 def _record_diagnostics(diag, k, state, info, model):
     x = state.x
-    energy = state.energy if state.energy is not None else model_energy(model, x)
-    diag['energy'][k] = energy
-    diag['mean'][k] = x.mean(0)
-    diag['var'][k] = x.var(0, correction=1 if x.shape[0] > 1 else 0)
+    if 'energy' in diag: diag['energy'][k] = state.energy if state.energy is not None else model_energy(model, x)
+    diag['mean'][k], diag['var'][k] = chain_moments(x)
     if 'accepted' in info: diag['acceptance_rate'][k] = info['accepted'].to(x.dtype).mean()
     if 'step_size' in info: diag['step_size'][k] = torch.as_tensor(info['step_size'], dtype=x.dtype).mean()
 
@@ -134,10 +136,10 @@ class ChainMonitor:
             self._window_sum.zero_()
             self._window_count = 0
 
-    def check_energy(self, state: ChainState) -> None:
+    def check_energy(self, state: ChainState, model=None) -> None:
         "Flag chains whose finite energy is above `ENERGY_LIMIT` or `ENERGY_GROWTH` times its first checked value."
-        if state.energy is None: return
-        magnitude = state.energy.abs()
+        if state.energy is None and model is None: return
+        magnitude = (state.energy if state.energy is not None else model_energy(model, state.x)).abs()
         if self._reference is None: self._reference = magnitude.clamp_min(1.0)
         self.exploded |= torch.isfinite(magnitude) & ((magnitude > ENERGY_LIMIT) | (magnitude > ENERGY_GROWTH * self._reference))
 
@@ -178,7 +180,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
         if return_trajectory else None
     diagnostics = _empty_diagnostics(x, n_kept, diagnostic_keys) if return_diagnostics else None
     bar = tqdm(total=n_steps, desc=owner, leave=False) if progress else None
-    if monitor is not None: monitor.check_energy(state)
+    if monitor is not None: monitor.check_energy(state, model)
     last_checked, guarding = 0, True
     for i in range(n_steps):
         state, info = step(state, i)
@@ -189,13 +191,13 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
             if diagnostics is not None: _record_diagnostics(diagnostics, k, state, info, model)
         if guarding and (i + 1) % check_every == 0:
             guarding = check_chains_finite(state.x, last_checked + 1, i + 1, owner, nan_policy)
-            if monitor is not None: monitor.check_energy(state)
+            if monitor is not None: monitor.check_energy(state, model)
             last_checked = i + 1
         if bar is not None: bar.update(1)
     if bar is not None: bar.close()
     if guarding and last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner, nan_policy)
     if monitor is not None:
-        monitor.check_energy(state)
+        if last_checked < n_steps: monitor.check_energy(state, model)
         monitor.report()
     return state, trajectory, diagnostics
 
@@ -542,12 +544,13 @@ def mass_adaptation_windows(n_adapt: int) -> List[Tuple[int, int]]:
     if n_adapt < 20: return []
     if n_adapt >= 150: init, term, size = 75, 50, 25
     else: init, term = int(0.15 * n_adapt), int(0.1 * n_adapt); size = n_adapt - init - term
-    windows, start, last_end = [], init, n_adapt - term
-    while start < last_end:
+    last_end = n_adapt - term
+    windows = [(init, init + size)]  # Stan never stretches the first window
+    while windows[-1][1] < last_end:
+        start, size = windows[-1][1], 2 * size
         end = start + size
-        if end + 2 * size > last_end: end = last_end
+        if end + 2 * size > last_end: end = last_end  # a window that would leave too short a next one takes the rest
         windows.append((start, end))
-        start, size = end, 2 * size
     return windows
 
 class WelfordState(NamedTuple):

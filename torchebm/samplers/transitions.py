@@ -9,7 +9,7 @@ __all__ = ['MAX_ENERGY_ERROR', 'BOX_MODES', 'ChainState', 'TransitionInfo', 'che
            'as_box', 'unit_metric', 'as_metric', 'Transition', 'leapfrog', 'hamiltonian', 'LangevinParams', 'ULA',
            'MALA', 'HMCParams', 'HMC', 'GradientDescentParams', 'NesterovState', 'GradientDescent', 'Nesterov']
 
-# %% ../../nbs/11_transitions.ipynb #8e843200
+# %% ../../nbs/11_transitions.ipynb #7d2c7057
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ import torch
 from ..core.base import BaseModel, check_choice, check_positive
 from ..integrators import MassMatrix, axpy
 
-# %% ../../nbs/11_transitions.ipynb #53e5fb52
+# %% ../../nbs/11_transitions.ipynb #6ccf4ce5
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
@@ -33,7 +33,7 @@ class TransitionInfo(NamedTuple):
     energy_error: Optional[torch.Tensor] = None  # [n_chains]: H(end) - H(start) of the proposal (HMC-like moves)
     accepted: Optional[torch.Tensor] = None  # [n_chains] bool: whether the proposal was taken (Metropolis moves)
 
-# %% ../../nbs/11_transitions.ipynb #27da4291
+# %% ../../nbs/11_transitions.ipynb #21296219
 def checked_energy(energy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "`energy` if it has shape `[batch]` for `x: [batch, *dim]` (a shape check only, no sync)."
     if energy.shape != x.shape[:1]:
@@ -71,7 +71,7 @@ def gradient_only(model) -> bool:
     "Whether `model` has a closed-form gradient, so steps can skip energies they do not need."
     return isinstance(model, BaseModel) and model.has_analytic_gradient
 
-# %% ../../nbs/11_transitions.ipynb #85a8f970
+# %% ../../nbs/11_transitions.ipynb #cc13285d
 MAX_ENERGY_ERROR = 1000.0  # |H(end) - H(start)| above this marks a divergent trajectory (as in Stan)
 BOX_MODES = ('clamp', 'reflect')
 
@@ -113,7 +113,7 @@ def divergent(energy_error: torch.Tensor) -> torch.Tensor:
     "Chains whose energy error is not finite or above `MAX_ENERGY_ERROR`."
     return ~(energy_error.abs() <= MAX_ENERGY_ERROR)
 
-# %% ../../nbs/11_transitions.ipynb #fc1b40d1
+# %% ../../nbs/11_transitions.ipynb #1ca02261
 class Box(NamedTuple):
     "Bounds `low <= x <= high` (numbers or tensors broadcasting against `x`) kept by `mode` 'clamp' or 'reflect'."
     low: Union[float, torch.Tensor]
@@ -122,13 +122,16 @@ class Box(NamedTuple):
 
     def apply(self, x: torch.Tensor, p: Optional[torch.Tensor] = None):
         "`x` brought into the box (and momenta `p` flipped where a wall reflected them); returns `x` or `(x, p)`."
+        low, high = self.low, self.high
+        if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+            low, high = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (low, high))
         if self.mode == 'clamp':
-            x = torch.clamp(x, self.low, self.high)
+            x = torch.clamp(x, low, high)
             return x if p is None else (x, p)
-        width = self.high - self.low
-        folds = torch.floor((x - self.low) / width)
-        y = (x - self.low) - 2 * width * torch.floor(folds / 2)  # in [0, 2 width): one fold per wall crossed
-        x = self.low + torch.where(y > width, 2 * width - y, y)
+        width = high - low
+        folds = torch.floor((x - low) / width)
+        y = (x - low) - 2 * width * torch.floor(folds / 2)  # in [0, 2 width): one fold per wall crossed
+        x = low + torch.where(y > width, 2 * width - y, y)
         if p is None: return x
         return x, torch.where(torch.remainder(folds, 2) == 1, -p, p)
 
@@ -143,7 +146,7 @@ def as_box(box, box_mode: str = 'clamp') -> Optional[Box]:
         raise ValueError(f"box must have low < high, got {box!r}")
     return Box(low, high, box_mode)
 
-# %% ../../nbs/11_transitions.ipynb #cb9999ad
+# %% ../../nbs/11_transitions.ipynb #b353c48c
 def unit_metric() -> MassMatrix:
     "The identity metric $M = I$."
     return MassMatrix(1.0)
@@ -173,7 +176,7 @@ class Transition:
         "One move of every chain."
         raise NotImplementedError(f"{type(self).__name__} must implement step(model, state, params, generator)")
 
-# %% ../../nbs/11_transitions.ipynb #b1c0ea35
+# %% ../../nbs/11_transitions.ipynb #52cf6361
 def leapfrog(model,
              state: ChainState,  # start: `x [n_chains, *dim]` with its `grad` (and energy, unused)
              momentum: torch.Tensor,  # p `[n_chains, *dim]`
@@ -210,7 +213,7 @@ def hamiltonian(state: ChainState, momentum: torch.Tensor, metric: Optional[Mass
     "$E(x)/T + \\tfrac12 p^\\top M^{-1} p$ per chain."
     return state.energy / temperature + as_metric(metric).kinetic_energy(momentum)
 
-# %% ../../nbs/11_transitions.ipynb #09bd5042
+# %% ../../nbs/11_transitions.ipynb #88026c59
 class LangevinParams(NamedTuple):
     "Parameters of a Langevin step: step size, noise scale (1 = exact Langevin), metric, gradient clipping and box."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -255,7 +258,7 @@ class MALA(Transition):
         return new_state, TransitionInfo(acceptance_probability(-energy_error), divergent(energy_error), 1,
                                          energy_error, accepted)
 
-# %% ../../nbs/11_transitions.ipynb #dd0051ba
+# %% ../../nbs/11_transitions.ipynb #5341a546
 class HMCParams(NamedTuple):
     "Parameters of an HMC step: step size, leapfrog steps, metric (mass), gradient clipping and box."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -278,7 +281,7 @@ class HMC(Transition):
         return new_state, TransitionInfo(acceptance_probability(-energy_error), divergent(energy_error),
                                          params.n_leapfrog_steps, energy_error, accepted)
 
-# %% ../../nbs/11_transitions.ipynb #f8eef540
+# %% ../../nbs/11_transitions.ipynb #929de012
 class GradientDescentParams(NamedTuple):
     "Parameters of a gradient-descent step."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
