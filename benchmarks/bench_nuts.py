@@ -222,6 +222,8 @@ def main():
     parser.add_argument('--peers', default='/work/venvs/peers/bin/python')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_nuts'))
     args = parser.parse_args()
+    settings = (f"{args.warmup} warm-up + {args.draws} draws per chain, diagonal metric, target acceptance 0.8, "
+                f"max tree depth 10, one thread per library, float64")
     rows = []
     for name in args.targets.split(','):
         for library in args.libraries.split(','):
@@ -233,10 +235,8 @@ def main():
             row = dict(target=name, library=library, **score(result))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    settings = (f"{args.warmup} warm-up + {args.draws} draws per chain, diagonal metric, target acceptance 0.8, "
-                f"max tree depth 10, one thread per library, float64")
-    Path(args.out + '.json').write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
-    Path(args.out + '.md').write_text(markdown(rows, settings))
+            Path(args.out + '.json').write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
+            Path(args.out + '.md').write_text(markdown(rows, settings))  # rewritten after every row
     print(markdown(rows, settings))
 
 

@@ -28,7 +28,7 @@ def mc_check(values: torch.Tensor, exact, z: float = Z):
     return estimate, se
 
 
-def run(model, dim, n_chains=64, n_warmup=150, n_steps=200, seed=0, **kwargs):
+def run(model, dim, n_chains=32, n_warmup=150, n_steps=150, seed=0, **kwargs):
     x0 = torch.randn(n_chains, dim, dtype=DT, generator=torch.Generator().manual_seed(seed))
     sampler = NoUTurnSampler(model, n_warmup=n_warmup, **kwargs)
     return sampler.sample(x=x0, n_steps=n_steps, return_trajectory=True, return_diagnostics=True,
@@ -75,11 +75,11 @@ def test_correlated_gaussian_dense_metric():
 
 
 def test_ill_conditioned_gaussian_diagonal_metric():
-    scales = torch.logspace(-2, 1, 6, dtype=DT)
+    scales = torch.logspace(-1, 1, 6, dtype=DT)  # 100x spread: warm-up with a unit metric starts at depth ~7
     cov = torch.diag(scales ** 2)
     trajectory, diag = run(GaussianModel(torch.zeros(6, dtype=DT), cov), 6, metric='diagonal')
     gaussian_checks(trajectory, torch.zeros(6, dtype=DT), cov)
-    assert float(diag['tree_depth'].float().mean()) < 4  # the adapted metric removed the 1000x scale spread
+    assert float(diag['tree_depth'].float().mean()) < 4  # the adapted metric removed the scale spread
 
 
 def test_banana():
@@ -91,7 +91,7 @@ def test_banana():
 def test_funnel_marginal_of_v():
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', RuntimeWarning)  # a few divergences in the neck are expected
-        trajectory, diag = run(Funnel(), 2, n_steps=300, target_accept=0.95, seed=3)
+        trajectory, diag = run(Funnel(), 2, n_steps=250, target_accept=0.95, seed=3)
     v = trajectory[..., :1]
     mc_check(v, [0.0])
     mc_check(v ** 2, [9.0])
@@ -99,7 +99,7 @@ def test_funnel_marginal_of_v():
 
 
 def test_mixture_weights():
-    trajectory, _ = run(Mixture(), 1, n_chains=32, n_steps=300)
+    trajectory, _ = run(Mixture(), 1, n_steps=300)
     exact_positive = 0.3 * 0.5 * math.erfc(1.5 / math.sqrt(2)) + 0.7 * 0.5 * math.erfc(-1.5 / math.sqrt(2))
     mc_check((trajectory > 0).to(DT), [exact_positive])
     mc_check(trajectory, [0.3 * -1.5 + 0.7 * 1.5])
@@ -117,7 +117,7 @@ def test_conjugate_linear_regression():
     precision = X.T @ X / sigma ** 2 + torch.eye(d, dtype=DT) / tau ** 2
     cov = torch.linalg.inv(precision)
     mean = cov @ X.T @ y / sigma ** 2
-    trajectory, _ = run(Posterior(), d, n_chains=32)
+    trajectory, _ = run(Posterior(), d)
     gaussian_checks(trajectory, mean, cov)
 
 

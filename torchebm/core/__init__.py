@@ -11,7 +11,9 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy',
            'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel', 'HarmonicModel',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
-           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy']
+           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'Transform', 'ExpTransform',
+           'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform', 'IdentityTransform', 'BlockTransform',
+           'TransformedModel', 'transform_for', 'TRANSFORMS']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -28,3 +30,8 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
          'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
          'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
          'DoubleWellEnergy']
+
+# %% ../../nbs/03_core.ipynb #d8d6ac39
+from .transforms import *
+_all_ = ['Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform',
+         'IdentityTransform', 'BlockTransform', 'TransformedModel', 'transform_for', 'TRANSFORMS']

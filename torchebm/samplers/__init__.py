@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler', 'MCMCSampler',
-           'ChainState', 'run_chain']
+           'ChainState', 'run_chain', 'NoUTurnSampler', 'NUTS']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -15,3 +15,7 @@ from .flow import *
 
 _all_ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler',
          'MCMCSampler', 'ChainState', 'run_chain']
+
+# %% ../../nbs/19_samplers.ipynb #d597ae9a
+from .nuts import NoUTurnSampler, NUTS
+_all_ = ['NoUTurnSampler', 'NUTS']

@@ -8,7 +8,7 @@ __all__ = ['METRICS', 'NUTS', 'Leaf', 'as_chains', 'select', 'batch_dot', 'leapf
            'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size', 'WithinChainMoments',
            'warn_divergences', 'NoUTurnSampler']
 
-# %% ../../nbs/18_nuts.ipynb #2b1bd83d
+# %% ../../nbs/18_nuts.ipynb #718c88e2
 import math
 import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
@@ -22,7 +22,7 @@ from .mcmc import (AdaptedParameters, DualAveraging, MCMCSampler, SamplingResult
                                     run_chain)
 from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
 
-# %% ../../nbs/18_nuts.ipynb #718910ff
+# %% ../../nbs/18_nuts.ipynb #f36a0f84
 class Leaf(NamedTuple):
     "A point of a Hamiltonian trajectory per chain: position, energy, gradient, momentum and velocity $M^{-1}p$."
     x: torch.Tensor  # [n_chains, *dim]
@@ -31,7 +31,7 @@ class Leaf(NamedTuple):
     p: torch.Tensor  # [n_chains, *dim]
     v: torch.Tensor  # [n_chains, *dim]
 
-# %% ../../nbs/18_nuts.ipynb #3a5d8b59
+# %% ../../nbs/18_nuts.ipynb #7e8d9f6b
 def as_chains(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     "Per-chain `values: [n_chains]` shaped to broadcast against `t: [n_chains, *dim]`."
     return values.reshape(-1, *([1] * (t.ndim - 1)))
@@ -53,22 +53,22 @@ def leapfrog_leaf(model, leaf: Leaf, h: torch.Tensor, metric: MassMatrix) -> Lea
     state, p = leapfrog(model, ChainState(leaf.x, leaf.energy, leaf.grad), leaf.p, h, 1, metric)
     return Leaf(state.x, state.energy, state.grad, p, metric.velocity(p))
 
-# %% ../../nbs/18_nuts.ipynb #dca1b296
+# %% ../../nbs/18_nuts.ipynb #36d5772f
 def kinetic(leaf: Leaf) -> torch.Tensor:
     "$\\tfrac12 p^\\top M^{-1} p$ per chain."
     return 0.5 * batch_dot(leaf.p, leaf.v)
 
-# %% ../../nbs/18_nuts.ipynb #07bce43a
+# %% ../../nbs/18_nuts.ipynb #e85654b6
 def is_turning(v_a: torch.Tensor, v_b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     "Stan's generalised no-U-turn criterion: `[n_chains]` bool, true when $v_a\\cdot\\rho \\le 0$ or $v_b\\cdot\\rho \\le 0$."
     return torch.minimum(batch_dot(v_a, rho), batch_dot(v_b, rho)) <= 0
 
-# %% ../../nbs/18_nuts.ipynb #460ac3c3
+# %% ../../nbs/18_nuts.ipynb #a1c41f00
 def merge_log_prob(log_w_tree: torch.Tensor, log_w_subtree: torch.Tensor) -> torch.Tensor:
     "Log-probability of moving to the new subtree's draw when it joins the tree (biased progressive sampling)."
     return (log_w_subtree - log_w_tree).clamp(max=0.0)
 
-# %% ../../nbs/18_nuts.ipynb #c007fdbc
+# %% ../../nbs/18_nuts.ipynb #57f44bde
 class Draw(NamedTuple):
     "The leaf a tree proposes, with its energy error $H - H_0$."
     x: torch.Tensor  # [n_chains, *dim]
@@ -141,7 +141,7 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
         if (k + 1) & k == 0 and k + 1 < n_leaves and not bool(alive.any()): break  # one sync per power of two
     return Subtree(first, leaf, proposal, rho, log_w, turning, divergent, sum_accept, n_leapfrog, k + 1)
 
-# %% ../../nbs/18_nuts.ipynb #063f6643
+# %% ../../nbs/18_nuts.ipynb #ef198dda
 class NUTSParams(NamedTuple):
     "Parameters of a NUTS transition."
     step_size: Union[float, torch.Tensor]  # leapfrog step size > 0: a float, 0-d or `[n_chains]`
@@ -221,13 +221,13 @@ class NoUTurnTransition(Transition):
                         depth, n_leapfrog, active)
         return ChainState(proposal.x, proposal.energy, proposal.grad), info
 
-# %% ../../nbs/18_nuts.ipynb #8daf1a28
+# %% ../../nbs/18_nuts.ipynb #3db2228b
 def start_leaf(state: ChainState, metric: MassMatrix, generator=None) -> Leaf:
     "The leaf at `state` with fresh momenta $p \\sim N(0, M)$."
     p = metric.sample_momentum(state.x, generator)
     return Leaf(state.x, state.energy, state.grad, p, metric.velocity(p))
 
-# %% ../../nbs/18_nuts.ipynb #61e4dea2
+# %% ../../nbs/18_nuts.ipynb #d8b8ff1e
 def find_reasonable_step_size(model, state: ChainState, step_size: torch.Tensor, metric: MassMatrix,
                               generator=None, target: float = 0.8, max_doublings: int = 50) -> torch.Tensor:
     """Stan's initial step size, per chain: double (or halve) `step_size: [n_chains]` until the acceptance
@@ -244,7 +244,7 @@ def find_reasonable_step_size(model, state: ChainState, step_size: torch.Tensor,
         step_size = torch.where(active, torch.where(growing, 2.0 * step_size, 0.5 * step_size), step_size)
     return step_size
 
-# %% ../../nbs/18_nuts.ipynb #86a4a3ea
+# %% ../../nbs/18_nuts.ipynb #a46acbf7
 class WithinChainMoments:
     "Welford mean and variance (or covariance) of each chain; `variance()` pools the within-chain estimates."
     def __init__(self, dense: bool = False): self.dense, self.count, self.mean, self.m2 = dense, 0, None, None
@@ -270,7 +270,7 @@ class WithinChainMoments:
         if self.dense: return (n / (n + 5.0)) * estimate + shrink * torch.eye(estimate.shape[0], dtype=estimate.dtype, device=estimate.device)
         return (n / (n + 5.0)) * estimate + shrink
 
-# %% ../../nbs/18_nuts.ipynb #ea416883
+# %% ../../nbs/18_nuts.ipynb #f5426c9c
 METRICS = ('unit', 'diagonal', 'dense')
 
 
@@ -279,7 +279,7 @@ def _metric_from_variance(variance: torch.Tensor, dense: bool) -> MassMatrix:
     if dense: return MassMatrix(torch.linalg.inv(0.5 * (variance + variance.T)), kind='dense')
     return MassMatrix(1.0 / variance, kind='diagonal')
 
-# %% ../../nbs/18_nuts.ipynb #45a83b35
+# %% ../../nbs/18_nuts.ipynb #fe92eeae
 def warn_divergences(owner: str, n_divergent: torch.Tensor) -> None:
     "One `RuntimeWarning` naming the chains with divergent transitions (`n_divergent: [n_chains]`), if any."
     if not bool(n_divergent.any()): return
@@ -289,7 +289,7 @@ def warn_divergences(owner: str, n_divergent: torch.Tensor) -> None:
                   f"{n_divergent.shape[0]} chains (chains [{shown}]); raise target_accept or reparametrise the model",
                   RuntimeWarning, stacklevel=3)
 
-# %% ../../nbs/18_nuts.ipynb #a5f7b8fa
+# %% ../../nbs/18_nuts.ipynb #2a50f9db
 class NoUTurnSampler(MCMCSampler):
     "Batched multinomial NUTS with Stan's warm-up (dual averaging per chain, windowed diagonal or dense metric)."
     def __init__(self,
@@ -391,5 +391,5 @@ class NoUTurnSampler(MCMCSampler):
                                   diagnostics if return_diagnostics else None)
         return (out, diagnostics) if return_diagnostics else out
 
-# %% ../../nbs/18_nuts.ipynb #7f2d039e
+# %% ../../nbs/18_nuts.ipynb #716c803c
 NUTS = NoUTurnSampler
