@@ -6,7 +6,7 @@
 __all__ = ['TRANSFORMS', 'Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform',
            'IdentityTransform', 'transform_for', 'BlockTransform', 'TransformedModel']
 
-# %% ../../nbs/04_transforms.ipynb #1f4bf975
+# %% ../../nbs/04_transforms.ipynb #f0075002
 import math
 from typing import Optional, Sequence, Union
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .base import BaseModel, check_choice, check_positive
 
-# %% ../../nbs/04_transforms.ipynb #2fa30dd2
+# %% ../../nbs/04_transforms.ipynb #b71d4310
 class Transform:
     "A bijection $x = T(u)$ from unconstrained `u: [batch, *dim]` onto a constrained support."
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _event_sum(values: torch.Tensor) -> torch.Tensor:
     "Sum over every axis but the first: `[batch, *dim] -> [batch]`."
     return values.reshape(values.shape[0], -1).sum(-1)
 
-# %% ../../nbs/04_transforms.ipynb #041e50fc
+# %% ../../nbs/04_transforms.ipynb #7ef98757
 class ExpTransform(Transform):
     "$x = \\mathrm{lower} + e^u$ onto $(\\mathrm{lower}, \\infty)$."
     def __init__(self, lower: float = 0.0):  # lower bound of the support
@@ -61,7 +61,7 @@ class SoftplusTransform(Transform):
         return y + torch.log(-torch.expm1(-y))
     def log_abs_det_jacobian(self, u): return _event_sum(F.logsigmoid(u))
 
-# %% ../../nbs/04_transforms.ipynb #0dc04cef
+# %% ../../nbs/04_transforms.ipynb #fb31fb60
 class IntervalTransform(Transform):
     "$x = a + (b - a)\\,\\sigma(u)$ onto the interval $(a, b)$."
     def __init__(self,
@@ -77,7 +77,7 @@ class IntervalTransform(Transform):
     def log_abs_det_jacobian(self, u):
         return _event_sum(F.logsigmoid(u) + F.logsigmoid(-u)) + u[0].numel() * math.log(self.upper - self.lower)
 
-# %% ../../nbs/04_transforms.ipynb #546eeaf1
+# %% ../../nbs/04_transforms.ipynb #2f16dd3d
 class StickBreakingTransform(Transform):
     "Stan's stick-breaking map from `u: [batch, K-1]` onto the simplex `x: [batch, K]` (last axis)."
     def _offset(self, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ class StickBreakingTransform(Transform):
 
     def unconstrained_size(self, size: int) -> int: return size - 1
 
-# %% ../../nbs/04_transforms.ipynb #f3730da2
+# %% ../../nbs/04_transforms.ipynb #8205a320
 class IdentityTransform(Transform):
     "$x = u$ (an unconstrained block)."
     def forward(self, u): return u
@@ -124,7 +124,7 @@ def transform_for(support: Union[str, Transform], **kwargs) -> Transform:
     if isinstance(support, Transform): return support
     return TRANSFORMS[check_choice('support', support, list(TRANSFORMS))](**kwargs)
 
-# %% ../../nbs/04_transforms.ipynb #46daae31
+# %% ../../nbs/04_transforms.ipynb #ab54c0b3
 class BlockTransform(Transform):
     "One transform per block of the last axis of `x: [batch, d]`: sizes are the constrained block lengths."
     def __init__(self,
@@ -158,7 +158,7 @@ class BlockTransform(Transform):
 
     def unconstrained_size(self, size: int) -> int: return sum(self.free_sizes)
 
-# %% ../../nbs/04_transforms.ipynb #1f445615
+# %% ../../nbs/04_transforms.ipynb #544d1863
 class TransformedModel(BaseModel):
     "The energy of $u$ when $x = T(u)$ has energy `model`: $E(T(u)) - \\log\\lvert\\det J_T(u)\\rvert$."
     def __init__(self,

@@ -1,0 +1,202 @@
+"""Statistical tests of `NoUTurnSampler` (multinomial NUTS): moments against closed forms with tolerances from the
+Monte Carlo standard error (ESS-based), a stationarity test from exact draws, and a deliberately broken variant
+(the merge of a new sub-tree without its weight: always jump to the newest sub-tree) that both tests catch."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import torchebm.samplers.nuts as nuts
+from torchebm.core.energies import GaussianModel
+from torchebm.diagnostics import effective_sample_size, energy_distance_test
+from torchebm.integrators import MassMatrix
+from torchebm.samplers.nuts import NUTS, NoUTurnSampler, NoUTurnTransition, NUTSParams
+
+Z = 4.5  # standard errors allowed per estimate: a false alarm per estimate has probability ~7e-6
+DT = torch.float64
+
+
+def mc_check(values: torch.Tensor, exact, z: float = Z):
+    """Assert `values.mean((0, 1))` equals `exact` within `z` Monte Carlo standard errors.
+
+    `values: [n_chains, n_draws, k]`; the standard error is sd / sqrt(ESS) with the ESS of the mean estimate."""
+    exact = torch.as_tensor(exact, dtype=values.dtype)
+    estimate = values.mean((0, 1))
+    se = values.reshape(-1, values.shape[-1]).std(0) / effective_sample_size(values, method='mean').sqrt()
+    assert bool(((estimate - exact).abs() < z * se).all()), f"estimate {estimate} vs exact {exact} (s.e. {se})"
+    return estimate, se
+
+
+def run(model, dim, n_chains=32, n_warmup=150, n_steps=150, seed=0, **kwargs):
+    x0 = torch.randn(n_chains, dim, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    sampler = NoUTurnSampler(model, n_warmup=n_warmup, **kwargs)
+    return sampler.sample(x=x0, n_steps=n_steps, return_trajectory=True, return_diagnostics=True,
+                          generator=torch.Generator().manual_seed(seed + 1))
+
+
+def gaussian_checks(trajectory, mean, cov):
+    mc_check(trajectory, mean)
+    centred = trajectory - mean
+    mc_check(centred ** 2, cov.diagonal())
+
+
+class Banana(torch.nn.Module):
+    "x1 ~ N(0, 2^2), x2 | x1 ~ N(x1^2 / 2, 0.5^2)."
+    def forward(self, x): return x[:, 0] ** 2 / 8 + 2 * (x[:, 1] - 0.5 * x[:, 0] ** 2) ** 2
+
+    @staticmethod
+    def exact(n, generator):
+        x1 = 2 * torch.randn(n, generator=generator, dtype=DT)
+        return torch.stack([x1, 0.5 * x1 ** 2 + 0.5 * torch.randn(n, generator=generator, dtype=DT)], 1)
+
+
+class Funnel(torch.nn.Module):
+    "Neal's funnel: v ~ N(0, 3^2), x_i | v ~ N(0, e^v)."
+    def forward(self, x):
+        v, z = x[:, 0], x[:, 1:]
+        return v ** 2 / 18 + 0.5 * (z ** 2).sum(-1) * torch.exp(-v) + 0.5 * z.shape[1] * v
+
+
+class Mixture(torch.nn.Module):
+    "0.3 N(-1.5, 1) + 0.7 N(1.5, 1): overlapping modes, so one chain mixes between them."
+    def forward(self, x):
+        x = x[:, 0]
+        return -torch.logaddexp(math.log(0.3) - 0.5 * (x + 1.5) ** 2, math.log(0.7) - 0.5 * (x - 1.5) ** 2)
+
+
+def test_correlated_gaussian_dense_metric():
+    cov = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0], [0.0, 0.0, 4.0, -1.0], [0.0, 0.0, -1.0, 1.0]], dtype=DT)
+    mean = torch.tensor([1.0, -1.0, 0.0, 2.0], dtype=DT)
+    trajectory, diag = run(GaussianModel(mean, cov), 4, metric='dense')
+    gaussian_checks(trajectory, mean, cov)
+    assert diag['is_divergent'].sum() == 0
+    assert 0.6 < float(diag['accept_prob'].mean()) < 0.99  # dual averaging toward 0.8
+
+
+def test_ill_conditioned_gaussian_diagonal_metric():
+    scales = torch.logspace(-1, 1, 6, dtype=DT)  # 100x spread: warm-up with a unit metric starts at depth ~7
+    cov = torch.diag(scales ** 2)
+    trajectory, diag = run(GaussianModel(torch.zeros(6, dtype=DT), cov), 6, metric='diagonal')
+    gaussian_checks(trajectory, torch.zeros(6, dtype=DT), cov)
+    assert float(diag['tree_depth'].float().mean()) < 4  # the adapted metric removed the scale spread
+
+
+def test_banana():
+    trajectory, _ = run(Banana(), 2, target_accept=0.9)
+    mc_check(trajectory, [0.0, 2.0])
+    mc_check(trajectory ** 2, [4.0, 8.25 + 4.0])
+
+
+def test_funnel_marginal_of_v():
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # a few divergences in the neck are expected
+        trajectory, diag = run(Funnel(), 2, n_steps=250, target_accept=0.95, seed=3)
+    v = trajectory[..., :1]
+    mc_check(v, [0.0])
+    mc_check(v ** 2, [9.0])
+    assert diag['tree_depth'].max() > diag['tree_depth'].min()  # the tree adapts to the local scale
+
+
+def test_mixture_weights():
+    trajectory, _ = run(Mixture(), 1, n_steps=300)
+    exact_positive = 0.3 * 0.5 * math.erfc(1.5 / math.sqrt(2)) + 0.7 * 0.5 * math.erfc(-1.5 / math.sqrt(2))
+    mc_check((trajectory > 0).to(DT), [exact_positive])
+    mc_check(trajectory, [0.3 * -1.5 + 0.7 * 1.5])
+
+
+def test_conjugate_linear_regression():
+    g = torch.Generator().manual_seed(7)
+    n, d, sigma, tau = 30, 3, 0.5, 2.0
+    X = torch.randn(n, d, dtype=DT, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=DT) + sigma * torch.randn(n, dtype=DT, generator=g)
+
+    class Posterior(torch.nn.Module):
+        def forward(self, beta): return 0.5 * ((y - beta @ X.T) ** 2).sum(-1) / sigma ** 2 + 0.5 * (beta ** 2).sum(-1) / tau ** 2
+
+    precision = X.T @ X / sigma ** 2 + torch.eye(d, dtype=DT) / tau ** 2
+    cov = torch.linalg.inv(precision)
+    mean = cov @ X.T @ y / sigma ** 2
+    trajectory, _ = run(Posterior(), d)
+    gaussian_checks(trajectory, mean, cov)
+
+
+def stationarity_p_value(k=4, n=600, seed=11):
+    "Start at exact banana draws, apply `k` NUTS transitions with a fixed step size, and test against fresh draws."
+    g = torch.Generator().manual_seed(seed)
+    model = Banana()
+    transition = NoUTurnTransition()
+    state = transition.init(model, Banana.exact(n, g))
+    params = NUTSParams(step_size=0.15, max_tree_depth=8)
+    for _ in range(k): state, _ = transition.step(model, state, params, generator=g)
+    return float(energy_distance_test(state.x, Banana.exact(n, g), n_permutations=200, generator=g).p_value)
+
+
+def test_stationarity_from_exact_draws():
+    assert stationarity_p_value() > 0.01
+
+
+def _always_take_new_subtree(log_w_tree, log_w_subtree):
+    return torch.zeros_like(log_w_tree)
+
+
+def test_broken_merge_fails_the_checks(monkeypatch):
+    "Jumping to each new sub-tree regardless of its weight biases the draws toward the trajectory's far end."
+    monkeypatch.setattr(nuts, 'merge_log_prob', _always_take_new_subtree)
+    assert stationarity_p_value() < 0.01
+    trajectory, _ = run(Banana(), 2, target_accept=0.9)
+    with pytest.raises(AssertionError):
+        mc_check(trajectory ** 2, [4.0, 8.25 + 4.0])
+
+
+def test_float32_per_chain_step_sizes_and_reproducible():
+    model = GaussianModel(torch.zeros(3), torch.eye(3))
+    x0 = torch.randn(16, 3)
+    sampler = NUTS(model, step_size=torch.linspace(0.3, 0.9, 16), metric='unit', n_warmup=0)
+    a = sampler.sample(x=x0, n_steps=5, return_diagnostics=True, generator=torch.Generator().manual_seed(0))
+    b = sampler.sample(x=x0, n_steps=5, return_diagnostics=True, generator=torch.Generator().manual_seed(0))
+    assert a[0].dtype == torch.float32 and torch.equal(a[0], b[0])
+    assert a[1]['accept_prob'].dtype == torch.float32 and a[1]['tree_depth'].shape == (5, 16)
+
+
+def test_max_tree_depth_is_reported():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    sampler = NoUTurnSampler(model, step_size=0.01, metric='unit', max_tree_depth=3, n_warmup=0)
+    _, diag = sampler.sample(x=torch.zeros(8, 2, dtype=DT), n_steps=3, return_diagnostics=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert bool(diag['hit_max_depth'].all()) and bool((diag['tree_depth'] == 3).all())
+    assert bool((diag['n_leapfrog'] == 7).all())
+
+
+def test_divergences_are_counted_and_warned():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 1e-4], dtype=DT)))
+    sampler = NoUTurnSampler(model, step_size=1.0, metric='unit', n_warmup=0)
+    with pytest.warns(RuntimeWarning, match='divergent transitions'):
+        result = sampler.sample(x=torch.zeros(4, 2, dtype=DT), n_steps=3, return_result=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert bool((result.n_divergent == 3).all())
+
+
+def test_result_returns_adapted_parameters_and_warmup():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 9.0], dtype=DT)))
+    sampler = NoUTurnSampler(model, n_warmup=120)
+    result = sampler.sample(x=torch.zeros(8, 2, dtype=DT), n_steps=10, thin=2, return_trajectory=True,
+                            return_result=True, generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (8, 5, 2) and result.warmup.shape == (8, 60, 2)
+    assert result.adapted.step_size.shape == (8,) and result.adapted.metric.kind == 'diagonal'
+    assert 3 < float(result.adapted.metric.inverse[1] / result.adapted.metric.inverse[0]) < 30
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(metric='diag'), "expected one of"), (dict(max_tree_depth=0), 'max_tree_depth'),
+    (dict(target_accept=0.0), 'target_accept'), (dict(n_warmup=-1), 'n_warmup'),
+    (dict(max_energy_error=-1.0), 'max_energy_error'), (dict(step_size=0.0), 'step_size')])
+def test_bad_constructor_arguments(kwargs, match):
+    model = GaussianModel(torch.zeros(2), torch.eye(2))
+    with pytest.raises((ValueError, TypeError), match=match): NoUTurnSampler(model, **kwargs)
+
+
+def test_step_size_of_wrong_shape():
+    model = GaussianModel(torch.zeros(2), torch.eye(2))
+    with pytest.raises(ValueError, match=r'\[n_chains\]'):
+        NoUTurnSampler(model, step_size=torch.ones(3), n_warmup=0).sample(x=torch.zeros(4, 2), n_steps=1)
