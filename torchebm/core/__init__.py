@@ -13,7 +13,8 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
            'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'Transform', 'ExpTransform',
            'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform', 'IdentityTransform', 'BlockTransform',
-           'TransformedModel', 'transform_for', 'TRANSFORMS']
+           'TransformedModel', 'transform_for', 'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES',
+           'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -35,3 +36,8 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
 from .transforms import *
 _all_ = ['Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform',
          'IdentityTransform', 'BlockTransform', 'TransformedModel', 'transform_for', 'TRANSFORMS']
+
+# %% ../../nbs/03_core.ipynb #464bc4bf
+# issue 15: composed and tempered energies, the temperature schedule
+from .composition import *
+_all_ = ['TemperatureScheduler', 'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy']

@@ -4,7 +4,10 @@
 
 # %% auto #0
 __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler', 'MCMCSampler',
-           'ChainState', 'run_chain', 'NoUTurnSampler', 'NUTS']
+           'ChainState', 'run_chain', 'Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent',
+           'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
+           'AdaptedParameters', 'Warmup', 'NoUTurnSampler', 'NUTS', 'ParallelTempering', 'SequentialMonteCarlo',
+           'TemperedModel', 'GaussianBase']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -16,6 +19,18 @@ from .flow import *
 _all_ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler',
          'MCMCSampler', 'ChainState', 'run_chain']
 
+# %% ../../nbs/19_samplers.ipynb #30389469
+from .transitions import *
+
+_all_ = ['Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent', 'Nesterov', 'LangevinParams',
+         'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult', 'AdaptedParameters', 'Warmup']
+
 # %% ../../nbs/19_samplers.ipynb #d597ae9a
 from .nuts import NoUTurnSampler, NUTS
 _all_ = ['NoUTurnSampler', 'NUTS']
+
+# %% ../../nbs/19_samplers.ipynb #9ad263ca
+from .tempering import GaussianBase, ParallelTempering, TemperedModel
+from .smc import SequentialMonteCarlo
+
+_all_ = ['ParallelTempering', 'SequentialMonteCarlo', 'TemperedModel', 'GaussianBase']
