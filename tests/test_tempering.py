@@ -124,15 +124,16 @@ def check_mixture_weight(result, weight=0.3):
         f"mode weight {per_column.mean().item():.3f} +- {stderr:.3f}, expected {weight}"
 
 
-def _mixture_run(**kwargs):
-    pt = ParallelTempering(two_modes(), 'mala', n_temperatures=6, min_beta=0.02, step_size=0.1, **kwargs)
+def _mixture_run(transition='mala', n_steps=800, n_warmup=200, **kwargs):
+    pt = ParallelTempering(two_modes(), transition, n_temperatures=6, min_beta=0.02, step_size=0.1,
+                           n_leapfrog_steps=3, **kwargs)
     x0 = torch.tensor([[4.0, 0.0]], dtype=torch.float64).expand(24, 2)  # every chain starts in the 0.3 mode
-    return pt.sample(x=x0, n_steps=800, n_warmup=200, generator=torch.Generator().manual_seed(0))
+    return pt.sample(x=x0, n_steps=n_steps, n_warmup=n_warmup, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize('swap_scheme', ['seo', 'deo'])
-def test_pt_recovers_mixture_weights(swap_scheme):
-    result = _mixture_run(swap_scheme=swap_scheme)
+@pytest.mark.parametrize('transition, swap_scheme', [('mala', 'seo'), ('mala', 'deo'), ('hmc', 'deo')])
+def test_pt_recovers_mixture_weights(transition, swap_scheme):
+    result = _mixture_run(transition, swap_scheme=swap_scheme)
     check_mixture_weight(result)
     assert (result.round_trips > 0).all() and result.swap_rate.min() > 0.3
     assert result.swap_rate.max() - result.swap_rate.min() < 0.15  # the adapted ladder equalises the swap rates
@@ -141,7 +142,7 @@ def test_pt_recovers_mixture_weights(swap_scheme):
 def test_mixture_check_catches_chains_without_swaps(monkeypatch):
     "Without swaps every chain is a plain MALA chain: stuck in the mode it started in."
     monkeypatch.setattr(tempering, 'swap_log_ratio', lambda gap, betas: torch.full_like(gap[1:], -math.inf))
-    result = _mixture_run()
+    result = _mixture_run(n_steps=300, n_warmup=100)
     per_column = (result.samples[..., 0] > 0).double().mean(1)
     assert ((per_column == 0) | (per_column == 1)).all()  # no chain changes mode after warm-up
     with pytest.raises(AssertionError):

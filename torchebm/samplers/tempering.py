@@ -7,7 +7,7 @@ __all__ = ['SWAP_SCHEMES', 'GaussianBase', 'resolve_base', 'PathParts', 'Tempere
            'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'PTResult', 'transition_and_params',
            'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #88a5da2d
+# %% ../../nbs/18a_parallel_tempering.ipynb #1f225777
 import copy
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive
 from .mcmc import DualAveraging
-from .transitions import (HMC, MALA, ChainState, HMCParams, LangevinParams, Transition,
-                                           model_energy_and_gradient)
+from .transitions import (
+    HMC, MALA, ChainState, HMCParams, LangevinParams, Transition, model_energy_and_gradient)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #9f5cf8ca
+# %% ../../nbs/18a_parallel_tempering.ipynb #dbd60929
 class GaussianBase(BaseModel):
     "A normalised Gaussian energy $-\\log p_0(x)$ on events `[*dim]`, with `sample`: the base of tempering paths."
     def __init__(self,
@@ -93,7 +93,7 @@ def resolve_base(base, dim, dtype, device) -> GaussianBase:
         return base if same else copy.deepcopy(base).to(device=device, dtype=dtype)
     return GaussianBase.from_distribution(base if base is not None else D.Normal(0.0, 1.0), dim, dtype, device)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #09ebd9de
+# %% ../../nbs/18a_parallel_tempering.ipynb #4d785009
 class PathParts(NamedTuple):
     "The two ends of a tempering path evaluated at `x: [n, *dim]`: energies `[n]` and gradients `[n, *dim]`."
     energy: torch.Tensor       # E(x), the target's energy
@@ -143,7 +143,7 @@ class TemperedModel(BaseModel):
     def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.parts(x).at(self._beta(x))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #84ffeaee
+# %% ../../nbs/18a_parallel_tempering.ipynb #91ddbe24
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     "Piecewise-linear interpolation of the points `(xp, fp)` (`xp` increasing) at `x`, clamped at the ends."
     j = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
@@ -163,7 +163,7 @@ def equalized_ladder(betas: torch.Tensor, swap_rate: torch.Tensor, min_rejection
     new = interpolate(levels, barrier, betas)
     return torch.cat([betas[:1], new[1:-1], betas[-1:]])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #89cceeb8
+# %% ../../nbs/18a_parallel_tempering.ipynb #43c66203
 def swap_log_ratio(gap: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     "Log Metropolis ratio `[K-1, n]` of exchanging the states of neighbouring temperatures $k, k+1$: $(\\beta_{k+1}-\\beta_k)(U_{k+1}-U_k)$, $U = E - E_0$ `[K, n]`."
     return (betas[1:] - betas[:-1]).to(gap.dtype).unsqueeze(1) * (gap[1:] - gap[:-1])
@@ -181,7 +181,7 @@ def swap_permutation(log_ratio: torch.Tensor, parity: torch.Tensor,
     src = src - torch.cat([swapped.new_zeros(1, swapped.shape[1]), swapped])
     return src, accept_prob
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #22fe2140
+# %% ../../nbs/18a_parallel_tempering.ipynb #62ef3def
 class RoundTrips:
     "Counts each replica's round trips hottest -> coldest -> hottest; replicas are tracked through the swaps."
     def __init__(self, n_temperatures: int, n_chains: int, device=None):
@@ -199,7 +199,7 @@ class RoundTrips:
         self.phase[hot] = 1
         self.phase[cold] = torch.where(self.phase[cold] == 1, 2, self.phase[cold])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #44990486
+# %% ../../nbs/18a_parallel_tempering.ipynb #3830b351
 class PTResult(NamedTuple):
     "What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up)."
     samples: torch.Tensor          # [n_chains, n_draws, *dim] draws at beta = 1
@@ -227,7 +227,7 @@ def transition_and_params(transition, params, step_size: float, n_leapfrog_steps
         raise TypeError("a Transition instance needs params= (its params NamedTuple, with a step_size field)")
     return transition, params, 0.6
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #8a581afa
+# %% ../../nbs/18a_parallel_tempering.ipynb #2c592df7
 class ExchangeInfo(NamedTuple):
     "What one replica-exchange step reports."
     accept_prob: torch.Tensor  # [K * n] the transition's acceptance probability of every chain
@@ -250,7 +250,7 @@ def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, t
     return (ChainState(state.x[flat], *parts.at(tempered.beta)), parts,
             ExchangeInfo(info.accept_prob, swap_prob, flat))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #a3c7d5fb
+# %% ../../nbs/18a_parallel_tempering.ipynb #883f0d08
 class ParallelTempering(BaseSampler):
     "Replica exchange: `n_chains` chains at each of K temperatures in one batch, a transition at every temperature, then swaps between neighbours."
     def __init__(self,
