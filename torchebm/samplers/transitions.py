@@ -9,7 +9,7 @@ __all__ = ['MAX_ENERGY_ERROR', 'BOX_MODES', 'ChainState', 'TransitionInfo', 'che
            'as_box', 'unit_metric', 'as_metric', 'Transition', 'leapfrog', 'hamiltonian', 'LangevinParams', 'ULA',
            'MALA', 'HMCParams', 'HMC', 'GradientDescentParams', 'NesterovState', 'GradientDescent', 'Nesterov']
 
-# %% ../../nbs/11_transitions.ipynb #1be494d3
+# %% ../../nbs/11_transitions.ipynb #8e843200
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ import torch
 from ..core.base import BaseModel, check_choice, check_positive
 from ..integrators import MassMatrix, axpy
 
-# %% ../../nbs/11_transitions.ipynb #ca7fc724
+# %% ../../nbs/11_transitions.ipynb #53e5fb52
 class ChainState(NamedTuple):
     "Chains `x: [n_chains, *dim]` with their `energy: [n_chains]` and `grad: [n_chains, *dim]` (or `None` if not evaluated)."
     x: torch.Tensor
@@ -33,7 +33,7 @@ class TransitionInfo(NamedTuple):
     energy_error: Optional[torch.Tensor] = None  # [n_chains]: H(end) - H(start) of the proposal (HMC-like moves)
     accepted: Optional[torch.Tensor] = None  # [n_chains] bool: whether the proposal was taken (Metropolis moves)
 
-# %% ../../nbs/11_transitions.ipynb #a42cf400
+# %% ../../nbs/11_transitions.ipynb #27da4291
 def checked_energy(energy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "`energy` if it has shape `[batch]` for `x: [batch, *dim]` (a shape check only, no sync)."
     if energy.shape != x.shape[:1]:
@@ -71,7 +71,7 @@ def gradient_only(model) -> bool:
     "Whether `model` has a closed-form gradient, so steps can skip energies they do not need."
     return isinstance(model, BaseModel) and model.has_analytic_gradient
 
-# %% ../../nbs/11_transitions.ipynb #ba60bd6f
+# %% ../../nbs/11_transitions.ipynb #85a8f970
 MAX_ENERGY_ERROR = 1000.0  # |H(end) - H(start)| above this marks a divergent trajectory (as in Stan)
 BOX_MODES = ('clamp', 'reflect')
 
@@ -113,7 +113,7 @@ def divergent(energy_error: torch.Tensor) -> torch.Tensor:
     "Chains whose energy error is not finite or above `MAX_ENERGY_ERROR`."
     return ~(energy_error.abs() <= MAX_ENERGY_ERROR)
 
-# %% ../../nbs/11_transitions.ipynb #023c2f23
+# %% ../../nbs/11_transitions.ipynb #fc1b40d1
 class Box(NamedTuple):
     "Bounds `low <= x <= high` (numbers or tensors broadcasting against `x`) kept by `mode` 'clamp' or 'reflect'."
     low: Union[float, torch.Tensor]
@@ -143,7 +143,7 @@ def as_box(box, box_mode: str = 'clamp') -> Optional[Box]:
         raise ValueError(f"box must have low < high, got {box!r}")
     return Box(low, high, box_mode)
 
-# %% ../../nbs/11_transitions.ipynb #352710cd
+# %% ../../nbs/11_transitions.ipynb #cb9999ad
 def unit_metric() -> MassMatrix:
     "The identity metric $M = I$."
     return MassMatrix(1.0)
@@ -155,6 +155,11 @@ def as_metric(metric) -> MassMatrix:
     raise TypeError(f"metric must be None or a MassMatrix (scalar, diagonal or dense), got {type(metric).__name__}")
 
 _UNIT = unit_metric()
+
+def _deterministic_info(x: torch.Tensor) -> TransitionInfo:
+    "The info of a move that is always taken: acceptance 1, no divergence, one gradient."
+    ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
+    return TransitionInfo(ones, ones == 0, 1)
 
 class Transition:
     "Base of transitions: `init(model, x)` and the pure `step(model, state, params, generator) -> (state, info)`."
@@ -168,7 +173,7 @@ class Transition:
         "One move of every chain."
         raise NotImplementedError(f"{type(self).__name__} must implement step(model, state, params, generator)")
 
-# %% ../../nbs/11_transitions.ipynb #5df77ce4
+# %% ../../nbs/11_transitions.ipynb #b1c0ea35
 def leapfrog(model,
              state: ChainState,  # start: `x [n_chains, *dim]` with its `grad` (and energy, unused)
              momentum: torch.Tensor,  # p `[n_chains, *dim]`
@@ -205,7 +210,7 @@ def hamiltonian(state: ChainState, momentum: torch.Tensor, metric: Optional[Mass
     "$E(x)/T + \\tfrac12 p^\\top M^{-1} p$ per chain."
     return state.energy / temperature + as_metric(metric).kinetic_energy(momentum)
 
-# %% ../../nbs/11_transitions.ipynb #e7a33c3e
+# %% ../../nbs/11_transitions.ipynb #09bd5042
 class LangevinParams(NamedTuple):
     "Parameters of a Langevin step: step size, noise scale (1 = exact Langevin), metric, gradient clipping and box."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -217,12 +222,12 @@ class LangevinParams(NamedTuple):
 class ULA(Transition):
     "The unadjusted Langevin algorithm: $x' = x + M^{-1}(-h\\nabla E + \\sqrt{2hT}\\,p)$, always accepted."
     def init(self, model, x: torch.Tensor) -> ChainState:
-        "The state at `x` (the gradient only, for closed-form models)."
+        "The state at `x` (only the gradient for closed-form models: ULA needs no energies)."
         if gradient_only(model): return ChainState(x, None, model.gradient(x))
         return super().init(model, x)
 
     def step(self, model, state, params: LangevinParams, generator=None):
-        "One ULA step of every chain."
+        "One ULA step of every chain; the new state is evaluated lazily (by the next step), so a run costs one gradient per step."
         x, metric = state.x, as_metric(params.metric)
         grad = state.grad if state.grad is not None else model_gradient(model, x)
         h = per_chain(params.step_size, x)
@@ -231,8 +236,7 @@ class ULA(Transition):
             move = axpy(move, (2 * h) ** 0.5 * params.noise_scale, metric.sample_momentum(x, generator))
         x_new = x + metric.velocity(move)
         if params.box is not None: x_new = params.box.apply(x_new)
-        ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
-        return self.init(model, x_new), TransitionInfo(ones, ones == 0, 1)
+        return ChainState(x_new), _deterministic_info(x)
 
 class MALA(Transition):
     "The Metropolis-adjusted Langevin algorithm: the ULA proposal with a Metropolis-Hastings test."
@@ -251,7 +255,7 @@ class MALA(Transition):
         return new_state, TransitionInfo(acceptance_probability(-energy_error), divergent(energy_error), 1,
                                          energy_error, accepted)
 
-# %% ../../nbs/11_transitions.ipynb #4148c909
+# %% ../../nbs/11_transitions.ipynb #dd0051ba
 class HMCParams(NamedTuple):
     "Parameters of an HMC step: step size, leapfrog steps, metric (mass), gradient clipping and box."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -274,7 +278,7 @@ class HMC(Transition):
         return new_state, TransitionInfo(acceptance_probability(-energy_error), divergent(energy_error),
                                          params.n_leapfrog_steps, energy_error, accepted)
 
-# %% ../../nbs/11_transitions.ipynb #ae8c4de6
+# %% ../../nbs/11_transitions.ipynb #f8eef540
 class GradientDescentParams(NamedTuple):
     "Parameters of a gradient-descent step."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -288,12 +292,8 @@ class NesterovState(NamedTuple):
     energy: Optional[torch.Tensor] = None
     grad: Optional[torch.Tensor] = None
 
-def _deterministic_info(x: torch.Tensor) -> TransitionInfo:
-    ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
-    return TransitionInfo(ones, ones == 0, 1)
-
 class GradientDescent(Transition):
-    "Gradient descent $x' = x - h\\nabla E(x)$ (the gradient carried to the next step)."
+    "Gradient descent $x' = x - h\\nabla E(x)$ (the new point's gradient is evaluated by the next step)."
     def init(self, model, x: torch.Tensor) -> ChainState:
         "The state at `x` with its gradient."
         return ChainState(x, None, model_gradient(model, x))
@@ -302,7 +302,7 @@ class GradientDescent(Transition):
         "One descent step of every chain."
         grad = state.grad if state.grad is not None else model_gradient(model, state.x)
         x = state.x - per_chain(params.step_size, state.x) * clip_gradient(grad, params.grad_clip)
-        return self.init(model, x), _deterministic_info(x)
+        return ChainState(x), _deterministic_info(x)
 
 class Nesterov(Transition):
     "Nesterov's accelerated gradient: $v' = \\mu v - h\\nabla E(x + \\mu v)$, $x' = x + v'$ (velocity starts at 0)."
