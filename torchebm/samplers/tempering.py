@@ -7,7 +7,7 @@ __all__ = ['SWAP_SCHEMES', 'GaussianBase', 'resolve_base', 'PathParts', 'Tempere
            'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'PTResult', 'transition_and_params',
            'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #1f225777
+# %% ../../nbs/18a_parallel_tempering.ipynb #e5159a6c
 import copy
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -17,11 +17,11 @@ from torch import distributions as D
 from tqdm.auto import tqdm
 
 from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive
-from .mcmc import DualAveraging
+from .mcmc import dual_averaging_final, dual_averaging_init, dual_averaging_update
 from .transitions import (
     HMC, MALA, ChainState, HMCParams, LangevinParams, Transition, model_energy_and_gradient)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #dbd60929
+# %% ../../nbs/18a_parallel_tempering.ipynb #9032fd42
 class GaussianBase(BaseModel):
     "A normalised Gaussian energy $-\\log p_0(x)$ on events `[*dim]`, with `sample`: the base of tempering paths."
     def __init__(self,
@@ -93,7 +93,7 @@ def resolve_base(base, dim, dtype, device) -> GaussianBase:
         return base if same else copy.deepcopy(base).to(device=device, dtype=dtype)
     return GaussianBase.from_distribution(base if base is not None else D.Normal(0.0, 1.0), dim, dtype, device)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #4d785009
+# %% ../../nbs/18a_parallel_tempering.ipynb #4b330779
 class PathParts(NamedTuple):
     "The two ends of a tempering path evaluated at `x: [n, *dim]`: energies `[n]` and gradients `[n, *dim]`."
     energy: torch.Tensor       # E(x), the target's energy
@@ -143,7 +143,7 @@ class TemperedModel(BaseModel):
     def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.parts(x).at(self._beta(x))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #91ddbe24
+# %% ../../nbs/18a_parallel_tempering.ipynb #24ad3a34
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     "Piecewise-linear interpolation of the points `(xp, fp)` (`xp` increasing) at `x`, clamped at the ends."
     j = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
@@ -163,7 +163,7 @@ def equalized_ladder(betas: torch.Tensor, swap_rate: torch.Tensor, min_rejection
     new = interpolate(levels, barrier, betas)
     return torch.cat([betas[:1], new[1:-1], betas[-1:]])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #43c66203
+# %% ../../nbs/18a_parallel_tempering.ipynb #9e02b5c3
 def swap_log_ratio(gap: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     "Log Metropolis ratio `[K-1, n]` of exchanging the states of neighbouring temperatures $k, k+1$: $(\\beta_{k+1}-\\beta_k)(U_{k+1}-U_k)$, $U = E - E_0$ `[K, n]`."
     return (betas[1:] - betas[:-1]).to(gap.dtype).unsqueeze(1) * (gap[1:] - gap[:-1])
@@ -181,7 +181,7 @@ def swap_permutation(log_ratio: torch.Tensor, parity: torch.Tensor,
     src = src - torch.cat([swapped.new_zeros(1, swapped.shape[1]), swapped])
     return src, accept_prob
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #62ef3def
+# %% ../../nbs/18a_parallel_tempering.ipynb #478c1aa1
 class RoundTrips:
     "Counts each replica's round trips hottest -> coldest -> hottest; replicas are tracked through the swaps."
     def __init__(self, n_temperatures: int, n_chains: int, device=None):
@@ -199,7 +199,7 @@ class RoundTrips:
         self.phase[hot] = 1
         self.phase[cold] = torch.where(self.phase[cold] == 1, 2, self.phase[cold])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #3830b351
+# %% ../../nbs/18a_parallel_tempering.ipynb #d25cb45e
 class PTResult(NamedTuple):
     "What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up)."
     samples: torch.Tensor          # [n_chains, n_draws, *dim] draws at beta = 1
@@ -227,7 +227,7 @@ def transition_and_params(transition, params, step_size: float, n_leapfrog_steps
         raise TypeError("a Transition instance needs params= (its params NamedTuple, with a step_size field)")
     return transition, params, 0.6
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #2c592df7
+# %% ../../nbs/18a_parallel_tempering.ipynb #26c9e9c2
 class ExchangeInfo(NamedTuple):
     "What one replica-exchange step reports."
     accept_prob: torch.Tensor  # [K * n] the transition's acceptance probability of every chain
@@ -250,7 +250,7 @@ def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, t
     return (ChainState(state.x[flat], *parts.at(tempered.beta)), parts,
             ExchangeInfo(info.accept_prob, swap_prob, flat))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #883f0d08
+# %% ../../nbs/18a_parallel_tempering.ipynb #5be103ac
 class ParallelTempering(BaseSampler):
     "Replica exchange: `n_chains` chains at each of K temperatures in one batch, a transition at every temperature, then swaps between neighbours."
     def __init__(self,
@@ -308,8 +308,8 @@ class ParallelTempering(BaseSampler):
         x0 = self.initial_chains(x, dim, n_samples, generator)
         K, n, device = len(self.betas), len(x0), x0.device
         base, betas = self._base(x0), self.betas.to(device=device, dtype=x0.dtype)
-        step = DualAveraging(torch.full((K,), float(self.step_size), dtype=x0.dtype, device=device), self.target_accept)
-        step_size = step.final_step_size
+        step_size = torch.full((K,), float(self.step_size), dtype=x0.dtype, device=device)
+        adaptation = dual_averaging_init(step_size)  # one step size per temperature
         ladder_updates = sorted({n_warmup >> j for j in range(1, 5)} - {0}) if self.adapt_ladder else []
         x = x0.repeat(K, *([1] * (x0.ndim - 1)))
         parts = TemperedModel(self.model, base).parts(x)
@@ -326,15 +326,16 @@ class ParallelTempering(BaseSampler):
                                                        parity, generator)
             accept, swap_rate = info.accept_prob.reshape(K, n).mean(1), info.swap_prob.mean(1)
             if t < n_warmup:
-                step_size = step.update(accept)
+                adaptation = dual_averaging_update(adaptation, accept, self.target_accept)
+                step_size = adaptation.log_step_size.exp()
                 block_rate, block_len = block_rate + swap_rate, block_len + 1
                 if t + 1 in ladder_updates:
                     new_betas = equalized_ladder(betas, block_rate / block_len)
-                    step_size = interpolate(new_betas, betas, step.final_step_size.log()).exp()
-                    step.restart(step_size)
+                    step_size = interpolate(new_betas, betas, adaptation.log_step_size_bar).exp()
+                    adaptation = dual_averaging_init(step_size)
                     betas, block_rate, block_len = new_betas, torch.zeros_like(block_rate), 0
                     state = ChainState(state.x, *parts.at(betas.repeat_interleave(n)))
-                if t + 1 == n_warmup: step_size = step.final_step_size
+                if t + 1 == n_warmup: step_size = dual_averaging_final(adaptation)
                 continue
             trips.update(info.source)
             accept_sum, swap_sum = accept_sum + accept, swap_sum + swap_rate
