@@ -7,7 +7,7 @@ __all__ = ['SWAP_SCHEMES', 'MIN_SWAP_RATE', 'GaussianBase', 'resolve_base', 'Pat
            'geometric_ladder', 'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'PTResult',
            'transition_and_params', 'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #e4b32175
+# %% ../../nbs/18a_parallel_tempering.ipynb #825ffebb
 import copy
 import math
 import warnings
@@ -22,7 +22,7 @@ from .mcmc import dual_averaging_final, dual_averaging_init, dual_averaging_upda
 from .transitions import (
     HMC, MALA, ChainState, HMCParams, LangevinParams, Transition, model_energy_and_gradient)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #44c6ca3e
+# %% ../../nbs/18a_parallel_tempering.ipynb #8ca90efb
 class GaussianBase(BaseModel):
     "A normalised Gaussian energy $-\\log p_0(x)$ on events `[*dim]`, with `sample`: the base of tempering paths."
     def __init__(self,
@@ -94,7 +94,7 @@ def resolve_base(base, dim, dtype, device) -> GaussianBase:
         return base if same else copy.deepcopy(base).to(device=device, dtype=dtype)
     return GaussianBase.from_distribution(base if base is not None else D.Normal(0.0, 1.0), dim, dtype, device)
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #91686ab1
+# %% ../../nbs/18a_parallel_tempering.ipynb #13ea05d6
 class PathParts(NamedTuple):
     "The two ends of a tempering path evaluated at `x: [n, *dim]`: energies `[n]` and gradients `[n, *dim]`."
     energy: torch.Tensor       # E(x), the target's energy
@@ -134,6 +134,21 @@ class TemperedModel(BaseModel):
         base_energy, base_grad = model_energy_and_gradient(self.base, x)
         return PathParts(energy, grad, base_energy.to(x.dtype), base_grad.to(x.dtype))
 
+    def parts_from_state(self, state: ChainState) -> PathParts:
+        """Both ends at `state.x` from the state's energy and gradient of $E_\\beta$ (needs every `beta` > 0),
+        evaluating only the base: $E = E_0 + (E_\\beta - E_0)/\\beta$. A transition's state thus gives the swap
+        test and SMC's weights without another evaluation of the model (a lazy state without them is evaluated)."""
+        x = state.x
+        if state.energy is None or state.grad is None: return self.parts(x)
+        if self.base is None: base_energy, base_grad = torch.zeros_like(state.energy), torch.zeros_like(state.grad)
+        else:
+            base_energy, base_grad = model_energy_and_gradient(self.base, x)
+            base_energy, base_grad = base_energy.to(x.dtype), base_grad.to(x.dtype)
+        beta = self._beta(x)
+        beta_x = beta.reshape(-1, *([1] * (x.ndim - 1))) if beta.ndim else beta
+        return PathParts(base_energy + (state.energy - base_energy) / beta, base_grad + (state.grad - base_grad) / beta_x,
+                         base_energy, base_grad)
+
     def _beta(self, x):
         return torch.as_tensor(self.beta, dtype=x.dtype, device=x.device)
 
@@ -144,7 +159,7 @@ class TemperedModel(BaseModel):
     def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.parts(x).at(self._beta(x))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #b3fac48b
+# %% ../../nbs/18a_parallel_tempering.ipynb #4ea1efa7
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     "Piecewise-linear interpolation of the points `(xp, fp)` (`xp` increasing) at `x`, clamped at the ends."
     j = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
@@ -164,7 +179,7 @@ def equalized_ladder(betas: torch.Tensor, swap_rate: torch.Tensor, min_rejection
     new = interpolate(levels, barrier, betas)
     return torch.cat([betas[:1], new[1:-1], betas[-1:]])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #16aa0c3d
+# %% ../../nbs/18a_parallel_tempering.ipynb #0ce343c3
 def swap_log_ratio(gap: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     "Log Metropolis ratio `[K-1, n]` of exchanging the states of neighbouring temperatures $k, k+1$: $(\\beta_{k+1}-\\beta_k)(U_{k+1}-U_k)$, $U = E - E_0$ `[K, n]`."
     return (betas[1:] - betas[:-1]).to(gap.dtype).unsqueeze(1) * (gap[1:] - gap[:-1])
@@ -182,7 +197,7 @@ def swap_permutation(log_ratio: torch.Tensor, parity: torch.Tensor,
     src = src - torch.cat([swapped.new_zeros(1, swapped.shape[1]), swapped])
     return src, accept_prob
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #97f89d61
+# %% ../../nbs/18a_parallel_tempering.ipynb #605b9788
 class RoundTrips:
     "Counts each replica's round trips hottest -> coldest -> hottest; replicas are tracked through the swaps."
     def __init__(self, n_temperatures: int, n_chains: int, device=None):
@@ -200,7 +215,7 @@ class RoundTrips:
         self.phase[hot] = 1
         self.phase[cold] = torch.where(self.phase[cold] == 1, 2, self.phase[cold])
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #a962f354
+# %% ../../nbs/18a_parallel_tempering.ipynb #d889adeb
 class PTResult(NamedTuple):
     "What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up)."
     samples: torch.Tensor          # [n_chains, n_draws, *dim] draws at beta = 1
@@ -229,7 +244,7 @@ def transition_and_params(transition, params, step_size: float, n_leapfrog_steps
         raise TypeError("a Transition instance needs params= (its params NamedTuple, with a step_size field)")
     return transition, params, 0.6
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #0cef5311
+# %% ../../nbs/18a_parallel_tempering.ipynb #35d6817d
 class ExchangeInfo(NamedTuple):
     "What one replica-exchange step reports."
     accept_prob: torch.Tensor  # [K * n] the transition's acceptance probability of every chain
@@ -237,22 +252,24 @@ class ExchangeInfo(NamedTuple):
     source: torch.Tensor       # [K * n] the slot each chain's new state came from
 
 def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, transition: Transition, params,
-                          parity: torch.Tensor, generator: Optional[torch.Generator] = None):
+                          parity: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+                          evaluate: bool = False):
     """One transition at every temperature, then one round of neighbour swaps.
 
     `state` holds K blocks of n chains (`[K * n, *dim]`, block k at `betas[k]`) with the energy and gradient of
-    its own temperature; returns the new state, the path parts at its points and an `ExchangeInfo`."""
+    its own temperature; returns the new state, the path parts at its points and an `ExchangeInfo`.
+    The parts come from the transition's state (`evaluate=True`: from a fresh evaluation, needed if a beta is 0)."""
     K, n = len(betas), len(state.x) // len(betas)
     tempered = TemperedModel(model, base, betas.repeat_interleave(n))
     state, info = transition.step(tempered, state, params, generator)
-    parts = tempered.parts(state.x)  # both ends at the new points: the swap test and the swapped states need them
+    parts = tempered.parts(state.x) if evaluate else tempered.parts_from_state(state)
     src, swap_prob = swap_permutation(swap_log_ratio(parts.gap.reshape(K, n), betas), parity, generator)
     flat = (src * n + torch.arange(n, device=src.device)).flatten()
     parts = parts.index(flat)
     return (ChainState(state.x[flat], *parts.at(tempered.beta)), parts,
             ExchangeInfo(info.accept_prob, swap_prob, flat))
 
-# %% ../../nbs/18a_parallel_tempering.ipynb #11cd8fb1
+# %% ../../nbs/18a_parallel_tempering.ipynb #5801315e
 class ParallelTempering(BaseSampler):
     "Replica exchange: `n_chains` chains at each of K temperatures in one batch, a transition at every temperature, then swaps between neighbours."
     def __init__(self,
@@ -310,6 +327,7 @@ class ParallelTempering(BaseSampler):
         x0 = self.initial_chains(x, dim, n_samples, generator)
         K, n, device = len(self.betas), len(x0), x0.device
         base, betas = self._base(x0), self.betas.to(device=device, dtype=x0.dtype)
+        hottest_is_base = bool(self.betas[0] == 0)  # the ladder's ends never move
         step_size = torch.full((K,), float(self.step_size), dtype=x0.dtype, device=device)
         adaptation = dual_averaging_init(step_size)  # one step size per temperature
         ladder_updates = sorted({n_warmup >> j for j in range(1, 5)} - {0}) if self.adapt_ladder else []
@@ -325,7 +343,7 @@ class ParallelTempering(BaseSampler):
                       else torch.randint(0, 2, (), generator=generator, device=device))
             params = self.params._replace(step_size=step_size.repeat_interleave(n))
             state, parts, info = replica_exchange_step(self.model, base, state, betas, self.transition, params,
-                                                       parity, generator)
+                                                       parity, generator, evaluate=hottest_is_base)
             accept, swap_rate = info.accept_prob.reshape(K, n).mean(1), info.swap_prob.mean(1)
             if t < n_warmup:
                 adaptation = dual_averaging_update(adaptation, accept, self.target_accept)
