@@ -77,19 +77,20 @@ def test_swap_permutation_pairs_and_metropolis():
 
 
 # -- stationarity of one replica-exchange step -----------------------------------------------------------------
-def _gaussian_path():
+def _gaussian_path(hottest):
     "Target N(m, s^2 I), base N(0, I): every pi_beta is Gaussian with precision beta/s^2 + 1 - beta."
     m, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
     model = GaussianModel(m, s ** 2 * torch.eye(2, dtype=torch.float64))
     base = GaussianBase(torch.zeros(2, dtype=torch.float64), 2, std=torch.ones(2, dtype=torch.float64))
-    betas = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=torch.float64)
+    betas = torch.tensor([hottest, 0.2, 0.5, 1.0], dtype=torch.float64)
     precision = betas / s ** 2 + 1 - betas
     return model, base, betas, (betas / s ** 2)[:, None] * m / precision[:, None], precision.rsqrt()
 
 
-def check_exchange_is_stationary(n=400, k=2, seed=0):
-    "Start at exact draws of every temperature, apply k exchange steps, compare each rung with fresh exact draws."
-    model, base, betas, mean, std = _gaussian_path()
+def check_exchange_is_stationary(hottest=0.0, n=400, k=2, seed=0):
+    """Start at exact draws of every temperature, apply k exchange steps, compare each rung with fresh exact draws.
+    A rung at beta = 0 needs the path's ends evaluated afresh; otherwise they come from the transition's state."""
+    model, base, betas, mean, std = _gaussian_path(hottest)
     g = torch.Generator().manual_seed(seed)
     exact = lambda: mean[:, None] + std[:, None, None] * torch.randn(4, n, 2, generator=g, dtype=torch.float64)
     x = exact().reshape(4 * n, 2)
@@ -97,15 +98,17 @@ def check_exchange_is_stationary(n=400, k=2, seed=0):
     state = ChainState(x, *parts.at(betas.repeat_interleave(n)))
     params = LangevinParams(step_size=(0.05 * std ** 2).repeat_interleave(n))  # small moves: swaps dominate
     for t in range(k):
-        state, _, _ = replica_exchange_step(model, base, state, betas, MALA(), params, torch.tensor(t % 2), g)
+        state, _, _ = replica_exchange_step(model, base, state, betas, MALA(), params, torch.tensor(t % 2), g,
+                                            evaluate=hottest == 0)
     fresh = exact()
     p = [energy_distance_test(state.x.reshape(4, n, 2)[i], fresh[i], n_permutations=999, generator=g).p_value.item()
          for i in range(4)]
     assert min(p) > 0.01 / 4, f"a rung moved away from its distribution: p-values {p}"
 
 
-def test_exchange_step_is_stationary():
-    check_exchange_is_stationary()
+@pytest.mark.parametrize('hottest', [0.0, 0.05])
+def test_exchange_step_is_stationary(hottest):
+    check_exchange_is_stationary(hottest)
 
 
 def test_stationarity_check_catches_a_swap_without_metropolis_test(monkeypatch):
@@ -124,15 +127,16 @@ def check_mixture_weight(result, weight=0.3):
         f"mode weight {per_column.mean().item():.3f} +- {stderr:.3f}, expected {weight}"
 
 
-def _mixture_run(**kwargs):
-    pt = ParallelTempering(two_modes(), 'mala', n_temperatures=6, min_beta=0.02, step_size=0.1, **kwargs)
+def _mixture_run(transition='mala', n_steps=800, n_warmup=200, **kwargs):
+    pt = ParallelTempering(two_modes(), transition, n_temperatures=6, min_beta=0.02, step_size=0.1,
+                           n_leapfrog_steps=3, **kwargs)
     x0 = torch.tensor([[4.0, 0.0]], dtype=torch.float64).expand(24, 2)  # every chain starts in the 0.3 mode
-    return pt.sample(x=x0, n_steps=800, n_warmup=200, generator=torch.Generator().manual_seed(0))
+    return pt.sample(x=x0, n_steps=n_steps, n_warmup=n_warmup, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize('swap_scheme', ['seo', 'deo'])
-def test_pt_recovers_mixture_weights(swap_scheme):
-    result = _mixture_run(swap_scheme=swap_scheme)
+@pytest.mark.parametrize('transition, swap_scheme', [('mala', 'seo'), ('mala', 'deo'), ('hmc', 'deo')])
+def test_pt_recovers_mixture_weights(transition, swap_scheme):
+    result = _mixture_run(transition, swap_scheme=swap_scheme)
     check_mixture_weight(result)
     assert (result.round_trips > 0).all() and result.swap_rate.min() > 0.3
     assert result.swap_rate.max() - result.swap_rate.min() < 0.15  # the adapted ladder equalises the swap rates
@@ -141,7 +145,8 @@ def test_pt_recovers_mixture_weights(swap_scheme):
 def test_mixture_check_catches_chains_without_swaps(monkeypatch):
     "Without swaps every chain is a plain MALA chain: stuck in the mode it started in."
     monkeypatch.setattr(tempering, 'swap_log_ratio', lambda gap, betas: torch.full_like(gap[1:], -math.inf))
-    result = _mixture_run()
+    with pytest.warns(RuntimeWarning, match=r'rungs \[\(0, 1\), \(1, 2\), \(2, 3\), \(3, 4\), \(4, 5\)\]'):
+        result = _mixture_run(n_steps=300, n_warmup=100)
     per_column = (result.samples[..., 0] > 0).double().mean(1)
     assert ((per_column == 0) | (per_column == 1)).all()  # no chain changes mode after warm-up
     with pytest.raises(AssertionError):

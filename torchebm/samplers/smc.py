@@ -7,7 +7,7 @@ __all__ = ['RESAMPLING', 'weight_ess', 'incremental_log_weight', 'conditional_es
            'multinomial_resample', 'log_z_variance', 'SMCResult', 'run_smc', 'event_shape', 'base_dtype',
            'SequentialMonteCarlo']
 
-# %% ../../nbs/18b_smc.ipynb #4a13c632
+# %% ../../nbs/18b_smc.ipynb #6bc710b7
 import math
 import warnings
 from typing import NamedTuple, Optional, Sequence, Union
@@ -19,7 +19,7 @@ from ..core.base import BaseSampler, check_choice, check_nonnegative_int, check_
 from .tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 from .transitions import ChainState, Transition
 
-# %% ../../nbs/18b_smc.ipynb #8cf5364d
+# %% ../../nbs/18b_smc.ipynb #989df186
 def weight_ess(log_weights: torch.Tensor) -> torch.Tensor:
     "Effective sample size $1 / \\sum_i W_i^2$ of normalised weights $W \\propto e^{\\log w}$ (a count in [1, n])."
     return 1.0 / torch.softmax(log_weights, 0).pow(2).sum()
@@ -47,7 +47,7 @@ def next_beta(log_weights: torch.Tensor, gap: torch.Tensor, beta: torch.Tensor, 
         low, high = torch.where(good, mid, low), torch.where(good, high, mid)
     return torch.where(ok(one), one, torch.maximum(low, beta + 1e-12))
 
-# %% ../../nbs/18b_smc.ipynb #52751669
+# %% ../../nbs/18b_smc.ipynb #e4a5ce68
 def systematic_resample(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     "Ancestor indices `[n]` by systematic resampling of normalised weights `[n]` (one uniform for all)."
     n = len(weights)
@@ -69,7 +69,7 @@ def log_z_variance(log_weights: torch.Tensor, eve: torch.Tensor, n_resampled: in
     mass = torch.zeros_like(w).index_add_(0, eve, w)
     return 1 - (n / (n - 1)) ** (n_resampled + 1) * (1 - mass.pow(2).sum())
 
-# %% ../../nbs/18b_smc.ipynb #878fe444
+# %% ../../nbs/18b_smc.ipynb #c1a93227
 class SMCResult(NamedTuple):
     "What a sequential Monte Carlo (or AIS) run returns."
     log_z: torch.Tensor            # float64 0-d: log of the target's normaliser $\\int e^{-E}$
@@ -125,7 +125,7 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
                 if adapt_step_size: step_size = step_size * (info.accept_prob.mean() - target_accept).exp()
             accept_history.append(accept)
             step_history.append(step_size)
-            x, parts = state.x, tempered.parts(state.x)
+            x, parts = state.x, tempered.parts_from_state(state)  # beta > 0 here: no extra evaluation
         if last: break
     else:
         raise RuntimeError(f"SMC did not reach beta = 1 within {max_stages} stages (beta = {float(beta):.3g}); "
@@ -139,7 +139,7 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
                      stack(ess_history), stack([a.to(torch.float64) for a in accept_history]),
                      stack([s.to(torch.float64) for s in step_history]), n_resampled, len(eve.unique()))
 
-# %% ../../nbs/18b_smc.ipynb #c5e843b2
+# %% ../../nbs/18b_smc.ipynb #6cd866a5
 def event_shape(model, dim, base) -> tuple:
     "The event shape from `dim=`, else the model's `dim`, else the base's."
     if dim is None: dim = getattr(model, 'dim', None)
