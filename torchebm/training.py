@@ -8,7 +8,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'EarlyStopping', 'eval_mode', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog',
            'distributed_info', 'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../nbs/52_training.ipynb #e45de667
+# %% ../nbs/52_training.ipynb #79c76fbb
 import inspect
 import os
 import random
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../nbs/52_training.ipynb #a8837a22
+# %% ../nbs/52_training.ipynb #2803a40d
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -79,7 +79,7 @@ def remove_stale_temporaries(checkpoint_dir: Union[str, os.PathLike]) -> List[Pa
     for p in stale: p.unlink(missing_ok=True)
     return stale
 
-# %% ../nbs/52_training.ipynb #cfcacd29
+# %% ../nbs/52_training.ipynb #615503d2
 class Checkpointer:
     "The checkpoint folder of a run: atomic writes named by step, the newest `keep` kept, stale temporaries removed."
     def __init__(self,
@@ -100,7 +100,7 @@ class Checkpointer:
         "The newest checkpoint, or `None`."
         return latest_checkpoint(self.directory)
 
-# %% ../nbs/52_training.ipynb #8c85b7d0
+# %% ../nbs/52_training.ipynb #9f7bd7b2
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -166,7 +166,7 @@ class _RandomStreams:
             state.update({k: v for k, v in self.state.items() if k != 'generators'})
         return state
 
-# %% ../nbs/52_training.ipynb #23d2ecf0
+# %% ../nbs/52_training.ipynb #87495562
 class EMA(nn.Module):
     "Exponential moving average of a model's weights (with warm-up): an eval-mode copy to sample and evaluate with."
     def __init__(self,
@@ -202,7 +202,7 @@ class EMA(nn.Module):
     def get_extra_state(self) -> Dict[str, int]: return {'n_updates': self.n_updates}
     def set_extra_state(self, state: Dict[str, int]) -> None: self.n_updates = int(state['n_updates'])
 
-# %% ../nbs/52_training.ipynb #f7faef9a
+# %% ../nbs/52_training.ipynb #97fd5af1
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -252,7 +252,7 @@ class EarlyStopping(Callback):
     def state_dict(self): return {'best': self.best, 'wait': self.wait}
     def load_state_dict(self, state): self.best, self.wait = state['best'], state['wait']
 
-# %% ../nbs/52_training.ipynb #9d71e296
+# %% ../nbs/52_training.ipynb #ace0e55b
 @contextmanager
 def eval_mode(*modules: Optional[nn.Module]):
     "Put `modules` in eval mode and restore every sub-module's previous mode on exit."
@@ -263,7 +263,7 @@ def eval_mode(*modules: Optional[nn.Module]):
     finally:
         for m, mode in saved: m.training = mode
 
-# %% ../nbs/52_training.ipynb #0d1e0719
+# %% ../nbs/52_training.ipynb #78355f73
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, gradients or negatives become NaN/inf, or explode (with `on_divergence='raise'`)."
 
@@ -320,10 +320,11 @@ class DivergenceWatchdog:
     def describe(found: Dict[str, Any]) -> str:
         if found['kind'] == 'non-finite':
             return f"the loss, gradients or negatives became NaN/inf at step {found['step']}"
-        return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}, "
-                f"max |negatives| = {found['sample']:.3g}; finite but far beyond the data)")
+        negatives = f", max |negatives| = {found['sample']:.3g}" if found['sample'] > 0 else ''
+        return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}{negatives}; "
+                "finite but far beyond the data)")
 
-# %% ../nbs/52_training.ipynb #3d584b62
+# %% ../nbs/52_training.ipynb #12acb5b5
 class TrainingLog:
     "One progress bar, the per-step history (`steps`) and the per-epoch history (`epochs`) of a run."
     def __init__(self, show_progress: bool = True):  # show a tqdm progress bar
@@ -373,7 +374,7 @@ class TrainingLog:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps, self.epochs, self._pending = list(state['steps']), list(state['epochs']), []
 
-# %% ../nbs/52_training.ipynb #ca674d29
+# %% ../nbs/52_training.ipynb #9de93ba9
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -407,7 +408,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../nbs/52_training.ipynb #b0d03412
+# %% ../nbs/52_training.ipynb #eb9dbf58
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x, y)` is `loss_fn(x)` or `loss_fn(x, y=y)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -446,7 +447,7 @@ def _accepts_labels(loss_fn) -> bool:
     except (TypeError, ValueError): return True  # a builtin without a signature: let the call decide
     return any(p.name == 'y' or p.kind is p.VAR_KEYWORD for p in params)
 
-# %% ../nbs/52_training.ipynb #457130c7
+# %% ../nbs/52_training.ipynb #d67dd2b6
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 _ON_DIVERGENCE = ('warn', 'raise', 'rollback')
@@ -474,7 +475,7 @@ def _parameters_finite(model: nn.Module) -> bool:
     params = list(model.parameters())
     return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-# %% ../nbs/52_training.ipynb #2d54ac0b
+# %% ../nbs/52_training.ipynb #0484e17f
 class Trainer:
     "Fit an energy-based model with `loss_fn` and `optimizer`: `Trainer(model, loss_fn, optimizer).fit(loader, epochs)`."
     def __init__(self,
