@@ -11,7 +11,7 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy',
            'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel', 'HarmonicModel',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
-           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy']
+           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'model_input_dtype']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -28,3 +28,8 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
          'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
          'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
          'DoubleWellEnergy']
+
+# %% ../../nbs/03_core.ipynb #a9a79b1e
+# training helper: the dtype a model requires of its inputs (one dtype rule for closed-form energies)
+from .base import model_input_dtype
+_all_ = ['model_input_dtype']
