@@ -92,6 +92,24 @@ before = loss.replay_buffer.clone()
 t = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), progress=False, mix_buffers_every=2)
 t.fit(make_dataloader(TensorDataset(data), batch_size=16, shuffle=True), epochs=1)
 torch.save({'before': before, 'after': loss.replay_buffer}, f"{out}/mixed_rank{rank}.pt")
+
+class Unlucky(ToyPCD):
+    "Chains blow up (finite) at call 7 on rank 0 only: every rank must roll back together."
+    calls = 0
+    def forward(self, x):
+        Unlucky.calls += 1
+        loss, neg = super().forward(x)
+        return loss, (neg * 1e4 if Unlucky.calls == 7 and dist.get_rank() == 0 else neg)
+
+import warnings
+torch.manual_seed(7)
+model = GaussianEnergy(2)
+t = Trainer(model, Unlucky(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), seed=0, progress=False,
+            checkpoint_dir=out + '/rollback', checkpoint_every=4, log_every=2, on_divergence='rollback')
+with warnings.catch_warnings(record=True):
+    warnings.simplefilter('always')
+    t.fit(make_dataloader(TensorDataset(data), batch_size=16, shuffle=True), epochs=2)
+torch.save({'rollbacks': t.rollbacks, 'step': t.step, 'model': model.state_dict()}, f"{out}/rollback_rank{rank}.pt")
 dist.barrier()
 dist.destroy_process_group()
 # Gloo's worker threads can abort the interpreter's final teardown (SIGABRT, "terminate called without an active
@@ -118,6 +136,7 @@ def two_process_run(tmp_path_factory):
            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', str(out / 'worker.py'), str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / 'stderr.txt').write_text(result.stderr)
     return out
 
 
@@ -176,3 +195,17 @@ def test_rank0_checkpoint_loads_with_another_world_size(two_process_run):
     torch.testing.assert_close(loss.replay_buffer, final['buffer'])
     trainer.fit(make_dataloader(TensorDataset(m['make_data']()), batch_size=16), epochs=3)
     assert trainer.epoch == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_deprecation_warning_on_every_rank(two_process_run):
+    "DDP is built without the deprecated broadcast_buffers argument (torch 2.13 warns on every rank for it)."
+    stderr = (two_process_run / 'stderr.txt').read_text()
+    assert 'broadcast_buffers' not in stderr and 'FutureWarning' not in stderr, stderr[-2000:]
+
+
+def test_ranks_roll_back_together(two_process_run):
+    "Only rank 0's chains explode; both ranks return to the same checkpoint and stay in step."
+    r0, r1 = (torch.load(two_process_run / f'rollback_rank{r}.pt') for r in (0, 1))
+    assert r0['rollbacks'] == r1['rollbacks'] == 1 and r0['step'] == r1['step'] == 8
+    for name in r0['model']:
+        torch.testing.assert_close(r0['model'][name], r1['model'][name])

@@ -8,7 +8,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'EarlyStopping', 'eval_mode', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog',
            'distributed_info', 'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../nbs/52_training.ipynb #e45de667
+# %% ../nbs/52_training.ipynb #43883e3a
 import inspect
 import os
 import random
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../nbs/52_training.ipynb #a8837a22
+# %% ../nbs/52_training.ipynb #ac8c73d6
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -79,7 +79,7 @@ def remove_stale_temporaries(checkpoint_dir: Union[str, os.PathLike]) -> List[Pa
     for p in stale: p.unlink(missing_ok=True)
     return stale
 
-# %% ../nbs/52_training.ipynb #cfcacd29
+# %% ../nbs/52_training.ipynb #1bc4cc68
 class Checkpointer:
     "The checkpoint folder of a run: atomic writes named by step, the newest `keep` kept, stale temporaries removed."
     def __init__(self,
@@ -100,7 +100,7 @@ class Checkpointer:
         "The newest checkpoint, or `None`."
         return latest_checkpoint(self.directory)
 
-# %% ../nbs/52_training.ipynb #8c85b7d0
+# %% ../nbs/52_training.ipynb #35a4f71d
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -166,7 +166,7 @@ class _RandomStreams:
             state.update({k: v for k, v in self.state.items() if k != 'generators'})
         return state
 
-# %% ../nbs/52_training.ipynb #23d2ecf0
+# %% ../nbs/52_training.ipynb #58edee61
 class EMA(nn.Module):
     "Exponential moving average of a model's weights (with warm-up): an eval-mode copy to sample and evaluate with."
     def __init__(self,
@@ -202,7 +202,7 @@ class EMA(nn.Module):
     def get_extra_state(self) -> Dict[str, int]: return {'n_updates': self.n_updates}
     def set_extra_state(self, state: Dict[str, int]) -> None: self.n_updates = int(state['n_updates'])
 
-# %% ../nbs/52_training.ipynb #f7faef9a
+# %% ../nbs/52_training.ipynb #8d54ecb0
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -252,7 +252,7 @@ class EarlyStopping(Callback):
     def state_dict(self): return {'best': self.best, 'wait': self.wait}
     def load_state_dict(self, state): self.best, self.wait = state['best'], state['wait']
 
-# %% ../nbs/52_training.ipynb #9d71e296
+# %% ../nbs/52_training.ipynb #d1599512
 @contextmanager
 def eval_mode(*modules: Optional[nn.Module]):
     "Put `modules` in eval mode and restore every sub-module's previous mode on exit."
@@ -263,7 +263,7 @@ def eval_mode(*modules: Optional[nn.Module]):
     finally:
         for m, mode in saved: m.training = mode
 
-# %% ../nbs/52_training.ipynb #0d1e0719
+# %% ../nbs/52_training.ipynb #2681b2dd
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, gradients or negatives become NaN/inf, or explode (with `on_divergence='raise'`)."
 
@@ -320,10 +320,11 @@ class DivergenceWatchdog:
     def describe(found: Dict[str, Any]) -> str:
         if found['kind'] == 'non-finite':
             return f"the loss, gradients or negatives became NaN/inf at step {found['step']}"
-        return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}, "
-                f"max |negatives| = {found['sample']:.3g}; finite but far beyond the data)")
+        negatives = f", max |negatives| = {found['sample']:.3g}" if found['sample'] > 0 else ''
+        return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}{negatives}; "
+                "finite but far beyond the data)")
 
-# %% ../nbs/52_training.ipynb #3d584b62
+# %% ../nbs/52_training.ipynb #8ebb914c
 class TrainingLog:
     "One progress bar, the per-step history (`steps`) and the per-epoch history (`epochs`) of a run."
     def __init__(self, show_progress: bool = True):  # show a tqdm progress bar
@@ -372,8 +373,11 @@ class TrainingLog:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps, self.epochs, self._pending = list(state['steps']), list(state['epochs']), []
+        if self._bar is not None:  # a rollback inside `fit`: the bar goes back with the steps
+            self._bar.n = self.steps[-1]['step'] if self.steps else 0
+            self._bar.refresh()
 
-# %% ../nbs/52_training.ipynb #ca674d29
+# %% ../nbs/52_training.ipynb #b9d6777a
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -407,7 +411,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../nbs/52_training.ipynb #b0d03412
+# %% ../nbs/52_training.ipynb #8c56ac36
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x, y)` is `loss_fn(x)` or `loss_fn(x, y=y)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -446,7 +450,7 @@ def _accepts_labels(loss_fn) -> bool:
     except (TypeError, ValueError): return True  # a builtin without a signature: let the call decide
     return any(p.name == 'y' or p.kind is p.VAR_KEYWORD for p in params)
 
-# %% ../nbs/52_training.ipynb #457130c7
+# %% ../nbs/52_training.ipynb #084841e3
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 _ON_DIVERGENCE = ('warn', 'raise', 'rollback')
@@ -474,7 +478,7 @@ def _parameters_finite(model: nn.Module) -> bool:
     params = list(model.parameters())
     return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-# %% ../nbs/52_training.ipynb #2d54ac0b
+# %% ../nbs/52_training.ipynb #0bcee05e
 class Trainer:
     "Fit an energy-based model with `loss_fn` and `optimizer`: `Trainer(model, loss_fn, optimizer).fit(loader, epochs)`."
     def __init__(self,
@@ -606,6 +610,111 @@ class Trainer:
         if not self.callbacks: return
         with eval_mode(self.model):
             for cb in self.callbacks: getattr(cb, hook)(self, *args)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, dataloader, epochs: Optional[int] = None, resume: Union[str, os.PathLike, bool, None] = None,
+            *, max_steps: Optional[int] = None) -> List[Dict[str, float]]:
+        """Train until `epochs` epochs or `max_steps` optimiser steps in total (counting those done before a resume),
+        whichever comes first; returns the epoch history (`step_history` has every step).
+
+        `resume`: a checkpoint file or directory, or `True` for the latest checkpoint in `checkpoint_dir`
+        (a fresh start when there is none). The model's train/eval modes are restored when `fit` returns."""
+        if epochs is None and max_steps is None: raise TypeError("fit needs epochs= and/or max_steps=")
+        if epochs is not None: check_nonnegative_int('epochs', epochs, minimum=1)
+        if max_steps is not None: check_nonnegative_int('max_steps', max_steps, minimum=1)
+        if not hasattr(dataloader, '__iter__') or not hasattr(dataloader, '__len__'):
+            raise TypeError(f"dataloader must be an iterable with a length (a DataLoader), got {type(dataloader).__name__}")
+        if self.world['world_size'] > 1 and not isinstance(getattr(dataloader, 'sampler', None), DistributedSampler):
+            raise ValueError("under DDP the dataloader must shard the data: use make_dataloader(...) or "
+                             "DataLoader(..., sampler=DistributedSampler(dataset))")
+        self._loader, self._max_steps = dataloader, max_steps
+        if resume is True:
+            if self.checkpointer is None: raise ValueError("resume=True needs Trainer(checkpoint_dir=...)")
+            if self.checkpointer.latest() is not None: self.load_checkpoint(self.checkpoint_dir)
+        elif resume: self.load_checkpoint(resume)
+        self.should_stop, self.stop_reason = False, None
+        done = lambda: self.should_stop or (epochs is not None and self.epoch >= epochs) or \
+            (max_steps is not None and self.step >= max_steps)
+        planned = min(n for n in (epochs * len(dataloader) if epochs is not None else None, max_steps) if n is not None)
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.training_log.start(total=planned, initial=min(self.step, planned))
+        try:
+            with self.streams.active():
+                self.model.train()
+                self._call('on_fit_start')
+                while not done():
+                    try: self._run_epoch(dataloader)
+                    except _RollBack as signal: self._roll_back(signal.found)
+                if self.checkpointer is not None and self._saved_step != self.step: self.save_checkpoint()
+                self._call('on_fit_end')
+        finally:
+            self.training_log.close()
+            for m, mode in modes: m.training = mode
+        return self.history
+
+    def _run_epoch(self, loader) -> None:
+        "One pass over `loader` (its rest after a resume); stops early when asked to or at `max_steps`."
+        for batch in self._start_epoch(loader):
+            x, y = self._batch_to_device(batch)
+            lr = self.optimizer.param_groups[0]['lr']
+            try:
+                logs = self._train_step(x, y)
+            except Exception as error:
+                # Losses may raise on their own (e.g. a NaN check); say where in the run it happened.
+                if hasattr(error, 'add_note'):
+                    error.add_note(f"raised by the training step {self.step + 1} (epoch {self.epoch + 1}); "
+                                   f"last checkpoint: {self.last_checkpoint}")
+                raise
+            self.step += 1; self.batch_in_epoch += 1; self._epoch_batches += 1
+            self._epoch_loss_total = self._epoch_loss_total + logs['loss']
+            self.training_log.add_step(step=self.step, epoch=self.epoch + 1, loss=logs['loss'], lr=lr)
+            if self.mix_buffers_every is not None and self.world['world_size'] > 1 and self.step % self.mix_buffers_every == 0:
+                self._mix_replay_buffers()
+            if self.step % self.log_every == 0:
+                self.training_log.log(**self._evaluation_metrics(logs))
+                self._watch()
+            logs['step'] = self.step
+            self._call('on_step', logs)
+            if self.checkpointer is not None and self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
+                self._watch()
+                self.save_checkpoint()
+            if self.should_stop or (self._max_steps is not None and self.step >= self._max_steps): break
+        self._watch()
+        if self.should_stop or self.batch_in_epoch < len(loader): return
+        self._end_epoch()
+
+    def _start_epoch(self, loader):
+        "Set the epoch's data order (replaying it on resume) and return an iterator positioned at the next batch."
+        if hasattr(loader.sampler, 'set_epoch'): loader.sampler.set_epoch(self.epoch)
+        resume, self._resume = self._resume, None
+        if resume is None:
+            self._epoch_loss_total, self._epoch_batches = torch.zeros((), device=self.device), 0
+            self._epoch_rng = capture_rng_state(loader, self.loss_fn)
+            return iter(loader)
+        if not resume['exact']:
+            # Another world size: continue after the samples already seen this epoch.
+            per_step = (getattr(loader, 'batch_size', None) or 1) * self.world['world_size']
+            self.batch_in_epoch = min(resume['samples_in_epoch'] // per_step, len(loader))
+        if resume['epoch_rng'] is not None: restore_rng_state(resume['epoch_rng'], loader, self.loss_fn)
+        self._epoch_rng = capture_rng_state(loader, self.loss_fn)
+        batches = iter(loader)
+        for _ in range(self.batch_in_epoch): next(batches)
+        if resume['exact']: restore_rng_state(resume['rng'], loader, self.loss_fn)
+        elif self.seed is not None: self._reseed(self.seed + self.world['rank'] + 7919 * self.step)
+        if resume['reseed'] is not None: self._reseed(resume['reseed'])
+        return batches
+
+    def _end_epoch(self) -> None:
+        mean_loss = float(self._epoch_loss_total) / max(self._epoch_batches, 1)
+        if self.world['world_size'] > 1:
+            t = torch.tensor([mean_loss], device=self.device)
+            dist.all_reduce(t); mean_loss = float(t) / self.world['world_size']
+        logs = {'epoch': self.epoch + 1, 'step': self.step, 'loss': mean_loss, 'lr': self.optimizer.param_groups[0]['lr']}
+        if self.lr_scheduler is not None and self.scheduler_interval == 'epoch': self.lr_scheduler.step()
+        self.epoch += 1; self.batch_in_epoch = 0
+        self.training_log.add_epoch(logs)
+        self._call('on_epoch', logs)
+        if self.checkpointer is not None and self.checkpoint_every_epoch: self.save_checkpoint()
 
     # -- one step ----------------------------------------------------------------------------------
     def _batch_to_device(self, batch):
@@ -830,108 +939,3 @@ class Trainer:
         self.last_checkpoint, self._saved_step = path, self.step
         self.watchdog.reset()
         self._warned_exploding = False
-
-    # -- the loop ----------------------------------------------------------------------------------
-    def _start_epoch(self, loader):
-        "Set the epoch's data order (replaying it on resume) and return an iterator positioned at the next batch."
-        if hasattr(loader.sampler, 'set_epoch'): loader.sampler.set_epoch(self.epoch)
-        resume, self._resume = self._resume, None
-        if resume is None:
-            self._epoch_loss_total, self._epoch_batches = torch.zeros((), device=self.device), 0
-            self._epoch_rng = capture_rng_state(loader, self.loss_fn)
-            return iter(loader)
-        if not resume['exact']:
-            # Another world size: continue after the samples already seen this epoch.
-            per_step = (getattr(loader, 'batch_size', None) or 1) * self.world['world_size']
-            self.batch_in_epoch = min(resume['samples_in_epoch'] // per_step, len(loader))
-        if resume['epoch_rng'] is not None: restore_rng_state(resume['epoch_rng'], loader, self.loss_fn)
-        self._epoch_rng = capture_rng_state(loader, self.loss_fn)
-        batches = iter(loader)
-        for _ in range(self.batch_in_epoch): next(batches)
-        if resume['exact']: restore_rng_state(resume['rng'], loader, self.loss_fn)
-        elif self.seed is not None: self._reseed(self.seed + self.world['rank'] + 7919 * self.step)
-        if resume['reseed'] is not None: self._reseed(resume['reseed'])
-        return batches
-
-    def _run_epoch(self, loader) -> None:
-        "One pass over `loader` (its rest after a resume); stops early when asked to or at `max_steps`."
-        for batch in self._start_epoch(loader):
-            x, y = self._batch_to_device(batch)
-            lr = self.optimizer.param_groups[0]['lr']
-            try:
-                logs = self._train_step(x, y)
-            except Exception as error:
-                # Losses may raise on their own (e.g. a NaN check); say where in the run it happened.
-                if hasattr(error, 'add_note'):
-                    error.add_note(f"raised by the training step {self.step + 1} (epoch {self.epoch + 1}); "
-                                   f"last checkpoint: {self.last_checkpoint}")
-                raise
-            self.step += 1; self.batch_in_epoch += 1; self._epoch_batches += 1
-            self._epoch_loss_total = self._epoch_loss_total + logs['loss']
-            self.training_log.add_step(step=self.step, epoch=self.epoch + 1, loss=logs['loss'], lr=lr)
-            if self.mix_buffers_every is not None and self.world['world_size'] > 1 and self.step % self.mix_buffers_every == 0:
-                self._mix_replay_buffers()
-            if self.step % self.log_every == 0:
-                self.training_log.log(**self._evaluation_metrics(logs))
-                self._watch()
-            logs['step'] = self.step
-            self._call('on_step', logs)
-            if self.checkpointer is not None and self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
-                self._watch()
-                self.save_checkpoint()
-            if self.should_stop or (self._max_steps is not None and self.step >= self._max_steps): break
-        self._watch()
-        if self.should_stop or self.batch_in_epoch < len(loader): return
-        self._end_epoch()
-
-    def _end_epoch(self) -> None:
-        mean_loss = float(self._epoch_loss_total) / max(self._epoch_batches, 1)
-        if self.world['world_size'] > 1:
-            t = torch.tensor([mean_loss], device=self.device)
-            dist.all_reduce(t); mean_loss = float(t) / self.world['world_size']
-        logs = {'epoch': self.epoch + 1, 'step': self.step, 'loss': mean_loss, 'lr': self.optimizer.param_groups[0]['lr']}
-        if self.lr_scheduler is not None and self.scheduler_interval == 'epoch': self.lr_scheduler.step()
-        self.epoch += 1; self.batch_in_epoch = 0
-        self.training_log.add_epoch(logs)
-        self._call('on_epoch', logs)
-        if self.checkpointer is not None and self.checkpoint_every_epoch: self.save_checkpoint()
-
-    def fit(self, dataloader, epochs: Optional[int] = None, resume: Union[str, os.PathLike, bool, None] = None,
-            *, max_steps: Optional[int] = None) -> List[Dict[str, float]]:
-        """Train until `epochs` epochs or `max_steps` optimiser steps in total (counting those done before a resume),
-        whichever comes first; returns the epoch history (`step_history` has every step).
-
-        `resume`: a checkpoint file or directory, or `True` for the latest checkpoint in `checkpoint_dir`
-        (a fresh start when there is none). The model's train/eval modes are restored when `fit` returns."""
-        if epochs is None and max_steps is None: raise TypeError("fit needs epochs= and/or max_steps=")
-        if epochs is not None: check_nonnegative_int('epochs', epochs, minimum=1)
-        if max_steps is not None: check_nonnegative_int('max_steps', max_steps, minimum=1)
-        if not hasattr(dataloader, '__iter__') or not hasattr(dataloader, '__len__'):
-            raise TypeError(f"dataloader must be an iterable with a length (a DataLoader), got {type(dataloader).__name__}")
-        if self.world['world_size'] > 1 and not isinstance(getattr(dataloader, 'sampler', None), DistributedSampler):
-            raise ValueError("under DDP the dataloader must shard the data: use make_dataloader(...) or "
-                             "DataLoader(..., sampler=DistributedSampler(dataset))")
-        self._loader, self._max_steps = dataloader, max_steps
-        if resume is True:
-            if self.checkpointer is None: raise ValueError("resume=True needs Trainer(checkpoint_dir=...)")
-            if self.checkpointer.latest() is not None: self.load_checkpoint(self.checkpoint_dir)
-        elif resume: self.load_checkpoint(resume)
-        self.should_stop, self.stop_reason = False, None
-        done = lambda: self.should_stop or (epochs is not None and self.epoch >= epochs) or \
-            (max_steps is not None and self.step >= max_steps)
-        planned = min(n for n in (epochs * len(dataloader) if epochs is not None else None, max_steps) if n is not None)
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.training_log.start(total=planned, initial=min(self.step, planned))
-        try:
-            with self.streams.active():
-                self.model.train()
-                self._call('on_fit_start')
-                while not done():
-                    try: self._run_epoch(dataloader)
-                    except _RollBack as signal: self._roll_back(signal.found)
-                if self.checkpointer is not None and self._saved_step != self.step: self.save_checkpoint()
-                self._call('on_fit_end')
-        finally:
-            self.training_log.close()
-            for m, mode in modes: m.training = mode
-        return self.history
