@@ -280,3 +280,34 @@ def test_ais_bimodal_against_quadrature(transition):
                          step_size=0.05, n_leapfrog=3, generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
     assert abs(est.log_z.item() - exact) < 4 * est.stderr.item() + 0.03
+
+
+def test_sliced_wasserstein_float64_matches_scipy():
+    "In 1-D every direction is +-1, so SW_1 is the exact W_1; unequal sizes go through the quantile grid."
+    stats = pytest.importorskip('scipy.stats')
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    y = 1.3 * torch.randn(11, 1, generator=g, dtype=torch.float64) + 0.4
+    ours = sliced_wasserstein_distance(x, y, n_projections=3, p=1.0, generator=g)
+    assert ours.dtype == torch.float64
+    assert ours.item() == pytest.approx(stats.wasserstein_distance(x[:, 0].numpy(), y[:, 0].numpy()), rel=1e-12)
+
+
+def test_sliced_wasserstein_generator_reproducible():
+    x, y = torch.randn(40, 3), torch.randn(50, 3) + 1
+    a = sliced_wasserstein_distance(x, y, n_projections=8, generator=torch.Generator().manual_seed(0))
+    b = sliced_wasserstein_distance(x, y, n_projections=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_ess_rejects_a_batch_of_samples():
+    "A `[n_samples, dim]` batch is not a trajectory; a scalar with more chains than steps is passed as [., ., 1]."
+    samples = torch.randn(500, 10)
+    for fn in (ess_bulk, ess_tail, effective_sample_size, r_hat):
+        with pytest.raises(ValueError, match=r'more chains \(500\) than steps \(10\).*\[n_chains, n_steps, 1\]'):
+            fn(samples)
+    assert ess_bulk(samples[..., None]).shape == (1,)
+    assert ess_bulk(torch.randn(2, 40)).shape == ()     # fewer chains than steps: a scalar's trajectory
+    # mcmc_summary's energies [T, n_chains] with many short chains still work
+    diag = {'energy': torch.randn(20, 64, dtype=torch.float64)}
+    assert mcmc_summary(diagnostics=diag)['energy_ess_bulk'].shape == ()

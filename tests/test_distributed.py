@@ -118,6 +118,7 @@ def two_process_run(tmp_path_factory):
            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', str(out / 'worker.py'), str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / 'stderr.txt').write_text(result.stderr)
     return out
 
 
@@ -176,3 +177,9 @@ def test_rank0_checkpoint_loads_with_another_world_size(two_process_run):
     torch.testing.assert_close(loss.replay_buffer, final['buffer'])
     trainer.fit(make_dataloader(TensorDataset(m['make_data']()), batch_size=16), epochs=3)
     assert trainer.epoch == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_deprecation_warning_on_every_rank(two_process_run):
+    "DDP is built without the deprecated broadcast_buffers argument (torch 2.13 warns on every rank for it)."
+    stderr = (two_process_run / 'stderr.txt').read_text()
+    assert 'broadcast_buffers' not in stderr and 'FutureWarning' not in stderr, stderr[-2000:]

@@ -298,3 +298,24 @@ def test_cuda_matches_cpu(name):
     xc = x.to('cuda')
     torch.testing.assert_close(cuda_model(xc).cpu(), model(x))
     torch.testing.assert_close(cuda_model.gradient(xc).cpu(), model.gradient(x))
+
+
+@pytest.mark.parametrize('make', [lambda: GaussianModel(torch.zeros(2), 2 * torch.eye(2)), lambda: DoubleWellModel(),
+                                  lambda: HarmonicModel(), lambda: CompositeEnergy([HarmonicModel(), GaussianModel(torch.ones(2), torch.eye(2))])])
+def test_one_dtype_rule_closed_form_energies_compute_in_the_input_dtype(make):
+    "A float32 closed-form energy takes a float64 start in every sampler and computes in float64."
+    from torchebm.samplers import HamiltonianMonteCarlo, LangevinDynamics
+    model = make()
+    x0 = torch.full((3, 2), 0.3, dtype=F64)
+    assert model(x0).dtype == F64 and model.gradient(x0).dtype == F64
+    for sampler in (LangevinDynamics(model, step_size=0.05), LangevinDynamics(model, step_size=0.05, metropolis=True),
+                    HamiltonianMonteCarlo(model, step_size=0.05, n_leapfrog_steps=3)):
+        out = sampler.sample(x=x0, n_steps=3, generator=torch.Generator().manual_seed(0))
+        assert out.dtype == F64 and torch.isfinite(out).all()
+
+
+def test_learned_weights_fix_the_input_dtype():
+    from torchebm.samplers import LangevinDynamics
+    model = EnergyModel(nn.Linear(2, 1))
+    with pytest.raises(ValueError, match='x has dtype torch.float64 but the model has dtype torch.float32'):
+        LangevinDynamics(model, step_size=0.05).sample(x=torch.zeros(3, 2, dtype=F64), n_steps=2)

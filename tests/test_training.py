@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def _assert_same(a: Trainer, b: Trainer):
     assert a.optimizer.param_groups[0]['lr'] == b.optimizer.param_groups[0]['lr']
     assert a.step == b.step and a.epoch == b.epoch
     assert [h['loss'] for h in a.history] == pytest.approx([h['loss'] for h in b.history], rel=1e-6)
+    assert a.step_history == b.step_history
 
 
 class Crash(Callback):
@@ -307,3 +309,206 @@ def test_errors_raised_by_the_loss_name_the_step():
     with pytest.raises(ValueError, match='the loss is nan') as info:
         trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=1)
     assert any('training step 3 (epoch 1)' in note for note in info.value.__notes__)
+
+
+# -- silent failures of the old trainer (each test fails on it) ------------------------------------------------
+
+def _labelled_data():
+    x = _data()
+    return x, (x[:, 0] > 1).long()
+
+
+def test_labels_reach_the_loss_as_y():
+    seen = []
+    model = GaussianEnergy(2)
+    def conditional(x, y=None):
+        seen.append(y)
+        return model(x).mean() + 0.1 * model(x).pow(2).mean()
+    x, y = _labelled_data()
+    Trainer(model, conditional, torch.optim.SGD(model.parameters(), lr=0.01), progress=False).fit(
+        make_dataloader(TensorDataset(x, y), batch_size=96, shuffle=False), epochs=1)
+    assert len(seen) == 1 and torch.equal(seen[0], y)
+    unconditional = Trainer(model, lambda x: model(x).mean(), torch.optim.SGD(model.parameters(), lr=0.01), progress=False)
+    with pytest.raises(TypeError, match='no `y` argument'):
+        unconditional.fit(make_dataloader(TensorDataset(x, y), batch_size=16), epochs=1)
+    with pytest.raises(TypeError, match='3-tuple'):
+        unconditional.fit(make_dataloader(TensorDataset(x, y, y), batch_size=16), epochs=1)
+
+
+class Explode(nn.Module):
+    "A finite loss of -2.5e16 (kind='loss') or finite negatives at 1.6e4 (kind='samples') from call `at` on."
+    def __init__(self, model, at, kind):
+        super().__init__()
+        self.model, self.at, self.kind, self.calls = model, at, kind, 0
+
+    def forward(self, x):
+        self.calls += 1
+        loss = self.model(x).mean() + 0.1 * self.model(x).pow(2).mean()
+        neg = torch.randn_like(x)
+        if self.calls >= self.at:
+            if self.kind == 'loss': loss = loss - 2.5e16 + loss.detach() * 0
+            else: neg = neg + 1.6e4
+        return loss, neg
+
+
+@pytest.mark.parametrize('kind', ['loss', 'samples'])
+def test_exploding_runs_warn_or_raise(kind):
+    model = GaussianEnergy(2)
+    loader = make_dataloader(TensorDataset(_data()), batch_size=8)
+    trainer = Trainer(model, Explode(model, 3, kind), torch.optim.SGD(model.parameters(), lr=1e-20), progress=False, log_every=2)
+    with pytest.warns(UserWarning, match='exploding at step 3'):
+        trainer.fit(loader, epochs=1)
+    strict = Trainer(model, Explode(model, 3, kind), torch.optim.SGD(model.parameters(), lr=1e-20), progress=False,
+                     log_every=2, on_divergence='raise')
+    with pytest.raises(TrainingDivergedError, match='exploding at step 3'):
+        strict.fit(loader, epochs=1)
+
+
+def test_rollback_returns_to_the_last_good_checkpoint_with_new_streams(tmp_path):
+    class Unlucky(ToyPCD):
+        "Chains blow up (finite) on call 7 only; calls are counted across rollbacks."
+        calls = 0
+        def forward(self, x):
+            Unlucky.calls += 1
+            loss, neg = super().forward(x)
+            return loss, (neg * 1e4 if Unlucky.calls == 7 else neg)
+    torch.manual_seed(0)
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, Unlucky(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), checkpoint_dir=tmp_path,
+                      checkpoint_every=4, log_every=2, seed=0, progress=False, on_divergence='rollback', max_rollbacks=1)
+    with pytest.warns(UserWarning, match='Rolling back to checkpoint-000000004.pt'):
+        trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)
+    assert trainer.rollbacks == 1 and trainer.step == 12
+    assert [s['step'] for s in trainer.step_history] == list(range(1, 13))
+    # the replayed steps drew new random numbers: losses after the rollback differ from a run without it
+    torch.manual_seed(0)
+    clean_model = GaussianEnergy(2)
+    clean = Trainer(clean_model, ToyPCD(clean_model, 2), torch.optim.SGD(clean_model.parameters(), lr=0.01), seed=0,
+                    progress=False)
+    clean.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)
+    assert trainer.step_history[3]['loss'] == clean.step_history[3]['loss']
+    assert trainer.step_history[4]['loss'] != clean.step_history[4]['loss']
+    # without a checkpoint, or past max_rollbacks, it raises
+    Unlucky.calls = 0
+    no_ckpt = Trainer(model, Unlucky(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), log_every=2,
+                      progress=False, on_divergence='rollback')
+    with pytest.raises(TrainingDivergedError, match='Cannot roll back: no checkpoint'):
+        no_ckpt.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)
+
+
+class ModeRecorder(nn.Module):
+    "Records (grad enabled, training) at every forward; has dropout (not used in the energy)."
+    def __init__(self):
+        super().__init__()
+        self.inner = GaussianEnergy(2)
+        self.drop = nn.Dropout(0.5)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((torch.is_grad_enabled(), self.training))
+        return self.inner(x)
+
+
+def test_fit_evaluates_in_eval_mode_and_restores_the_mode():
+    from torchebm.core.base import BaseModel
+    class Energy(ModeRecorder, BaseModel): pass
+    model = Energy()
+    in_callbacks = []
+    cb = LambdaCallback(on_step=lambda t, logs: in_callbacks.append(t.model.training),
+                        on_epoch=lambda t, logs: in_callbacks.append(t.model.training))
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), log_every=1,
+                      ema_decay=0.9, callbacks=[cb], progress=False)
+    model.eval()
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=32), epochs=1)
+    evaluations = [training for grad, training in model.calls if not grad]
+    assert evaluations and not any(evaluations)            # the trainer's own energies: eval mode
+    assert any(training for grad, training in model.calls if grad)  # the loss: train mode
+    assert in_callbacks and not any(in_callbacks)
+    assert model.training is False and trainer.ema_model.training is False
+
+
+def test_final_checkpoint_is_always_written(tmp_path):
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), checkpoint_dir=tmp_path,
+                      checkpoint_every=5, progress=False)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=1)   # 12 steps
+    assert latest_checkpoint(tmp_path).name == 'checkpoint-000000012.pt'
+
+
+def test_checkpoint_every_epoch_opt_in(tmp_path):
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), checkpoint_dir=tmp_path,
+                      checkpoint_every=5, checkpoint_every_epoch=True, keep_checkpoints=10, progress=False)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=2)  # 6 steps per epoch
+    assert [int(p.name[11:20]) for p in list_checkpoints(tmp_path)] == [5, 6, 10, 12]
+
+
+def test_finite_loss_with_nan_gradient_never_becomes_a_good_checkpoint(tmp_path):
+    model = GaussianEnergy(2)
+    calls = []
+    def loss(x):
+        calls.append(1)
+        value = model(x).mean() + 0.1 * model(x).pow(2).mean()
+        if len(calls) == 5:   # sqrt at 0: the value is 0 (finite loss), the gradient inf
+            value = value + (model.mu.sum() - model.mu.sum().detach()).sqrt()
+        return value
+    trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), checkpoint_dir=tmp_path,
+                      checkpoint_every=1, log_every=10, progress=False)
+    with pytest.raises(TrainingDivergedError, match='at step 5 .*checkpoint-000000004.pt'):
+        trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=8), epochs=1)
+    assert latest_checkpoint(tmp_path).name == 'checkpoint-000000004.pt'
+    state = torch.load(latest_checkpoint(tmp_path), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
+    with pytest.raises(TrainingDivergedError):
+        trainer.save_checkpoint()   # inf parameters are never saved, even when asked
+    assert latest_checkpoint(tmp_path).name == 'checkpoint-000000004.pt'
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    orphan = tmp_path / f'.checkpoint-000000008.pt.tmp-{int(dead.stdout)}'
+    orphan.write_bytes(b'half a checkpoint')
+    alive = tmp_path / f'.checkpoint-000000009.pt.tmp-{os.getpid()}'
+    alive.write_bytes(b'a write in progress')
+    model = GaussianEnergy(2)
+    Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), checkpoint_dir=tmp_path,
+            progress=False).fit(make_dataloader(TensorDataset(_data()), batch_size=32), epochs=1)
+    assert not orphan.exists() and alive.exists()
+
+
+def test_seed_uses_the_trainers_own_streams():
+    import random
+    import numpy as np
+    def draws(): return torch.rand(2), np.random.rand(), random.random()
+    torch.manual_seed(5); np.random.seed(5); random.seed(5)
+    expected = draws()
+    model = GaussianEnergy(2)
+    loss = ToyPCD(model, 2)   # its buffer is drawn from the global stream: made before seeding
+    torch.manual_seed(5); np.random.seed(5); random.seed(5)
+    trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), seed=0, progress=False)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=32), epochs=1)
+    got = draws()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_ema_warmup_and_max_steps_and_step_history():
+    model = GaussianEnergy(2)
+    trainer = Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), ema_decay=0.999,
+                      progress=False, log_every=4)
+    trainer.fit(make_dataloader(TensorDataset(_data()), batch_size=16), epochs=5, max_steps=9)
+    assert (trainer.step, trainer.epoch, len(trainer.history)) == (9, 1, 1)
+    assert trainer.ema.n_updates == 9 and trainer.ema.current_decay() == pytest.approx(10 / 19)
+    records = trainer.step_history
+    assert [r['step'] for r in records] == list(range(1, 10)) and all(math.isfinite(r['loss']) for r in records)
+    assert 'e_pos' in records[3] and 'e_pos' not in records[2]   # logged metrics at the logging steps
+    # with warm-up the average follows the weights closely after a few steps; a fixed 0.999 would not
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trainer.ema_model.state_dict()[name], value, atol=0.05, rtol=0)
+
+
+def test_one_progress_bar(capsys):
+    model = GaussianEnergy(2)
+    Trainer(model, ToyPCD(model, 2), torch.optim.SGD(model.parameters(), lr=0.01), log_every=1).fit(
+        make_dataloader(TensorDataset(_data()), batch_size=16), epochs=3)
+    err = capsys.readouterr().err
+    assert 'training' in err and '18/18' in err and 'epoch 1/' not in err

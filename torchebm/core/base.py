@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', 'check_nonnegative_int', 'check_choice',
            'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like', 'rademacher_like', 'DeviceMixin',
-           'BaseModel', 'deprecated_alias', 'model_tensor_dtype', 'model_tensor_device', 'check_batch', 'check_finite',
-           'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler', 'BaseLoss', 'BaseIntegrator',
-           'InterpolantSchedule', 'expand_like', 'BaseInterpolant']
+           'BaseModel', 'deprecated_alias', 'model_tensor_dtype', 'model_input_dtype', 'model_tensor_device',
+           'check_batch', 'check_finite', 'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler',
+           'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant']
 
 # %% ../../nbs/00_base.ipynb #7545a42d
 import math
@@ -123,6 +123,9 @@ class DeviceMixin(nn.Module):
 # %% ../../nbs/00_base.ipynb #2a01cacc
 class BaseModel(DeviceMixin):
     "Base class of energy models: `forward(x: [batch, *dim]) -> [batch]` energies."
+    # True for energies that cast their constants to the input and compute in its dtype (closed forms); their
+    # tensors then do not pin the dtype of inputs (see `model_input_dtype`).
+    any_input_dtype: bool = False
     def __init__(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None):
         super().__init__(device=device, dtype=dtype)
 
@@ -195,6 +198,11 @@ def model_tensor_dtype(model) -> Optional[torch.dtype]:
     if t is not None: return t.dtype
     return getattr(model, '_dtype', None)
 
+def model_input_dtype(model) -> Optional[torch.dtype]:
+    "The dtype a model requires of its inputs (`model_tensor_dtype`; only its `dtype=` if `any_input_dtype`), `None` if any."
+    if getattr(model, 'any_input_dtype', False): return getattr(model, '_dtype', None)
+    return model_tensor_dtype(model)
+
 def model_tensor_device(model) -> Optional[torch.device]:
     "The device a model is pinned to (its tensors', else its `device=`), `None` if it accepts any."
     t = _first_float_tensor(model) if isinstance(model, nn.Module) else None
@@ -202,7 +210,7 @@ def model_tensor_device(model) -> Optional[torch.device]:
     return getattr(model, '_device', None)
 
 def check_batch(x, name: str = 'x', model=None, dim=None) -> torch.Tensor:
-    "Check `x` is a floating `[batch, *dim]` tensor on the model's device and dtype."
+    "Check `x` is a floating `[batch, *dim]` tensor on the model's device, in the dtype it requires (`model_input_dtype`)."
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [batch, *dim], got {type(x).__name__}")
     if not x.is_floating_point():
@@ -213,7 +221,7 @@ def check_batch(x, name: str = 'x', model=None, dim=None) -> torch.Tensor:
         want = tuple(dim) if isinstance(dim, (tuple, list, torch.Size)) else (dim,)
         if tuple(x.shape[1:]) != want:
             raise ValueError(f"{name} has event shape {tuple(x.shape[1:])} but the expected event shape (dim) is {want}")
-    device, dtype = model_tensor_device(model), model_tensor_dtype(model)
+    device, dtype = model_tensor_device(model), model_input_dtype(model)
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the model is on {device}; move one of them")
     if dtype is not None and x.dtype != dtype:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .base import BaseModel, check_choice, check_positive, deprecated_alias, warn_deprecated
+from .base import BaseModel, check_choice, check_positive, deprecated_alias, model_input_dtype, warn_deprecated
 
 # %% ../../nbs/02_energies.ipynb #4c54c3a5
 def _as_float(name: str, value) -> float:
@@ -33,12 +33,14 @@ def _check_points(x: torch.Tensor, owner: str, dim: Optional[int] = None) -> Non
 # %% ../../nbs/02_energies.ipynb #974b1ae3
 class GaussianModel(BaseModel):
     "Multivariate normal energy $\\tfrac12 (x-\\mu)^\\top \\Sigma^{-1} (x-\\mu)$ with mean `[d]` and covariance `[d, d]`."
+    any_input_dtype = True  # computes in the input's dtype (the buffers are cast to it)
+
     def __init__(self,
                  mean: torch.Tensor,  # mean `[d]`
                  cov: torch.Tensor,  # covariance `[d, d]`: symmetric positive definite
-                 dtype: Optional[torch.dtype] = None,  # dtype of the buffers (default: mean/cov's, float32 if integer)
+                 dtype: Optional[torch.dtype] = None,  # dtype of the buffers (default: mean/cov's, float32 if integer); inputs of any dtype are computed in theirs
                  device: Union[str, torch.device, None] = None):  # device of the buffers (default: that of `mean`/`cov`)
-        super().__init__(dtype=dtype, device=device)
+        super().__init__(device=device)
         mean, cov = torch.as_tensor(mean), torch.as_tensor(cov)
         if mean.ndim != 1: raise ValueError(f"mean must be a 1-D tensor [d], got shape {tuple(mean.shape)}")
         d = mean.shape[0]
@@ -257,6 +259,11 @@ class CompositeEnergy(BaseModel):
     @property
     def has_analytic_gradient(self) -> bool:
         return all(getattr(e, 'has_analytic_gradient', False) for e in self.energies)
+
+    @property
+    def any_input_dtype(self) -> bool:
+        "A sum computes in the input's dtype when every part does."
+        return all(model_input_dtype(e) is None for e in self.energies)
 
     def forward(self, x): return sum(w * e(x) for w, e in zip(self.weights, self.energies))
 

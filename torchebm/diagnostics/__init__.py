@@ -26,6 +26,13 @@ def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: i
     if trajectory.ndim < 2:
         raise ValueError(f"{name} must have shape [n_chains, n_steps, *dim], got shape {tuple(trajectory.shape)}")
     n_chains, n_steps = trajectory.shape[:2]
+    if trajectory.ndim == 2 and n_chains > n_steps:
+        # A 2-D tensor is a scalar's trajectory [n_chains, n_steps]; with more chains than steps it is far more
+        # likely a batch of samples [n_samples, dim], whose "ESS" would be a meaningless number (ArviZ warns here).
+        raise ValueError(f"{name} of shape {tuple(trajectory.shape)} has more chains ({n_chains}) than steps "
+                         f"({n_steps}): is it a batch of samples [n_samples, dim]? Pass a trajectory "
+                         "[n_chains, n_steps, *dim] (sample(..., return_trajectory=True)); for a scalar with more "
+                         "chains than steps add a trailing axis: [n_chains, n_steps, 1]")
     if n_chains < min_chains:
         raise ValueError(f"{name} needs at least {min_chains} chains, got {n_chains}")
     if n_steps < min_steps:
@@ -186,9 +193,9 @@ def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
     if diagnostics is not None:
         if not isinstance(diagnostics, dict) or 'energy' not in diagnostics:
             raise TypeError("diagnostics must be a sampler diagnostics dict with an 'energy' entry [T, n_chains]")
-        energy = diagnostics['energy'].transpose(0, 1)
-        summary.update(energy_ess_bulk=ess_bulk(energy), energy_ess_tail=ess_tail(energy))
-        if energy.shape[0] > 1: summary['energy_r_hat'] = r_hat(energy)
+        energy = diagnostics['energy'].transpose(0, 1)[..., None]  # [n_chains, T, 1]: one scalar per draw
+        summary.update(energy_ess_bulk=ess_bulk(energy)[0], energy_ess_tail=ess_tail(energy)[0])
+        if energy.shape[0] > 1: summary['energy_r_hat'] = r_hat(energy)[0]
         if 'acceptance_rate' in diagnostics: summary['acceptance_rate'] = diagnostics['acceptance_rate'].mean()
     return summary
 
@@ -249,8 +256,9 @@ def sliced_wasserstein_distance(x: torch.Tensor, y: torch.Tensor, n_projections:
     px, py = (x @ theta).sort(0).values, (y @ theta).sort(0).values
     if len(px) != len(py):
         # Both empirical quantile functions are step functions; on the union of their jumps they are exact.
-        levels = torch.cat([torch.arange(len(px), device=x.device) / len(px),
-                            torch.arange(len(py), device=x.device) / len(py)]).unique().to(x.dtype)
+        # The grid is built in the input's dtype: float32 levels would cap float64 input at ~1e-8 accuracy.
+        levels = torch.cat([torch.arange(len(px), dtype=x.dtype, device=x.device) / len(px),
+                            torch.arange(len(py), dtype=x.dtype, device=x.device) / len(py)]).unique()
         weights = torch.diff(torch.cat([levels, levels.new_ones(1)]))
         midpoints = levels + weights / 2
         px, py = _quantile_grid(px, midpoints), _quantile_grid(py, midpoints)

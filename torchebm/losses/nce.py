@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import check_finite, check_nonnegative_int, model_tensor_device, model_tensor_dtype
+from ..core.base import check_finite, check_nonnegative_int, model_input_dtype, model_tensor_device
 from .loss_utils import EnergyModelLoss, model_energy, tile_model_kwargs
 
 # %% ../../nbs/22_nce.ipynb #157a1e88
@@ -35,7 +35,7 @@ class NoiseContrastiveEstimation(EnergyModelLoss):
                  noise_ratio: int = 1,  # noise samples per data point (>= 1)
                  learn_log_normalizer: bool = True,  # learn log Z as a parameter (False: a fixed buffer)
                  log_normalizer_init: float = 0.0,  # initial value of log Z
-                 dtype: Optional[torch.dtype] = None,  # log Z's dtype unless the model has one (default: torch's default)
+                 dtype: Optional[torch.dtype] = None,  # log Z's dtype unless the model fixes one (default: the first batch's dtype)
                  device: Union[str, torch.device, None] = None):  # log Z's device unless the model has one (default: CPU)
         super().__init__(model, dtype=dtype, device=device)
         if not (callable(getattr(noise_distribution, 'sample', None)) and callable(getattr(noise_distribution, 'log_prob', None))):
@@ -45,10 +45,14 @@ class NoiseContrastiveEstimation(EnergyModelLoss):
         # A plain attribute, not a sub-module: the noise is fixed, so its parameters must stay out of `parameters()`.
         object.__setattr__(self, 'noise_distribution', noise_distribution)
         self.noise_ratio = noise_ratio
-        init = torch.tensor(float(log_normalizer_init), dtype=model_tensor_dtype(model) or dtype or torch.get_default_dtype(),
+        fixed_dtype = model_input_dtype(model) or dtype
+        init = torch.tensor(float(log_normalizer_init), dtype=fixed_dtype or torch.get_default_dtype(),
                             device=model_tensor_device(model) or device)
         if learn_log_normalizer: self.log_normalizer = nn.Parameter(init)
         else: self.register_buffer('log_normalizer', init)
+        # An energy that computes in its input's dtype (no learned weights) leaves log Z to follow the data: it is
+        # cast once, at the first batch, before any optimiser step has made state for it.
+        self._log_normalizer_follows_data = fixed_dtype is None
 
     def noise_samples(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         "`noise_ratio * batch` noise samples shaped, typed and placed like `x: [batch, *dim]`."
@@ -71,6 +75,9 @@ class NoiseContrastiveEstimation(EnergyModelLoss):
 
     def compute_loss(self, x, model, model_kwargs, generator):
         batch, ratio = x.shape[0], self.noise_ratio
+        if self._log_normalizer_follows_data:
+            self._log_normalizer_follows_data = False
+            self.log_normalizer.data = self.log_normalizer.data.to(x.dtype)
         # checked up front: torch.distributions would otherwise reject NaN data with a message about its support
         u = torch.cat([check_finite(x, 'x'), self.noise_samples(x, generator)])
         log_model = -model_energy(model, u, tile_model_kwargs(model_kwargs, batch, 1 + ratio)) - self.log_normalizer
