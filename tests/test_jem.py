@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from torchebm.losses import JEMLoss, JointEnergyModel, auroc, calibration
+from torchebm.models.image import ConvEnergy
 from torchebm.samplers.hmc import HamiltonianMonteCarlo
 from torchebm.samplers.langevin import LangevinDynamics
 
@@ -19,15 +20,6 @@ class GaussianLogits(nn.Module):
     "Logits -|x - mu_y|^2 / 2: p(x | y) = N(mu_y, I) exactly."
     def __init__(self, means): super().__init__(); self.means = nn.Parameter(means.clone())
     def forward(self, x): return -0.5 * (x[:, None, :] - self.means).pow(2).sum(-1)
-
-
-class TinyConvClassifier(nn.Module):
-    "A hand-made conv net on [batch, 1, 8, 8] images with 10 logits."
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
-                                 nn.SiLU(), nn.Flatten(), nn.Linear(64, 10))
-    def forward(self, x): return self.net(x)
 
 
 @pytest.mark.parametrize('make_sampler', [
@@ -53,21 +45,22 @@ def test_conditional_sampling_is_exact(make_sampler):
 
 
 def test_image_shaped_energies_and_gradients():
-    "Images [batch, C, H, W] with per-chain labels: energies [batch], gradients like x, finite differences agree."
+    "ConvEnergy's class head on images [batch, C, H, W], per-chain labels: energies [batch], finite differences agree."
     torch.manual_seed(0)
-    jem = JointEnergyModel(TinyConvClassifier().double(), n_classes=10)
+    jem = JointEnergyModel(ConvEnergy(channels=(4, 8), n_classes=10, dtype=torch.float64))
+    assert jem.n_classes == 10
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 4, 9])
     assert jem(x).shape == (3,) and jem(x, y=y).shape == (3,)
-    assert torch.allclose(jem(x), -torch.logsumexp(jem.classifier(x), -1))
+    assert torch.allclose(jem(x), jem.classifier(x))  # ConvEnergy's own energy is -logsumexp of its logits
     direction = torch.randn_like(x)
     h = 1e-6
     for model in (jem, jem.conditional(y)):
         directional = ((model(x + h * direction) - model(x - h * direction)) / (2 * h))
         analytic = (model.gradient(x) * direction).flatten(1).sum(-1)
         assert torch.allclose(directional, analytic, rtol=1e-6, atol=1e-8)
-    samples = LangevinDynamics(jem.conditional(y), step_size=0.01).sample(x=x, n_steps=3)
-    assert samples.shape == x.shape
+    samples = LangevinDynamics(jem.conditional(y), step_size=0.01, box=(-1.0, 1.0)).sample(x=x, n_steps=3)
+    assert samples.shape == x.shape and samples.abs().max() <= 1
 
 
 def test_calibration_matches_a_loop():
