@@ -12,7 +12,8 @@ import torch
 
 from ..core.base import BaseScheduler
 from .langevin import check_schedulable
-from .mcmc import ChainState, MCMCSampler, check_schedule, model_gradient
+from .mcmc import MCMCSampler, check_schedule
+from .transitions import GradientDescent, GradientDescentParams, Nesterov, NesterovState
 
 # %% ../../nbs/15_gradient_descent.ipynb #5f126d79
 class GradientDescentSampler(MCMCSampler):
@@ -30,20 +31,21 @@ class GradientDescentSampler(MCMCSampler):
         super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
                          nan_policy=nan_policy, compile=compile)
         check_schedulable('step_size', step_size)
+        self.transition = GradientDescent()
         self.diagnostic_keys = ('energy', 'mean', 'var', 'step_size')
         self.register_scheduler('step_size', step_size)
 
-    def make_step(self, x, values, n_steps, generator):
-        "The descent step for one run."
+    def transition_params(self, values, i, step_size, metric):
+        "The descent parameters at step `i`."
+        return GradientDescentParams(step_size)
+
+    def transition_run(self, model, x, values, n_steps, generator, warm_start):
+        "Check the step-size schedule, then the shared transition run."
         check_schedule('step_size', values['step_size'])
-        model, step_sizes = self.step_model, values['step_size']
-        def step(state, i):
-            h = step_sizes[i]
-            return ChainState(torch.add(state.x, model_gradient(model, state.x), alpha=-h)), {'step_size': h}
-        return step
+        return super().transition_run(model, x, values, n_steps, generator, warm_start)
 
 # %% ../../nbs/15_gradient_descent.ipynb #2c9dda20
-class NesterovSampler(MCMCSampler):
+class NesterovSampler(GradientDescentSampler):
     "Nesterov accelerated gradient: `v <- momentum v - step_size grad E(x + momentum v)`, `x <- x + v`."
     def __init__(self,
                  model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
@@ -56,24 +58,13 @@ class NesterovSampler(MCMCSampler):
                  energy_function=None,  # deprecated name of `model`
                  nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
                  compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
-        super().__init__(model, dtype=dtype, device=device, energy_function=energy_function, n_steps=n_steps,
+        super().__init__(model, step_size, n_steps, dtype, device, energy_function=energy_function,
                          nan_policy=nan_policy, compile=compile)
-        check_schedulable('step_size', step_size)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
-        self.diagnostic_keys = ('energy', 'mean', 'var', 'step_size')
-        self.register_scheduler('step_size', step_size)
+        self.transition = Nesterov()
 
-    def make_step(self, x, values, n_steps, generator):
-        "The Nesterov step for one run (the velocity starts at zero)."
-        check_schedule('step_size', values['step_size'])
-        model, step_sizes, mu = self.step_model, values['step_size'], self.momentum
-        velocity = torch.zeros_like(x)
-        def step(state, i):
-            nonlocal velocity
-            h = step_sizes[i]
-            grad = model_gradient(model, torch.add(state.x, velocity, alpha=mu))
-            velocity = torch.add(velocity.mul_(mu), grad, alpha=-h)
-            return ChainState(state.x + velocity), {'step_size': h}
-        return step
+    def transition_params(self, values, i, step_size, metric):
+        "The Nesterov parameters at step `i` (the velocity starts at zero every run)."
+        return GradientDescentParams(step_size, momentum=self.momentum)
