@@ -401,6 +401,8 @@ class EmbeddedRungeKutta(BaseIntegrator):
                                    f"(stopped at t={t}); loosen rtol/atol or raise max_steps")
             h = min(h, abs(t1 - t))
             t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+            if state.get('drift') is None:  # the first stage once per point, however many tries it takes
+                state = {**state, 'drift': counted(state['x'], t_vec)}
             trial = self.step(state, direction * h, drift=counted, t=t_vec)
             err = self.error_norm(trial.pop('error'), state['x'], trial['x'])
             if not math.isfinite(err): raise ValueError(f"{owner}: the solution became NaN or inf near t={t}")
