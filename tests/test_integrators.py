@@ -192,7 +192,7 @@ def test_registry_and_aliases():
         assert isinstance(get_integrator(name), cls) and isinstance(get_integrator(name), BaseIntegrator)
     inst = Heun()
     assert get_integrator(inst) is inst
-    with pytest.raises(ValueError, match="expected one of \\['dopri5', 'euler', 'euler_maruyama'"):
+    with pytest.raises(ValueError, match="expected one of \\['adaptive_heun', 'bosh3', 'dopri5', 'dopri8', 'euler'"):
         get_integrator('verlet')
     with pytest.raises(TypeError, match='BaseIntegrator'):
         get_integrator(object())
@@ -224,3 +224,66 @@ def test_integrators_on_cuda_match_cpu(name):
     noisy = EulerMaruyama().integrate(state('cuda'), 0.05, 10, drift=lambda x, t: -x, noise_scale=1.0,
                                       generator=torch.Generator('cuda').manual_seed(0))
     assert noisy['x'].is_cuda and torch.isfinite(noisy['x']).all()
+
+
+# ---- issue 15: embedded Runge-Kutta pairs and the drift-implicit SDE step ----
+from torchebm.integrators import AdaptiveHeun, Bosh3, Dopri8, ImplicitEulerMaruyama
+
+
+@pytest.mark.parametrize('cls, order, ns', [(AdaptiveHeun, 2, [20, 40, 80]), (Bosh3, 3, [20, 40, 80]), (Dopri8, 8, [4, 8])])
+def test_embedded_pairs_converge_at_their_order_on_a_linear_system(cls, order, ns):
+    "Fixed steps of the propagated solution (the error estimate is discarded)."
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64)
+    errors = []
+    for n in ns:
+        state, h = {'x': x0}, 2.0 / n
+        for i in range(n):
+            state = cls().step(state, h, drift=rotation_drift, t=torch.full((2,), i * h, dtype=F64)); state.pop('error')
+        errors.append((state['x'] - rotation_exact(x0, 2.0)).abs().max().item())
+    slopes = [math.log2(errors[i] / errors[i + 1]) / math.log2(ns[i + 1] / ns[i]) for i in range(len(ns) - 1)]
+    assert all(abs(s - order) < 0.3 for s in slopes), slopes
+
+
+@pytest.mark.parametrize('cls, rtols', [(Bosh3, (1e-4, 1e-7)), (AdaptiveHeun, (1e-3, 1e-5)), (Dopri8, (1e-4, 1e-10))])
+def test_adaptive_pairs_meet_their_tolerance_and_count_evaluations(cls, rtols):
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64)
+    errors, costs = [], []
+    for rtol in rtols:
+        solver = cls(rtol=rtol, atol=rtol * 1e-2)
+        out = solver.integrate({'x': x0}, 0.1, drift=rotation_drift, t1=5.0)
+        errors.append((out['x'] - rotation_exact(x0, 5.0)).abs().max().item()); costs.append(solver.n_function_evals)
+        tries = solver.n_accepted + solver.n_rejected
+        # the first stage is evaluated once per point: Bosh3 (FSAL) and Dopri8 (f at the new point feeds its error
+        # estimate) get it from the previous step, AdaptiveHeun evaluates it at every accepted point
+        expected = {Bosh3: 1 + 3 * tries, AdaptiveHeun: tries + solver.n_accepted, Dopri8: 1 + 12 * tries}[cls]
+        assert solver.n_function_evals == expected
+        assert errors[-1] < 200 * rtol
+    assert errors[1] < errors[0] and costs[1] > costs[0]
+    back = cls(rtol=rtols[1], atol=rtols[1] * 1e-2).integrate({'x': rotation_exact(x0, 1.0)}, 0.1, drift=rotation_drift, t0=1.0, t1=0.0)
+    torch.testing.assert_close(back['x'], x0, rtol=0, atol=200 * rtols[1])
+    with pytest.raises(RuntimeError, match='max_steps'):
+        cls(rtol=1e-12, atol=1e-14, max_steps=3).integrate({'x': x0}, 0.1, drift=rotation_drift, t1=5.0)
+
+
+def test_implicit_euler_maruyama_ou_law_in_the_stiff_regime():
+    """One step is x' = (x + sqrt(2h) s xi) / (1 + lam h): after 30 steps of h = 0.2 at lam = 20 from x0 = 1, mean
+    x0 (1 + lam h)^-30 ~ 0 and variance 2 s^2 h / ((1 + lam h)^2 - 1) (stationary): 4 SE on 20000 chains."""
+    lam, h, n = 20.0, 0.2, 20000
+    g = torch.Generator().manual_seed(0)
+    x = ImplicitEulerMaruyama().integrate({'x': torch.ones(n, 2, dtype=F64)}, h, 30, drift=lambda x, t: -lam * x,
+                                          noise_scale=1.0, generator=g)['x']
+    var = 2 * h / ((1 + lam * h) ** 2 - 1)
+    assert x.mean(0).abs().max() < 4 * math.sqrt(var / n)
+    assert (x.var(0) - var).abs().max() < 4 * var * math.sqrt(2 / n)
+
+
+def test_implicit_euler_maruyama_solves_a_nonlinear_drift_and_is_reproducible():
+    "Stiff double well: each step satisfies its implicit equation to the Newton tolerance."
+    drift = lambda x, t: -4 * x * (x * x - 1) * 25
+    x = torch.linspace(-2, 2, 9, dtype=F64)[:, None]
+    new = ImplicitEulerMaruyama().step({'x': x}, 0.1, drift=drift, t=torch.zeros(9, dtype=F64))['x']
+    torch.testing.assert_close(new, x + 0.1 * drift(new, None), rtol=0, atol=1e-9)
+    a = ImplicitEulerMaruyama().integrate({'x': x}, 0.1, 3, drift=drift, noise_scale=0.5, generator=torch.Generator().manual_seed(1))
+    b = ImplicitEulerMaruyama().integrate({'x': x}, 0.1, 3, drift=drift, noise_scale=0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a['x'], b['x'])
+    with pytest.raises(ValueError, match='newton_steps'): ImplicitEulerMaruyama(newton_steps=0)

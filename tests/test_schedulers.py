@@ -171,3 +171,19 @@ def test_schedulers_in_a_sampler_and_its_state_dict():
     other.register_scheduler('step_size', make())
     other.load_state_dict(sampler.state_dict())
     assert other.get_scheduled_value('step_size') == sampler.get_scheduled_value('step_size')
+
+
+def test_temperature_closed_form_state_and_bad_input():
+    from torchebm.core.schedulers import TemperatureScheduler
+    s = TemperatureScheduler(start_value=10.0, end_value=0.5, n_steps=7)
+    values = _run(s, 9)
+    assert values == pytest.approx([10.0 * 0.05 ** (min(k, 7) / 7) for k in range(10)])
+    assert s.inverse_temperature() == pytest.approx(2.0)
+    state = s.state_dict(); s.reset(); assert s.get_value() == 10.0
+    s.load_state_dict(state); assert s.get_value() == pytest.approx(0.5)
+    lin = TemperatureScheduler(start_value=4.0, end_value=1.0, n_steps=3, schedule='Linear')
+    assert _run(lin, 4) == pytest.approx([4.0, 3.0, 2.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match='end_value must be a positive temperature'):
+        TemperatureScheduler(start_value=1.0, end_value=-1.0, n_steps=3)
+    with pytest.raises(TypeError, match='n_steps'): TemperatureScheduler(start_value=1.0)
+    with pytest.raises(ValueError, match="'geometric'"): TemperatureScheduler(start_value=1.0, n_steps=2, schedule='exp')

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'RK4Integrator', 'Dopri5Integrator', 'INTEGRATORS',
            'axpy', 'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4', 'MassMatrix', 'Leapfrog', 'Dopri5',
-           'get_integrator']
+           'get_integrator', 'EmbeddedRungeKutta', 'Bosh3', 'AdaptiveHeun', 'Dopri8', 'ImplicitEulerMaruyama']
 
 # %% ../nbs/10_integrators.ipynb #096b2193
 import math
@@ -321,3 +321,175 @@ def get_integrator(integrator: Union[str, BaseIntegrator], **kwargs) -> BaseInte
         raise TypeError(f"integrator must be a BaseIntegrator or one of {sorted(INTEGRATORS)}, "
                         f"got {type(integrator).__name__}")
     return resolved
+
+# %% ../nbs/10_integrators.ipynb #a9216ed0
+class EmbeddedRungeKutta(BaseIntegrator):
+    "Adaptive explicit Runge-Kutta for ODEs from a tableau with an embedded error estimate (base of Bosh3, AdaptiveHeun, Dopri8)."
+    nodes: tuple = ()  # c_i
+    coefficients: tuple = ()  # rows of A (stage i uses k_0..k_{i-1})
+    weights: tuple = ()  # b: the propagated solution
+    error_weights: tuple = ()  # e = b - b_hat, over the stages plus f(x_new) when `fsal`
+    error_order: int = 1  # q, the order of the embedded solution (step control exponent -1/(q+1))
+    fsal: bool = False  # the last stage is evaluated at the new point: it is the next step's first
+
+    def __init__(self,
+                 rtol: float = 1e-5,  # relative error tolerance per step, > 0
+                 atol: float = 1e-6,  # absolute error tolerance per step, > 0
+                 max_steps: int = 10_000,  # most tried steps (accepted + rejected) per `integrate` before RuntimeError
+                 safety: float = 0.9,  # safety factor on the step-size update, > 0
+                 device=None,  # device recorded on the integrator (states keep their own)
+                 dtype=None):  # dtype recorded on the integrator (states keep their own)
+        super().__init__(device=device, dtype=dtype)
+        check_positive('rtol', rtol); check_positive('atol', atol); check_positive('safety', safety)
+        check_nonnegative_int('max_steps', max_steps, minimum=1)
+        self.rtol, self.atol, self.max_steps, self.safety = rtol, atol, max_steps, safety
+        self.n_function_evals = self.n_accepted = self.n_rejected = 0
+
+    def stages(self, state, h, drift, t):
+        "The stage derivatives `[k_0, ..., k_{s-1}]` of one step of size `h` from `state`."
+        x = state['x']
+        ks = [_drift_at(state, drift, t)]
+        for c, a in zip(self.nodes[1:], self.coefficients[1:]):
+            ks.append(drift(_combine(x, h, a, ks), _later(t, c * h)))
+        return ks
+
+    def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
+             t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
+             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        "One fixed step; returns `{'x': new x, 'drift': f(new x) when known, 'error': h sum e_i k_i}`."
+        _check_no_noise(type(self).__name__, noise_scale)
+        x, h = state['x'], step_size
+        ks = self.stages(state, h, drift, t)
+        x_new = _combine(x, h, self.weights, ks)
+        if self.fsal: new_drift = ks[-1]
+        else:
+            new_drift = drift(x_new, _later(t, h)) if len(self.error_weights) > len(ks) else None
+        error_ks = ks + ([new_drift] if len(self.error_weights) > len(ks) else [])
+        return {**_advance(state, x_new, new_drift), 'error': self.error_estimate(x, h, error_ks)}
+
+    def error_estimate(self, x, h, ks) -> torch.Tensor:
+        "The local error estimate `[batch, *dim]` (subclasses with a compound estimate override `error_norm`)."
+        return _combine(torch.zeros_like(x), h, self.error_weights, ks)
+
+    def error_norm(self, error, x, x_new) -> float:
+        "The largest per-chain RMS of the error scaled by `atol + rtol max(|x|, |x_new|)` (one host sync)."
+        scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
+        return float((error / scale).reshape(x.shape[0], -1).pow(2).mean(-1).sqrt().max())
+
+    def integrate(self, state: Dict[str, torch.Tensor], step_size: float, n_steps: Optional[int] = None, *,
+                  drift: Callable, t0: float = 0.0, t1: Optional[float] = None, noise_scale: float = 0.0,
+                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        "Integrate `state['x']: [batch, *dim]` from `t0` to `t1` (default `t0 + n_steps * step_size`) adaptively."
+        owner = type(self).__name__
+        _check_no_noise(owner, noise_scale); check_positive('step_size', step_size)
+        if t1 is None:
+            if n_steps is None: raise ValueError(f"{owner}.integrate needs n_steps or t1")
+            check_nonnegative_int('n_steps', n_steps)
+            t1 = t0 + n_steps * step_size
+        self.n_function_evals = self.n_accepted = self.n_rejected = 0
+        def counted(x, t):
+            self.n_function_evals += 1
+            return drift(x, t)
+        direction = 1.0 if t1 >= t0 else -1.0
+        t, h = float(t0), min(step_size, abs(t1 - t0))
+        state = {k: v for k, v in state.items() if k != 'error'}
+        x = state['x']
+        exponent = -1.0 / (self.error_order + 1)
+        while direction * (t1 - t) > 1e-12 * max(1.0, abs(t1)):
+            if self.n_accepted + self.n_rejected >= self.max_steps:
+                raise RuntimeError(f"{owner} did not reach t1={t1} within max_steps={self.max_steps} "
+                                   f"(stopped at t={t}); loosen rtol/atol or raise max_steps")
+            h = min(h, abs(t1 - t))
+            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+            if state.get('drift') is None:  # the first stage once per point, however many tries it takes
+                state = {**state, 'drift': counted(state['x'], t_vec)}
+            trial = self.step(state, direction * h, drift=counted, t=t_vec)
+            err = self.error_norm(trial.pop('error'), state['x'], trial['x'])
+            if not math.isfinite(err): raise ValueError(f"{owner}: the solution became NaN or inf near t={t}")
+            if err <= 1.0:
+                t, state = t + direction * h, trial
+                self.n_accepted += 1
+            else:
+                self.n_rejected += 1
+            h *= min(10.0, max(0.2, self.safety * (err ** exponent if err > 0 else 10.0)))
+        return state
+
+# %% ../nbs/10_integrators.ipynb #5d955369
+class Bosh3(EmbeddedRungeKutta):
+    "Adaptive Bogacki-Shampine 3(2) (FSAL: three new drift evaluations per accepted step)."
+    nodes = (0.0, 1 / 2, 3 / 4, 1.0)
+    coefficients = ((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9))
+    weights = (2 / 9, 1 / 3, 4 / 9, 0.0)
+    error_weights = (2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8)
+    error_order, fsal = 2, True
+
+class AdaptiveHeun(EmbeddedRungeKutta):
+    "Adaptive Heun 2(1): the trapezoidal step with explicit Euler as its error estimate."
+    nodes = (0.0, 1.0)
+    coefficients = ((), (1.0,))
+    weights = (0.5, 0.5)
+    error_weights = (-0.5, 0.5)
+    error_order = 1
+
+def _dop853_tableau():
+    "DOP853's 12-stage tableau and its 5th/3rd-order error weights (13 entries: the last multiplies f(x_new))."
+    from scipy.integrate._ivp import dop853_coefficients as d
+    n = d.N_STAGES
+    rows = tuple(tuple(float(v) for v in d.A[i, :i]) for i in range(n))
+    return (tuple(float(c) for c in d.C[:n]), rows, tuple(float(b) for b in d.B),
+            tuple(float(e) for e in d.E5), tuple(float(e) for e in d.E3))
+
+class Dopri8(EmbeddedRungeKutta):
+    "Adaptive Dormand-Prince 8(5,3) (DOP853) for ODEs that need tight tolerances."
+    nodes, coefficients, weights, error_weights, error_weights3 = _dop853_tableau()
+    error_order = 7  # the compound estimate behaves like a 7th-order one (Hairer's DOP853 control)
+
+    def error_estimate(self, x, h, ks):
+        return torch.stack([_combine(torch.zeros_like(x), h, self.error_weights, ks),
+                            _combine(torch.zeros_like(x), h, self.error_weights3, ks)])
+
+    def error_norm(self, error, x, x_new) -> float:
+        "DOP853's norm: $\\lVert e_5\\rVert^2 / \\sqrt{\\lVert e_5\\rVert^2 + 0.01\\lVert e_3\\rVert^2}$ per chain, scaled RMS."
+        scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
+        e5, e3 = ((e / scale).reshape(x.shape[0], -1) for e in error)
+        n5, n3 = e5.square().sum(-1), e3.square().sum(-1)
+        denom = (n5 + 0.01 * n3).clamp_min(torch.finfo(x.dtype).tiny)
+        return float((n5 / (denom * e5.shape[1]).sqrt()).max())
+
+# %% ../nbs/10_integrators.ipynb #f07b4db6
+class ImplicitEulerMaruyama(FixedStepIntegrator):
+    "Drift-implicit Euler-Maruyama $x' = x + h f(x', t + h) + \\sqrt{2h}\\,s\\,\\xi$, solved by Newton's method (stiff drifts)."
+    def __init__(self,
+                 newton_steps: int = 20,  # most Newton iterations per step
+                 tol: float = 1e-10,  # stop when the largest update is below tol * (1 + |x|)
+                 device=None,  # device recorded on the integrator (states keep their own)
+                 dtype=None):  # dtype recorded on the integrator (states keep their own)
+        super().__init__(device=device, dtype=dtype)
+        check_nonnegative_int('newton_steps', newton_steps, minimum=1); check_positive('tol', tol)
+        self.newton_steps, self.tol = newton_steps, tol
+
+    def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
+             t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
+             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        "One implicit step from `state['x']: [batch, *dim]`; returns the new state (with the drift at the new point)."
+        from torch.func import jacrev, vmap
+        x, h = state['x'], step_size
+        base = x if _is_zero(noise_scale) else x + _diffusion(x, h, noise_scale, generator)
+        t_new = _later(t, h)
+        shape, flat = x.shape[1:], x.reshape(x.shape[0], -1)
+        def single(y, s): return drift(y.reshape(1, *shape), None if s is None else s.reshape(1)).reshape(-1)
+        jacobian = vmap(jacrev(single), in_dims=(0, None if t_new is None else 0))
+        eye = torch.eye(flat.shape[1], dtype=x.dtype, device=x.device)
+        y = axpy(base, h, _drift_at(state, drift, t)).reshape(flat.shape)  # explicit predictor
+        for _ in range(self.newton_steps):
+            f = drift(y.reshape(x.shape), t_new).reshape(flat.shape)
+            residual = y - base.reshape(flat.shape) - h * f
+            update = torch.linalg.solve(eye - h * jacobian(y, t_new), residual.unsqueeze(-1)).squeeze(-1)
+            y = y - update
+            if float(update.abs().max()) <= self.tol * (1 + float(y.abs().max())): break
+        x_new = y.reshape(x.shape)
+        return _advance(state, x_new, drift(x_new, t_new))
+
+# %% ../nbs/10_integrators.ipynb #85bff064
+INTEGRATORS.update({'bosh3': Bosh3, 'adaptive_heun': AdaptiveHeun, 'dopri8': Dopri8,
+                    'implicit_euler_maruyama': ImplicitEulerMaruyama})
