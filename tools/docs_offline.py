@@ -516,7 +516,7 @@ def gallery_body(site: Site, sections) -> str:
             for f in page.figures:
                 href = f'{page.out.as_posix()}#{f["id"]}'
                 cards.append(f'<a class="card" href="{href}"><img src="data:image/{f["fmt"]};base64,{f["data"].strip()}" '
-                             f'alt="{html.escape(f["alt"])}" loading="lazy"><span>{html.escape(page.title)}: '
+                             f'alt="{html.escape(f["alt"])}" loading="lazy"><span>{html.escape("Home" if page.out == Path("index.html") else page.title)}: '
                              f'{html.escape(f["section"])}</span></a>')
         if cards:
             parts.append(f'<h2 id="{slug(title)}">{html.escape(title)}</h2><div class="gallery">{"".join(cards)}</div>')
@@ -558,6 +558,7 @@ blockquote { margin: 0 0 1rem; padding: 0 1rem; color: #495057; border-left: 4px
 table { border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }
 th, td { border: 1px solid #dee2e6; padding: .3rem .6rem; text-align: left; vertical-align: top; } th { background: #f1f3f5; }
 pre { background: #f8f9fa; padding: .7rem .9rem; overflow-x: auto; border-radius: 4px; font-size: .85rem; line-height: 1.4; }
+pre code.language-sh, pre code.language-bash, pre code.language-shell { white-space: pre-wrap; }
 code { font-family: SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: .88em; }
 p code, li code, td code { background: #f1f3f5; padding: .05rem .25rem; border-radius: 3px; }
 .cell { margin: 1rem 0; } .cell .highlight pre { border-left: 3px solid #a3bde0; margin-bottom: .3rem; }
