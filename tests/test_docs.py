@@ -240,10 +240,19 @@ def test_page_in_the_browser_has_sidebar_maths_and_pictures(docs, tmp_path, page
     assert len(grey.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, 'a blank page'
 
 
+@needs_chromium
 def test_search_finds_a_class(docs, tmp_path):
-    "The offline search index knows the API (the script runs from file://, no server)."
+    "The offline search (a JS index, works from file://) lists the class's section first; `?q=` fills the box."
     index = (docs / '_static' / 'search.js').read_text()
     assert '"LangevinDynamics"' in index and '"u":"langevin.html#langevindynamics"' in index
+    page = docs / 'tutorials' / 'getting_started.html'
+    result = subprocess.run([CHROMIUM, *FLAGS, f'--user-data-dir={tmp_path / "profile"}', '--dump-dom',
+                             page.as_uri() + '?q=LangevinDynamics'], capture_output=True, text=True, timeout=120)
+    results = re.search(r'<div id="search-results"[^>]*>(.*?)</div>', result.stdout, re.S)
+    assert results, result.stderr[-1000:]
+    hrefs = re.findall(r'href="([^"]+)"', results.group(1))
+    assert hrefs and any(h.endswith('langevin.html#langevindynamics') for h in hrefs[:3]), hrefs[:5]
+    assert (page.parent / hrefs[0].split('#')[0]).resolve().exists()
 
 
 def test_home_page_has_the_commands_and_the_tour(docs):

@@ -405,8 +405,11 @@ class Site:
         entries = []
         for page in self.pages.values():
             entries.append({'t': page.title, 'u': page.out.as_posix(), 'd': page.description[:160]})
+            seen = set()   # a section and the show_doc under it often share a name: list the first
             for level, hid, text in page.headings:
-                if level in (2, 3, 4): entries.append({'t': text, 'u': f'{page.out.as_posix()}#{hid}', 'd': page.title})
+                if level in (2, 3, 4) and text not in seen:
+                    seen.add(text)
+                    entries.append({'t': text, 'u': f'{page.out.as_posix()}#{hid}', 'd': page.title})
         return entries
 
 
@@ -576,6 +579,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; }
 """
 
 SEARCH_JS = """(function () {
+  var INDEX = %s;
   var me = document.currentScript, root = me.getAttribute('data-root') + '/';
   function ready() {
     var box = document.getElementById('search'), out = document.getElementById('search-results');
@@ -600,9 +604,10 @@ SEARCH_JS = """(function () {
       out.style.display = 'block';
     });
     document.addEventListener('click', function (ev) { if (!out.contains(ev.target) && ev.target !== box) out.style.display = 'none'; });
+    var q = new URLSearchParams(location.search).get('q');   // index.html?q=... opens with that search
+    if (q) { box.value = q; box.dispatchEvent(new Event('input')); }
   }
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', ready); else ready();
-  var INDEX = %s;
 })();
 """
 
