@@ -111,11 +111,17 @@ def test_no_private_name_is_a_heading(docs):
     assert is_private('_TrainingLoop.fit') and is_private('Trainer._step') and not is_private('Model.__call__')
 
 
-def test_figures_have_alt_text(docs):
+def test_figures_have_alt_text_and_a_readable_size(docs):
+    import base64, io
+    from PIL import Image
     for page in pages(docs):
         for tag in re.findall(r'<img[^>]*>', page.read_text(encoding='utf-8')):
             alt = re.search(r'alt="([^"]*)"', tag)
             assert alt and len(alt.group(1).strip()) > 8, f'{page.name}: figure without alt text'
+            png = re.search(r'src="data:image/png;base64,([^"]+)"', tag)
+            if png and page.name != 'gallery.html':
+                size = Image.open(io.BytesIO(base64.b64decode(png.group(1)))).size
+                assert size[0] >= 250 and size[1] >= 120, f'{page.name}: a {size} figure is too small to read'
 
 
 def test_api_index_lists_every_public_name_with_a_summary(docs):
