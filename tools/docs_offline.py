@@ -405,8 +405,11 @@ class Site:
         entries = []
         for page in self.pages.values():
             entries.append({'t': page.title, 'u': page.out.as_posix(), 'd': page.description[:160]})
+            seen = set()   # a section and the show_doc under it often share a name: list the first
             for level, hid, text in page.headings:
-                if level in (2, 3, 4): entries.append({'t': text, 'u': f'{page.out.as_posix()}#{hid}', 'd': page.title})
+                if level in (2, 3, 4) and text not in seen:
+                    seen.add(text)
+                    entries.append({'t': text, 'u': f'{page.out.as_posix()}#{hid}', 'd': page.title})
         return entries
 
 
@@ -516,7 +519,7 @@ def gallery_body(site: Site, sections) -> str:
             for f in page.figures:
                 href = f'{page.out.as_posix()}#{f["id"]}'
                 cards.append(f'<a class="card" href="{href}"><img src="data:image/{f["fmt"]};base64,{f["data"].strip()}" '
-                             f'alt="{html.escape(f["alt"])}" loading="lazy"><span>{html.escape(page.title)}: '
+                             f'alt="{html.escape(f["alt"])}" loading="lazy"><span>{html.escape("Home" if page.out == Path("index.html") else page.title)}: '
                              f'{html.escape(f["section"])}</span></a>')
         if cards:
             parts.append(f'<h2 id="{slug(title)}">{html.escape(title)}</h2><div class="gallery">{"".join(cards)}</div>')
@@ -558,6 +561,7 @@ blockquote { margin: 0 0 1rem; padding: 0 1rem; color: #495057; border-left: 4px
 table { border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }
 th, td { border: 1px solid #dee2e6; padding: .3rem .6rem; text-align: left; vertical-align: top; } th { background: #f1f3f5; }
 pre { background: #f8f9fa; padding: .7rem .9rem; overflow-x: auto; border-radius: 4px; font-size: .85rem; line-height: 1.4; }
+pre code.language-sh, pre code.language-bash, pre code.language-shell { white-space: pre-wrap; }
 code { font-family: SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: .88em; }
 p code, li code, td code { background: #f1f3f5; padding: .05rem .25rem; border-radius: 3px; }
 .cell { margin: 1rem 0; } .cell .highlight pre { border-left: 3px solid #a3bde0; margin-bottom: .3rem; }
@@ -575,6 +579,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; }
 """
 
 SEARCH_JS = """(function () {
+  var INDEX = %s;
   var me = document.currentScript, root = me.getAttribute('data-root') + '/';
   function ready() {
     var box = document.getElementById('search'), out = document.getElementById('search-results');
@@ -599,9 +604,10 @@ SEARCH_JS = """(function () {
       out.style.display = 'block';
     });
     document.addEventListener('click', function (ev) { if (!out.contains(ev.target) && ev.target !== box) out.style.display = 'none'; });
+    var q = new URLSearchParams(location.search).get('q');   // index.html?q=... opens with that search
+    if (q) { box.value = q; box.dispatchEvent(new Event('input')); }
   }
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', ready); else ready();
-  var INDEX = %s;
 })();
 """
 
