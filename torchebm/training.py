@@ -8,7 +8,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'EarlyStopping', 'eval_mode', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog',
            'distributed_info', 'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../nbs/52_training.ipynb #afd378b5
+# %% ../nbs/52_training.ipynb #480ea877
 import inspect
 import os
 import random
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../nbs/52_training.ipynb #e583495e
+# %% ../nbs/52_training.ipynb #ca306339
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -79,7 +79,7 @@ def remove_stale_temporaries(checkpoint_dir: Union[str, os.PathLike]) -> List[Pa
     for p in stale: p.unlink(missing_ok=True)
     return stale
 
-# %% ../nbs/52_training.ipynb #ca8b1a07
+# %% ../nbs/52_training.ipynb #1eec2235
 class Checkpointer:
     "The checkpoint folder of a run: atomic writes named by step, the newest `keep` kept, stale temporaries removed."
     def __init__(self,
@@ -100,7 +100,7 @@ class Checkpointer:
         "The newest checkpoint, or `None`."
         return latest_checkpoint(self.directory)
 
-# %% ../nbs/52_training.ipynb #c5037602
+# %% ../nbs/52_training.ipynb #68ddce81
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -167,7 +167,7 @@ class _RandomStreams:
             state.update({k: v for k, v in self.state.items() if k != 'generators'})
         return state
 
-# %% ../nbs/52_training.ipynb #3e6442da
+# %% ../nbs/52_training.ipynb #bed64cc8
 class EMA(nn.Module):
     "Exponential moving average of a model's weights (with warm-up): an eval-mode copy to sample and evaluate with."
     def __init__(self,
@@ -203,7 +203,7 @@ class EMA(nn.Module):
     def get_extra_state(self) -> Dict[str, int]: return {'n_updates': self.n_updates}
     def set_extra_state(self, state: Dict[str, int]) -> None: self.n_updates = int(state['n_updates'])
 
-# %% ../nbs/52_training.ipynb #1de57480
+# %% ../nbs/52_training.ipynb #0fdfea56
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -253,7 +253,7 @@ class EarlyStopping(Callback):
     def state_dict(self): return {'best': self.best, 'wait': self.wait}
     def load_state_dict(self, state): self.best, self.wait = state['best'], state['wait']
 
-# %% ../nbs/52_training.ipynb #af97892c
+# %% ../nbs/52_training.ipynb #9a40fea1
 @contextmanager
 def eval_mode(*modules: Optional[nn.Module]):
     "Put `modules` in eval mode and restore every sub-module's previous mode on exit."
@@ -264,7 +264,7 @@ def eval_mode(*modules: Optional[nn.Module]):
     finally:
         for m, mode in saved: m.training = mode
 
-# %% ../nbs/52_training.ipynb #fdae800b
+# %% ../nbs/52_training.ipynb #e17de3d8
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, gradients or negatives become NaN/inf, or explode (with `on_divergence='raise'`)."
 
@@ -325,7 +325,7 @@ class DivergenceWatchdog:
         return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}{negatives}; "
                 "finite but far beyond the data)")
 
-# %% ../nbs/52_training.ipynb #20ff347b
+# %% ../nbs/52_training.ipynb #400781ad
 class TrainingLog:
     "One progress bar, the per-step history (`steps`) and the per-epoch history (`epochs`) of a run."
     def __init__(self, show_progress: bool = True):  # show a tqdm progress bar
@@ -381,7 +381,7 @@ class TrainingLog:
             self._bar.n = self.steps[-1]['step'] if self.steps else 0
             self._bar.refresh()
 
-# %% ../nbs/52_training.ipynb #231de5aa
+# %% ../nbs/52_training.ipynb #b3fc71c5
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -415,7 +415,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../nbs/52_training.ipynb #3f3d79c8
+# %% ../nbs/52_training.ipynb #e305e511
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x, y)` is `loss_fn(x)` or `loss_fn(x, y=y)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -454,7 +454,7 @@ def _accepts_labels(loss_fn) -> bool:
     except (TypeError, ValueError): return True  # a builtin without a signature: let the call decide
     return any(p.name == 'y' or p.kind is p.VAR_KEYWORD for p in params)
 
-# %% ../nbs/52_training.ipynb #980a87fd
+# %% ../nbs/52_training.ipynb #b8965502
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 _ON_DIVERGENCE = ('warn', 'raise', 'rollback')
@@ -482,7 +482,7 @@ def _parameters_finite(model: nn.Module) -> bool:
     params = list(model.parameters())
     return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-# %% ../nbs/52_training.ipynb #f45599eb
+# %% ../nbs/52_training.ipynb #5131453e
 class Trainer:
     "Fit an energy-based model with `loss_fn` and `optimizer`: `Trainer(model, loss_fn, optimizer).fit(loader, epochs)`."
     def __init__(self,
