@@ -512,3 +512,21 @@ def test_one_progress_bar(capsys):
         make_dataloader(TensorDataset(_data()), batch_size=16), epochs=3)
     err = capsys.readouterr().err
     assert 'training' in err and '18/18' in err and 'epoch 1/' not in err
+
+
+def test_loads_checkpoints_of_the_previous_format(tmp_path):
+    "Format 1 (before the rewrite) held torch's AveragedModel EMA state and no step history."
+    trainer = _run(tmp_path / 'run', epochs=1)
+    state = torch.load(latest_checkpoint(tmp_path / 'run'), weights_only=False)
+    ema = {k: v for k, v in state['ema'].items() if k != '_extra_state'}
+    old = {**state, 'format': 1, 'ema': {**ema, 'n_averaged': torch.tensor(6)}}
+    del old['step_history']
+    torch.save(old, tmp_path / 'old.pt')
+    model = GaussianEnergy(2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    fresh = Trainer(model, ToyPCD(model, 2), opt, lr_scheduler=torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9),
+                    ema_decay=0.8, progress=False)
+    fresh.load_checkpoint(tmp_path / 'old.pt')
+    assert fresh.ema.n_updates == 6 and fresh.step == trainer.step and fresh.step_history == []
+    for name, value in trainer.ema_model.state_dict().items():
+        assert torch.equal(fresh.ema_model.state_dict()[name], value)

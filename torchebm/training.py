@@ -8,7 +8,7 @@ __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpo
            'EarlyStopping', 'eval_mode', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog',
            'distributed_info', 'init_distributed', 'make_dataloader', 'Trainer']
 
-# %% ../nbs/52_training.ipynb #43883e3a
+# %% ../nbs/52_training.ipynb #480ea877
 import inspect
 import os
 import random
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .core.base import BaseModel, check_choice, check_nonnegative_int, check_positive
 
-# %% ../nbs/52_training.ipynb #ac8c73d6
+# %% ../nbs/52_training.ipynb #ca306339
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temporary file beside it, fsync, then `os.replace`."
     path = Path(path)
@@ -79,7 +79,7 @@ def remove_stale_temporaries(checkpoint_dir: Union[str, os.PathLike]) -> List[Pa
     for p in stale: p.unlink(missing_ok=True)
     return stale
 
-# %% ../nbs/52_training.ipynb #1bc4cc68
+# %% ../nbs/52_training.ipynb #1eec2235
 class Checkpointer:
     "The checkpoint folder of a run: atomic writes named by step, the newest `keep` kept, stale temporaries removed."
     def __init__(self,
@@ -100,7 +100,7 @@ class Checkpointer:
         "The newest checkpoint, or `None`."
         return latest_checkpoint(self.directory)
 
-# %% ../nbs/52_training.ipynb #35a4f71d
+# %% ../nbs/52_training.ipynb #68ddce81
 def _named_generators(*owners) -> Dict[str, torch.Generator]:
     "The `torch.Generator`s reachable as `.generator` from the given objects and their samplers."
     found = {}
@@ -121,7 +121,7 @@ def capture_rng_state(*owners) -> Dict[str, Any]:
     return state
 
 def restore_rng_state(state: Dict[str, Any], *owners) -> None:
-    "Put back the random states saved by `capture_rng_state` (same `owners`)."
+    "Put back the random states saved by `capture_rng_state` (same `owners`) or made by `seeded_rng_state`."
     torch.set_rng_state(state['torch'])
     np.random.set_state(state['numpy'])
     random.setstate(state['python'])
@@ -129,15 +129,16 @@ def restore_rng_state(state: Dict[str, Any], *owners) -> None:
     for k, s in state['generators'].items():
         if k in generators: generators[k].set_state(s)
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    if 'cuda_seed' in state and torch.cuda.is_available(): torch.cuda.manual_seed_all(state['cuda_seed'])
 
 def seeded_rng_state(seed: int) -> Dict[str, Any]:
     "A `capture_rng_state`-style state of torch/CUDA/NumPy/Python streams seeded with `seed`, made without touching them."
     state = {'torch': torch.Generator().manual_seed(seed).get_state(),
              'numpy': np.random.RandomState(seed % 2 ** 32).get_state(),
              'python': random.Random(seed).getstate(), 'generators': {}}
-    if torch.cuda.is_available():
-        state['cuda'] = [torch.Generator(f'cuda:{i}').manual_seed(seed).get_state()
-                         for i in range(torch.cuda.device_count())]
+    # CUDA keeps the seed: seeding is lazy there, while building CUDA generator states would start a context
+    # on every GPU in every process.
+    if torch.cuda.is_available(): state['cuda_seed'] = seed
     return state
 
 class _RandomStreams:
@@ -166,7 +167,7 @@ class _RandomStreams:
             state.update({k: v for k, v in self.state.items() if k != 'generators'})
         return state
 
-# %% ../nbs/52_training.ipynb #58edee61
+# %% ../nbs/52_training.ipynb #bed64cc8
 class EMA(nn.Module):
     "Exponential moving average of a model's weights (with warm-up): an eval-mode copy to sample and evaluate with."
     def __init__(self,
@@ -202,7 +203,7 @@ class EMA(nn.Module):
     def get_extra_state(self) -> Dict[str, int]: return {'n_updates': self.n_updates}
     def set_extra_state(self, state: Dict[str, int]) -> None: self.n_updates = int(state['n_updates'])
 
-# %% ../nbs/52_training.ipynb #8d54ecb0
+# %% ../nbs/52_training.ipynb #0fdfea56
 class Callback:
     "Base class of `Trainer` callbacks; override the hooks you need."
     def on_fit_start(self, trainer: 'Trainer') -> None: pass
@@ -252,7 +253,7 @@ class EarlyStopping(Callback):
     def state_dict(self): return {'best': self.best, 'wait': self.wait}
     def load_state_dict(self, state): self.best, self.wait = state['best'], state['wait']
 
-# %% ../nbs/52_training.ipynb #d1599512
+# %% ../nbs/52_training.ipynb #9a40fea1
 @contextmanager
 def eval_mode(*modules: Optional[nn.Module]):
     "Put `modules` in eval mode and restore every sub-module's previous mode on exit."
@@ -263,7 +264,7 @@ def eval_mode(*modules: Optional[nn.Module]):
     finally:
         for m, mode in saved: m.training = mode
 
-# %% ../nbs/52_training.ipynb #2681b2dd
+# %% ../nbs/52_training.ipynb #e17de3d8
 class TrainingDivergedError(RuntimeError):
     "Raised when the loss, gradients or negatives become NaN/inf, or explode (with `on_divergence='raise'`)."
 
@@ -324,7 +325,7 @@ class DivergenceWatchdog:
         return (f"the run is exploding at step {found['step']} (|loss| = {found['loss']:.3g}{negatives}; "
                 "finite but far beyond the data)")
 
-# %% ../nbs/52_training.ipynb #8ebb914c
+# %% ../nbs/52_training.ipynb #400781ad
 class TrainingLog:
     "One progress bar, the per-step history (`steps`) and the per-epoch history (`epochs`) of a run."
     def __init__(self, show_progress: bool = True):  # show a tqdm progress bar
@@ -356,9 +357,12 @@ class TrainingLog:
     def flush(self) -> None:
         "Turn the pending step records into floats (one host synchronisation) and show the newest on the bar."
         if not self._pending: return
-        keys = [(i, k) for i, r in enumerate(self._pending) for k, v in r.items() if isinstance(v, torch.Tensor)]
-        if keys:
-            values = torch.stack([self._pending[i][k].detach().float().reshape(()).cpu() for i, k in keys]).tolist()
+        by_device: Dict[torch.device, list] = {}
+        for i, record in enumerate(self._pending):
+            for k, v in record.items():
+                if isinstance(v, torch.Tensor): by_device.setdefault(v.device, []).append((i, k))
+        for keys in by_device.values():  # one copy to the host per device
+            values = torch.stack([self._pending[i][k].detach().float().reshape(()) for i, k in keys]).tolist()
             for (i, k), v in zip(keys, values): self._pending[i][k] = v
         self.steps.extend(self._pending)
         if self._bar is not None:
@@ -377,7 +381,7 @@ class TrainingLog:
             self._bar.n = self.steps[-1]['step'] if self.steps else 0
             self._bar.refresh()
 
-# %% ../nbs/52_training.ipynb #b9d6777a
+# %% ../nbs/52_training.ipynb #b3fc71c5
 def distributed_info() -> Dict[str, int]:
     "`{'rank', 'world_size'}` of this process (0 and 1 when not distributed)."
     if dist.is_available() and dist.is_initialized():
@@ -411,7 +415,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 
     return DataLoader(dataset, batch_size=batch_size // world['world_size'], sampler=sampler,
                       drop_last=drop_last, **kwargs)
 
-# %% ../nbs/52_training.ipynb #8c56ac36
+# %% ../nbs/52_training.ipynb #e305e511
 class _LossModule(nn.Module):
     "Model and loss as one module: `forward(x, y)` is `loss_fn(x)` or `loss_fn(x, y=y)`; DDP wraps this."
     def __init__(self, model: nn.Module, loss_fn):
@@ -450,7 +454,7 @@ def _accepts_labels(loss_fn) -> bool:
     except (TypeError, ValueError): return True  # a builtin without a signature: let the call decide
     return any(p.name == 'y' or p.kind is p.VAR_KEYWORD for p in params)
 
-# %% ../nbs/52_training.ipynb #084841e3
+# %% ../nbs/52_training.ipynb #b8965502
 _PRECISIONS = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _INTERVALS = ('step', 'epoch')
 _ON_DIVERGENCE = ('warn', 'raise', 'rollback')
@@ -478,7 +482,7 @@ def _parameters_finite(model: nn.Module) -> bool:
     params = list(model.parameters())
     return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-# %% ../nbs/52_training.ipynb #0bcee05e
+# %% ../nbs/52_training.ipynb #5131453e
 class Trainer:
     "Fit an energy-based model with `loss_fn` and `optimizer`: `Trainer(model, loss_fn, optimizer).fit(loader, epochs)`."
     def __init__(self,
