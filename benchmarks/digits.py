@@ -30,11 +30,11 @@ RESULTS = Path(__file__).resolve().parent / 'results'
 # ---- conv EBM and JEM -----------------------------------------------------------------------------------------------
 # Both sample with JEM/IGEBM's SGLD: a gradient step of `step_size` and Gaussian noise of std `noise` (far below
 # exact Langevin's sqrt(2 step_size)), pixels clamped to the data's [-1, 1]; new chains start from uniform noise.
-EBM_CONFIG = dict(channels=(16, 32), batch_size=32, k_steps=30, step_size=1.0, noise=0.01, buffer_size=2000,
+EBM_CONFIG = dict(channels=(16, 32), batch_size=32, k_steps=30, step_size=10.0, noise=0.005, buffer_size=2000,
                   reinit_prob=0.3, energy_reg=0.05, lr=1e-3, betas=(0.5, 0.999), steps=300)
 JEM_CONFIG = dict(channels=(32, 64), batch_size=64, k_steps=20, step_size=1.0, noise=0.01, buffer_size=2000,
-                  reinit_prob=0.05, energy_reg=0.0, classifier_steps=500, classifier_lr=2e-3, lr=2e-4,
-                  betas=(0.9, 0.999), steps=300, sample_steps=60)
+                  reinit_prob=0.05, energy_reg=0.0, generative_weight=0.1, classifier_steps=500, classifier_lr=2e-3,
+                  lr=1e-4, betas=(0.9, 0.999), steps=200, sample_steps=60)
 
 
 def sgld(model, config):
@@ -88,8 +88,9 @@ def train_jem(train, test, n_samples, generator):
     warmup = JEMLoss(model, sgld(model, c), generative_weight=0.0)
     fit(warmup, model.parameters(), train, c['classifier_steps'], c['classifier_lr'], c['betas'], c['batch_size'],
         generator, labels=True)
-    loss_fn = JEMLoss(model, sgld(model, c), k_steps=c['k_steps'], buffer_size=c['buffer_size'],
-                      reinit_prob=c['reinit_prob'], energy_reg=c['energy_reg'], buffer_init='uniform')
+    loss_fn = JEMLoss(model, sgld(model, c), generative_weight=c['generative_weight'], k_steps=c['k_steps'],
+                      buffer_size=c['buffer_size'], reinit_prob=c['reinit_prob'], energy_reg=c['energy_reg'],
+                      buffer_init='uniform')
     history = fit(loss_fn, model.parameters(), train, c['steps'], c['lr'], c['betas'], c['batch_size'], generator,
                   labels=True)
     train_seconds = time.time() - start
