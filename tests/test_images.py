@@ -1,6 +1,7 @@
 """Image datasets, image models, discrete-data likelihoods and the feature-space sample metric: loaders on files the
 tests write themselves (nothing downloads), bad inputs, and the checks too slow or too cross-cutting for a notebook."""
 import gzip
+import math
 import struct
 import sys
 import types
@@ -11,7 +12,10 @@ import torch
 
 from torchebm.datasets import (DigitsDataset, FashionMNISTDataset, ImageDataset, MNISTDataset, read_idx,
                                split_indices, uniform_dequantize)
+from torchebm.diagnostics.sample_quality import classifier_outputs, frechet_distance, sample_quality, train_classifier
 from torchebm.models import ConditionalTransformer2D, ConvEnergy, UNetVelocity
+from torchebm.samplers import FlowSampler
+from torchebm.samplers.likelihood import flow_likelihood, level_bin_width, resolve_divergence
 
 
 def write_idx(path, array):
@@ -188,3 +192,95 @@ def test_backbones_learn_digits_flow_matching():
             opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
         # the untrained (zero) field's loss is E|x1 - x0|^2 / D, about 1.5 on the digits; a trained one is well below
         assert np.mean(losses[:10]) > 1.2 and np.mean(losses[-50:]) < 0.75, (name, np.mean(losses[-50:]))
+
+
+# -- likelihood of discrete data ------------------------------------------------------------------------------------
+
+
+class _Contraction(torch.nn.Module):
+    "v(x, t) = -a x: the flow of N(0, I) at t = 0 to N(0, e^{-2a} I) at t = 1, so log p(x) is known in closed form."
+    def __init__(self, a): super().__init__(); self.a = a
+    def forward(self, x, t): return -self.a * x
+
+
+def _closed_form(x, a):
+    var = math.exp(-2 * a)
+    flat = x.flatten(1)
+    return -0.5 * flat.square().sum(1) / var - 0.5 * flat.shape[1] * math.log(2 * math.pi * var)
+
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_flow_likelihood_continuous_matches_closed_form(dtype):
+    x = 0.5 * torch.randn(5, 1, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    sampler = FlowSampler(_Contraction(0.3), integrator='rk4', n_steps=20)
+    for divergence in ('exact', 'hutchinson', 'auto'):  # the field's Jacobian is -a I: Hutchinson is exact here
+        out = flow_likelihood(sampler, x, divergence=divergence)
+        assert out.log_likelihood.dtype == dtype
+        torch.testing.assert_close(out.log_likelihood, _closed_form(x, 0.3).to(dtype), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.bits_per_dim, -out.log_likelihood / (16 * math.log(2)))
+
+
+def test_flow_likelihood_discrete_adds_the_bin_volume():
+    "Discrete bound = E log p(dequantised) + D log(bin width); dropping the D log(bin width) term fails this check."
+    levels, a = 5, 0.2
+    width = level_bin_width(levels)
+    x = -1 + width * torch.randint(0, levels, (4000, 1, 2, 2), generator=torch.Generator().manual_seed(1)).double()
+    sampler = FlowSampler(_Contraction(a), integrator='rk4', n_steps=10)
+    out = flow_likelihood(sampler, x, n_levels=levels, generator=torch.Generator().manual_seed(2))
+    # E_u[log N(c + u)] = log N(c) - D width^2 / (24 var); the per-sample noise is sum_i c_i u_i / var
+    var = math.exp(-2 * a)
+    expected = _closed_form(x, a) - 4 * width ** 2 / (24 * var) + 4 * math.log(width)
+    diff = out.log_likelihood - expected
+    se = float(diff.std()) / math.sqrt(len(diff))
+    assert abs(float(diff.mean())) < 5 * se
+    assert float(diff.std()) < 1.0  # per-sample noise is small: the bound is not off by the D log(width) = -2.8 term
+
+
+def test_flow_likelihood_bad_input():
+    sampler = FlowSampler(_Contraction(0.1))
+    x = torch.zeros(2, 1, 2, 2)
+    assert resolve_divergence('auto', 32) == 'exact' and resolve_divergence('auto', 33) == 'hutchinson'
+    assert resolve_divergence('auto', 64, max_exact_dim=64) == 'exact'
+    with pytest.raises(ValueError, match="expected one of"): flow_likelihood(sampler, x, divergence='skilling')
+    with pytest.raises(TypeError, match='FlowSampler'): flow_likelihood(_Contraction(0.1), x)
+    with pytest.raises(ValueError, match='levels'): flow_likelihood(sampler, x + 0.01, n_levels=17)
+    with pytest.raises(ValueError, match='levels'): flow_likelihood(sampler, x + 3.0, n_levels=17)
+    with pytest.raises(TypeError, match='n_dequantizations'): flow_likelihood(sampler, x, n_levels=17, n_dequantizations=1.5)
+
+
+# -- sample quality -------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    from scipy.linalg import sqrtm
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.5
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(ca + cb - 2 * sqrtm(ca @ cb).real)
+    assert float(frechet_distance(a, b)) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match='features_a'): frechet_distance(a[:1], b)
+
+
+def test_classifier_is_seeded_and_leaves_the_global_rng_alone():
+    train = DigitsDataset('train')
+    state = torch.get_rng_state()
+    c1 = train_classifier(train.images[:256], train.labels[:256], n_classes=10, epochs=1, generator=torch.Generator().manual_seed(0))
+    c2 = train_classifier(train.images[:256], train.labels[:256], n_classes=10, epochs=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    for p, q in zip(c1.parameters(), c2.parameters()): assert torch.equal(p, q)
+    probs, feats = classifier_outputs(c1.train(), train.images[:8])
+    assert c1.training  # the mode is restored
+    assert probs.shape == (8, 10) and feats.shape == (8, 64)
+    with pytest.raises(ValueError, match='NaN'): sample_quality(c1, torch.full((4, 1, 8, 8), float('nan')))
+    with pytest.raises(ValueError, match='labels'): train_classifier(train.images[:4], train.labels[:3])
+
+
+def test_plot_image_grid_panels():
+    import matplotlib
+    matplotlib.use('Agg')
+    from torchebm.visualization import plot_image_grid
+    x = torch.rand(10, 1, 8, 8) * 2 - 1
+    assert len(plot_image_grid(x).axes) == 1 and len(plot_image_grid(x, x).axes) == 2
+    with pytest.raises(ValueError, match='titles'): plot_image_grid(x, x, titles=('one',))
