@@ -4,8 +4,8 @@ write the scored samples for anyone to re-score.
     python benchmarks/digits.py --model flow            # flow matching (UNetVelocity): about 10 min of CPU
     python benchmarks/digits.py --model ebm | jem       # conv EBM / JEM
 
-Every model is trained on the seeded training split (`DigitsDataset('train')`, 1,437 images) and judged on the
-test split (360 images). Its samples are scored by a classifier trained here on the training split with its own seed
+Every model is trained on the seeded training split (`DigitsDataset('train')`, 1,438 images) and judged on the
+test split (359 images). Its samples are scored by a classifier trained here on the training split with its own seed
 (`torchebm.diagnostics.sample_quality.train_classifier`: mixup and outlier exposure, so blobs are not confident),
 against the issue's targets: mean top-class probability >= 0.8 and every class >= 5% of the samples; for the flow
 also dequantised test bits/dim <= 2.3 (by default on the first 128 test digits). The samples, clipped to the data's range and written at the dataset's pixel
@@ -148,7 +148,7 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--n-samples', type=int, default=1000)
     parser.add_argument('--ode-steps', type=int, default=20, help='flow: Heun steps for sampling and likelihood')
-    parser.add_argument('--n-test-likelihood', type=int, default=128, help='flow: bits/dim on the first N test digits (360: all)')
+    parser.add_argument('--n-test-likelihood', type=int, default=128, help='flow: bits/dim on the first N test digits (359: all)')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--checkpoint', default=None, help="flow: load {'net': state_dict} instead of training")
     parser.add_argument('--save-checkpoint', default=None, help="flow: write {'net': state_dict} after training")
