@@ -11,7 +11,8 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy',
            'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel', 'HarmonicModel',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
-           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy']
+           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'IsingModel', 'RBM',
+           'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -28,3 +29,8 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
          'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
          'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
          'DoubleWellEnergy']
+
+# %% ../../nbs/03_core.ipynb #b6ed8cd9
+from .discrete import *
+
+_all_ = ['IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']

@@ -6,7 +6,8 @@
 __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler', 'MCMCSampler',
            'ChainState', 'run_chain', 'Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent',
            'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
-           'AdaptedParameters', 'Warmup']
+           'AdaptedParameters', 'Warmup', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
+           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -23,3 +24,9 @@ from .transitions import *
 
 _all_ = ['Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent', 'Nesterov', 'LangevinParams',
          'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult', 'AdaptedParameters', 'Warmup']
+
+# %% ../../nbs/19_samplers.ipynb #8bd27816
+from .discrete import *
+
+_all_ = ['GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler', 'Gibbs', 'GibbsWithGradients',
+         'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
