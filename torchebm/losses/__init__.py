@@ -7,7 +7,8 @@ __all__ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence', 'ScoreMat
            'DenoisingScoreMatching', 'NoiseContrastiveEstimation', 'FlowMatchingLoss', 'EquilibriumMatchingLoss',
            'EnergyModelLoss', 'model_energy', 'energy_gradient', 'hessian_trace', 'probe_projections', 'draw_probes',
            'merge_model_kwargs', 'check_loss_finite', 'sample_noise', 'noise_levels', 'UniformTimeSampler',
-           'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing', 'InterpolantLoss', 'EquilibriumField']
+           'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing', 'InterpolantLoss', 'EquilibriumField',
+           'PseudoLikelihood']
 
 # %% ../../nbs/29_losses.ipynb #218981ed
 from .loss_utils import *
@@ -22,3 +23,8 @@ _all_ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence', 'ScoreMatch
          'merge_model_kwargs', 'check_loss_finite', 'sample_noise', 'noise_levels',
          'UniformTimeSampler', 'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing',
          'InterpolantLoss', 'EquilibriumField']
+
+# %% ../../nbs/29_losses.ipynb #cf67ba6c
+from .discrete import *
+
+_all_ = ['PseudoLikelihood']
