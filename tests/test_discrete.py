@@ -14,7 +14,7 @@ import torch
 from torchebm.core.discrete import IsingModel, exact_probabilities, state_codes, exact_log_partition
 import torchebm.samplers.discrete as discrete
 from torchebm.samplers.discrete import (DiscreteLangevinSampler, GibbsSampler, GibbsWithGradientsSampler)
-from torchebm.samplers.transitions import ChainState
+from torchebm.losses import PseudoLikelihood
 
 N_CHAINS, N_STEPS, D = 20000, 150, 4
 
@@ -67,7 +67,7 @@ def test_unadjusted_dula_fails():
 def test_bad_input():
     model = strong_ising()
     with pytest.raises(ValueError, match='0s and 1s'): GibbsSampler(model).sample(x=torch.full((2, D), 0.5).double())
-    with pytest.raises(ValueError, match=r'\[n_chains, d\]'): GibbsSampler(model).sample(x=torch.zeros(2, 2, 2).double())
+    with pytest.raises(ValueError, match=r'\[batch, d\]'): GibbsSampler(model).sample(x=torch.zeros(2, 2, 2).double())
     with pytest.raises(ValueError, match='random'): GibbsSampler(model, scan='sweep')
     with pytest.raises(ValueError, match='step_size'): DiscreteLangevinSampler(model, step_size=-1.0)
     with pytest.raises(ValueError, match='d <= 20'): exact_log_partition(model, d=21)
@@ -78,3 +78,9 @@ def test_start_from_noise_and_reproducible():
     a = GibbsWithGradientsSampler(model).sample(n_samples=5, n_steps=3, generator=torch.Generator().manual_seed(0))
     b = GibbsWithGradientsSampler(model).sample(n_samples=5, n_steps=3, generator=torch.Generator().manual_seed(0))
     assert a.shape == (5, D) and torch.equal(a, b)
+
+
+def test_pseudo_likelihood_bad_input():
+    loss = PseudoLikelihood(strong_ising())
+    with pytest.raises(ValueError, match='0s and 1s'): loss(torch.full((2, D), 0.5).double())
+    with pytest.raises(ValueError, match='model_kwargs'): loss(torch.zeros(2, D).double(), y=torch.zeros(2))

@@ -5,21 +5,20 @@
 # %% auto #0
 __all__ = ['PseudoLikelihood']
 
-# %% ../../nbs/25_discrete_losses.ipynb #9108d578
+# %% ../../nbs/25_discrete_losses.ipynb #aa1422a5
 import torch
 import torch.nn.functional as F
 
+from ..core.discrete import check_binary
 from .loss_utils import EnergyModelLoss
 
-# %% ../../nbs/25_discrete_losses.ipynb #343edec2
+# %% ../../nbs/25_discrete_losses.ipynb #e07934bc
 class PseudoLikelihood(EnergyModelLoss):
     "Negative pseudo-log-likelihood $\\sum_i \\mathrm{softplus}(E(x) - E(x^{(i)}))$ on binary data `x: [batch, d]`, averaged over the batch."
     def compute_loss(self, x, model, model_kwargs, generator):
         if model_kwargs:
             raise ValueError(f"PseudoLikelihood does not take y= or model_kwargs= yet, got {sorted(model_kwargs)}")
-        if x.ndim != 2: raise ValueError(f"x must be binary data of shape [batch, d], got shape {tuple(x.shape)}")
-        if not bool(((x == 0) | (x == 1)).all()): raise ValueError("x must hold only 0s and 1s")
-        n, d = x.shape
+        n, d = check_binary(x).shape
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         flipped = (x[:, None, :] + eye - 2 * x[:, None, :] * eye).reshape(n * d, d)  # bit i of copy i flipped
         energy, energy_flipped = model(x), model(flipped).reshape(n, d)

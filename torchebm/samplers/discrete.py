@@ -7,18 +7,19 @@ __all__ = ['GIBBS_SCANS', 'flip_sites', 'flip_gains', 'GibbsParams', 'Gibbs', 'G
            'DiscreteLangevin', 'DiscreteSampler', 'GibbsSampler', 'GibbsWithGradientsSampler',
            'DiscreteLangevinSampler']
 
-# %% ../../nbs/18c_discrete_samplers.ipynb #001570fb
+# %% ../../nbs/18c_discrete_samplers.ipynb #63d050f1
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..core.discrete import check_binary
 from ..core.base import BaseSampler, check_batch, check_choice, check_nonnegative_int, check_positive
 from .mcmc import ChainMonitor, run_chain
 from .transitions import (ChainState, Transition, TransitionInfo, acceptance_probability,
                                            metropolis_select, model_energy, model_energy_and_gradient)
 
-# %% ../../nbs/18c_discrete_samplers.ipynb #92e0980e
+# %% ../../nbs/18c_discrete_samplers.ipynb #809d53fc
 def flip_sites(x: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
     "`x: [n, d]` with bit `sites[k]` of chain k flipped."
     flipped = x.clone()
@@ -30,12 +31,7 @@ def flip_gains(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     "First-order estimate $\\tilde d_i = (2x_i - 1)\\,\\partial_i E(x) \\approx E(x) - E(x^{(i)})$ per bit."
     return (2 * x - 1) * grad
 
-def _check_binary_chains(x: torch.Tensor) -> torch.Tensor:
-    if x.ndim != 2: raise ValueError(f"x must be binary chains of shape [n_chains, d], got shape {tuple(x.shape)}")
-    if not bool(((x == 0) | (x == 1)).all()): raise ValueError("x must hold only 0s and 1s")
-    return x
-
-# %% ../../nbs/18c_discrete_samplers.ipynb #f46a6280
+# %% ../../nbs/18c_discrete_samplers.ipynb #d0f9a6a4
 GIBBS_SCANS = ('random', 'systematic')
 
 class GibbsParams(NamedTuple):
@@ -70,7 +66,7 @@ class Gibbs(Transition):
         ones = torch.ones(n, device=state.x.device, dtype=state.x.dtype)
         return state, TransitionInfo(ones, ones == 0, 0)
 
-# %% ../../nbs/18c_discrete_samplers.ipynb #c63cab13
+# %% ../../nbs/18c_discrete_samplers.ipynb #c60344d6
 class GibbsWithGradients(Transition):
     "Gibbs with Gradients (Grathwohl et al. 2021): one gradient-informed single-bit flip per chain with an MH test."
     def step(self, model, state, params=None, generator=None):
@@ -87,7 +83,7 @@ class GibbsWithGradients(Transition):
         new, accepted = metropolis_select(state, ChainState(proposal, energy, grad), log_ratio, generator)
         return new, TransitionInfo(acceptance_probability(log_ratio), ~torch.isfinite(energy), 1, None, accepted)
 
-# %% ../../nbs/18c_discrete_samplers.ipynb #9a9ca71d
+# %% ../../nbs/18c_discrete_samplers.ipynb #65f154f5
 class DiscreteLangevinParams(NamedTuple):
     "Parameters of a discrete Langevin step."
     step_size: Union[float, torch.Tensor] = 0.2  # alpha > 0: a number, 0-d or `[n_chains]`
@@ -116,7 +112,7 @@ class DiscreteLangevin(Transition):
         new, accepted = metropolis_select(state, ChainState(proposal, energy, grad), log_ratio, generator)
         return new, TransitionInfo(acceptance_probability(log_ratio), ~torch.isfinite(energy), 1, None, accepted)
 
-# %% ../../nbs/18c_discrete_samplers.ipynb #1f060e11
+# %% ../../nbs/18c_discrete_samplers.ipynb #426425cf
 class DiscreteSampler(BaseSampler):
     "Base of the binary-state samplers: `sample(x=..., n_steps=..., generator=...)` around a transition."
     transition: Transition = None
@@ -136,7 +132,7 @@ class DiscreteSampler(BaseSampler):
             dim = dim if dim is not None else getattr(self.model, 'dim', None)
             if dim is None: raise ValueError(f"{owner}.sample: pass x= (binary starting states) or dim=")
             x = torch.randint(0, 2, (n_samples, dim), generator=generator, device=self.device).to(self.dtype)
-        x = _check_binary_chains(check_batch(x, 'x', model=self.model))
+        x = check_binary(check_batch(x, 'x', model=self.model))
         params, transition, model = self.params(), self.transition, self.model
         def step(state, i):
             new, info = transition.step(model, state, params, generator)
