@@ -11,8 +11,11 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy',
            'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel', 'HarmonicModel',
            'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel',
-           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'IsingModel', 'RBM',
-           'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']
+           'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy', 'Transform', 'ExpTransform',
+           'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform', 'IdentityTransform', 'BlockTransform',
+           'TransformedModel', 'transform_for', 'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES',
+           'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy', 'model_input_dtype',
+           'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -29,6 +32,21 @@ _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', '
          'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
          'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel',
          'DoubleWellEnergy']
+
+# %% ../../nbs/03_core.ipynb #d8d6ac39
+from .transforms import *
+_all_ = ['Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform',
+         'IdentityTransform', 'BlockTransform', 'TransformedModel', 'transform_for', 'TRANSFORMS']
+
+# %% ../../nbs/03_core.ipynb #464bc4bf
+# issue 15: composed and tempered energies, the temperature schedule
+from .composition import *
+_all_ = ['TemperatureScheduler', 'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy']
+
+# %% ../../nbs/03_core.ipynb #a9a79b1e
+# training helper: the dtype a model requires of its inputs (one dtype rule for closed-form energies)
+from .base import model_input_dtype
+_all_ = ['model_input_dtype']
 
 # %% ../../nbs/03_core.ipynb #b6ed8cd9
 from .discrete import *

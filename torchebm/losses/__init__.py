@@ -8,7 +8,8 @@ __all__ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence', 'ScoreMat
            'EnergyModelLoss', 'model_energy', 'energy_gradient', 'hessian_trace', 'probe_projections', 'draw_probes',
            'merge_model_kwargs', 'check_loss_finite', 'sample_noise', 'noise_levels', 'UniformTimeSampler',
            'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing', 'InterpolantLoss', 'EquilibriumField',
-           'PseudoLikelihood']
+           'JointEnergyModel', 'JEMLoss', 'CalibrationReport', 'calibration', 'auroc', 'class_labels',
+           'EnergyMatchingLoss', 'paired_noise', 'resolve_coupling', 'PseudoLikelihood']
 
 # %% ../../nbs/29_losses.ipynb #218981ed
 from .loss_utils import *
@@ -23,6 +24,17 @@ _all_ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence', 'ScoreMatch
          'merge_model_kwargs', 'check_loss_finite', 'sample_noise', 'noise_levels',
          'UniformTimeSampler', 'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing',
          'InterpolantLoss', 'EquilibriumField']
+
+# %% ../../nbs/29_losses.ipynb #f7319d23
+# JEM (nbs/25_jem.ipynb): the joint energy model, its hybrid loss, calibration and OOD scores
+from .jem import *
+
+_all_ += ['JointEnergyModel', 'JEMLoss', 'CalibrationReport', 'calibration', 'auroc', 'class_labels']
+
+# %% ../../nbs/29_losses.ipynb #a43d6ebe
+# issue 15: energy matching and the coupling helpers of the flow losses
+from .flow_matching import EnergyMatchingLoss, paired_noise, resolve_coupling
+_all_ = ['EnergyMatchingLoss', 'paired_noise', 'resolve_coupling']
 
 # %% ../../nbs/29_losses.ipynb #cf67ba6c
 from .discrete import *

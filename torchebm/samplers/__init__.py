@@ -6,7 +6,8 @@
 __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler', 'NesterovSampler', 'FlowSampler', 'MCMCSampler',
            'ChainState', 'run_chain', 'Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent',
            'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
-           'AdaptedParameters', 'Warmup', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
+           'AdaptedParameters', 'Warmup', 'NoUTurnSampler', 'NUTS', 'ParallelTempering', 'SequentialMonteCarlo',
+           'TemperedModel', 'GaussianBase', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
            'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
@@ -24,6 +25,16 @@ from .transitions import *
 
 _all_ = ['Transition', 'TransitionInfo', 'ULA', 'MALA', 'HMC', 'GradientDescent', 'Nesterov', 'LangevinParams',
          'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult', 'AdaptedParameters', 'Warmup']
+
+# %% ../../nbs/19_samplers.ipynb #d597ae9a
+from .nuts import NoUTurnSampler, NUTS
+_all_ = ['NoUTurnSampler', 'NUTS']
+
+# %% ../../nbs/19_samplers.ipynb #9ad263ca
+from .tempering import GaussianBase, ParallelTempering, TemperedModel
+from .smc import SequentialMonteCarlo
+
+_all_ = ['ParallelTempering', 'SequentialMonteCarlo', 'TemperedModel', 'GaussianBase']
 
 # %% ../../nbs/19_samplers.ipynb #8bd27816
 from .discrete import *
