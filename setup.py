@@ -29,6 +29,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
+    package_data={cfg['lib_path']: ['csrc/*.h', 'csrc/*.cpp', 'csrc/*.cu']},  # the kernels' sources, compiled on first use
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'images': images_requirements},
     python_requires='>=' + min_python,

@@ -1,0 +1,549 @@
+
+// torchebm fused samplers, CPU build: OpenMP over blocks of chains. The random streams and the energies'
+// formulas come from tebm_common.h (shared with kernels.cu); this file holds the lane-vectorised loops and
+// the entry points `langevin_chain`, `hmc_chain`, `energy_and_gradient`, `standard_normal`, `max_threads`.
+#include <torch/extension.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "tebm_common.h"
+
+// A block holds L chains in structure-of-arrays layout x[i * L + j] (coordinate i, lane j), so every
+// inner loop runs over lanes and vectorises. Random numbers: one xoshiro128+ stream per chain, seeded
+// from (seed, chain index) only, so results do not depend on the thread count or the block size.
+namespace tebm {
+
+// Chains per block (lanes): wide blocks for the separable one-pass ULA step (more independent work per
+// instruction), narrow ones where per-block buffers grow with d (Gaussian) and must stay in cache.
+constexpr int WIDE = 64, NARROW = 16;
+
+template <int L>
+struct Rng {  // one xoshiro128+ state per lane
+  uint32_t s0[L], s1[L], s2[L], s3[L];
+  void seed(uint64_t seed, int64_t first_chain) {
+    for (int j = 0; j < L; ++j) seed_chain(seed, first_chain + j, s0[j], s1[j], s2[j], s3[j]);
+  }
+};
+
+// z[i * L + j] ~ N(0, 1) for i < d; each lane draws ceil(d / 2) pairs in coordinate order.
+template <int L, typename T>
+inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
+  T spare[L];  // the unused second normal of an odd last coordinate
+  for (int64_t i = 0; i < d; i += 2) {
+    T *za = z + i * L;
+    T *zb = (i + 1 < d) ? z + (i + 1) * L : spare;
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
+      const uint32_t r1 = next_u32(a0, a1, a2, a3), r2 = next_u32(a0, a1, a2, a3);
+      g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
+      float n0, n1;
+      box_muller(r1, r2, n0, n1);
+      za[j] = (T)n0;
+      zb[j] = (T)n1;
+    }
+  }
+}
+
+// log(u), u ~ U(0, 1], one per lane (the Metropolis test).
+template <int L>
+inline void fill_log_uniform(Rng<L> &g, float *lu) {
+#pragma omp simd
+  for (int j = 0; j < L; ++j) {
+    uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
+    const uint32_t r = next_u32(a0, a1, a2, a3);
+    g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
+    lu[j] = log_unit(unit_float(r));
+  }
+}
+
+template <typename T, int L>
+struct Energy {
+  int kind;
+  int64_t d;
+  T p0, p1, p2;             // scalar parameters (meaning depends on kind, set by analytic_energy in Python)
+  const T *mean = nullptr;  // Gaussian: [d]
+  const T *prec = nullptr;  // Gaussian: [d, d], symmetric
+
+  // g <- grad E(x); e <- E(x) when e is not null. x, g: [d][L]; e: [L]; work: [d][L] scratch.
+  void eval(const T *x, T *g, T *e, T *work) const {
+    switch (kind) {
+      case DOUBLE_WELL: double_well(x, g, e); break;
+      case HARMONIC: harmonic(x, g, e); break;
+      case GAUSSIAN: gaussian(x, g, e, work); break;
+      case ROSENBROCK: rosenbrock(x, g, e); break;
+      case RASTRIGIN: rastrigin(x, g, e); break;
+      default: ackley(x, g, e); break;
+    }
+  }
+
+  // The formulas are tebm_common.h's; these loops apply them to every lane of every coordinate.
+  void double_well(const T *x, T *g, T *e) const {
+    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const T *xi = x + i * L; T *gi = g + i * L;
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        gi[j] = double_well_grad(xi[j], p0, p1);
+        if (e) e[j] += double_well_term(xi[j], p0, p1);
+      }
+    }
+  }
+
+  void harmonic(const T *x, T *g, T *e) const {
+    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const T *xi = x + i * L; T *gi = g + i * L;
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        gi[j] = harmonic_grad(xi[j], p0);
+        if (e) e[j] += harmonic_term(xi[j], p0);
+      }
+    }
+  }
+
+  // E = (x - mu)^T P (x - mu) / 2, grad = P (x - mu).
+  void gaussian(const T *x, T *g, T *e, T *delta) const {
+    for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+      for (int j = 0; j < L; ++j) delta[i * L + j] = x[i * L + j] - mean[i];
+    }
+    // Rows in groups of R: R independent accumulator chains hide the FMA latency and share each load of delta.
+    constexpr int R = sizeof(T) == 4 ? 4 : 2;  // R x L accumulators fill 16 vector registers
+    int64_t i = 0;
+    for (; i + R <= d; i += R) {
+      T acc[R][L] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        const T *dk = delta + k * L;
+        for (int r = 0; r < R; ++r) {
+          const T pik = prec[(i + r) * d + k];
+#pragma omp simd
+          for (int j = 0; j < L; ++j) acc[r][j] += pik * dk[j];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < L; ++j) g[(i + r) * L + j] = acc[r][j];
+    }
+    for (; i < d; ++i) {
+      T acc[L] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        const T pik = prec[i * d + k]; const T *dk = delta + k * L;
+#pragma omp simd
+        for (int j = 0; j < L; ++j) acc[j] += pik * dk[j];
+      }
+      for (int j = 0; j < L; ++j) g[i * L + j] = acc[j];
+    }
+    if (e) {
+      for (int j = 0; j < L; ++j) e[j] = 0;
+      for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+        for (int j = 0; j < L; ++j) e[j] += T(0.5) * delta[i * L + j] * g[i * L + j];
+      }
+    }
+  }
+
+  void rosenbrock(const T *x, T *g, T *e) const {
+    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
+    for (int j = 0; j < L; ++j) g[(d - 1) * L + j] = 0;
+    for (int64_t i = 0; i + 1 < d; ++i) {
+      const T *xi = x + i * L, *xn = x + (i + 1) * L;
+      T *gi = g + i * L, *gn = g + (i + 1) * L;
+      const bool first = i == 0;
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        T own, next;
+        rosenbrock_grad(xi[j], xn[j], p0, p1, own, next);
+        gi[j] = first ? own : gi[j] + own;
+        gn[j] = next;
+        if (e) e[j] += rosenbrock_term(xi[j], xn[j], p0, p1);
+      }
+    }
+  }
+
+  void rastrigin(const T *x, T *g, T *e) const {
+    if (e) for (int j = 0; j < L; ++j) e[j] = p0 * (T)d;
+    for (int64_t i = 0; i < d; ++i) {
+      const T *xi = x + i * L; T *gi = g + i * L;
+      for (int j = 0; j < L; ++j) {
+        gi[j] = rastrigin_grad(xi[j], p0);
+        if (e) e[j] += rastrigin_term(xi[j], p0);
+      }
+    }
+  }
+
+  void ackley(const T *x, T *g, T *e) const {
+    T s1[L] = {}, s2[L] = {}, fa[L], fc[L];
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j) { const T v = x[i * L + j]; s1[j] += v * v; s2[j] += ackley_cos(v, p2); }
+    for (int j = 0; j < L; ++j) {
+      const T ej = ackley_energy(s1[j], s2[j], (T)d, p0, p1, p2, fa[j], fc[j]);
+      if (e) e[j] = ej;
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j) g[i * L + j] = ackley_grad(x[i * L + j], fa[j], fc[j], p2);
+  }
+};
+
+// What a chain records every `thin`-th step; null pointers mean "not asked for".
+template <typename T>
+struct Recorder {
+  int64_t n, d, n_records, thin;
+  T *traj;          // [n, T, d]
+  T *energy;        // [T, n]
+  double *stats;    // [n_blocks, T, 2, d]: block mean and block sum of squared deviations
+  T *accepted;      // [T, n]
+
+  bool due(int64_t step) const { return (step + 1) % thin == 0 && (step + 1) / thin <= n_records; }
+  bool wants_energy(int64_t step) const { return energy && due(step); }
+
+  template <int L>
+  void write(int64_t step, int64_t blk, int64_t c0, int nv, const T *x, const T *e, const bool *acc) const {
+    if (!due(step)) return;
+    const int64_t k = (step + 1) / thin - 1;
+    if (traj)
+      for (int j = 0; j < nv; ++j)
+        for (int64_t i = 0; i < d; ++i) traj[((c0 + j) * n_records + k) * d + i] = x[i * L + j];
+    if (energy) for (int j = 0; j < nv; ++j) energy[k * n + c0 + j] = e[j];
+    if (accepted) for (int j = 0; j < nv; ++j) accepted[k * n + c0 + j] = acc[j] ? T(1) : T(0);
+    if (stats) {
+      double *s = stats + (blk * n_records + k) * 2 * d;
+      for (int64_t i = 0; i < d; ++i) {
+        double m = 0, m2 = 0;
+        for (int j = 0; j < nv; ++j) m += (double)x[i * L + j];
+        m /= nv;
+        for (int j = 0; j < nv; ++j) { const double u = (double)x[i * L + j] - m; m2 += u * u; }
+        s[i] = m; s[d + i] = m2;
+      }
+    }
+  }
+};
+
+template <int L, typename T>
+inline void load_block(const T *x, int64_t c0, int nv, int64_t d, T *xb) {
+  for (int64_t i = 0; i < d; ++i)
+    for (int j = 0; j < L; ++j) xb[i * L + j] = j < nv ? x[(c0 + j) * d + i] : T(0);
+}
+
+template <int L, typename T>
+inline void store_block(T *x, int64_t c0, int nv, int64_t d, const T *xb) {
+  for (int j = 0; j < nv; ++j)
+    for (int64_t i = 0; i < d; ++i) x[(c0 + j) * d + i] = xb[i * L + j];
+}
+
+// One ULA step for an energy that is a sum of the same function over coordinates (grad_i depends on x_i only):
+// noise, gradient and update in a single pass over the lanes, with nothing stored in between.
+template <int L, typename T, typename Grad>
+inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad) {
+  T spare[L] = {};  // stands in for the missing partner of an odd last coordinate
+  for (int64_t i = 0; i < d; i += 2) {
+    T *xa = xb + i * L;
+    T *xc = (i + 1 < d) ? xb + (i + 1) * L : spare;
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
+      const uint32_t r1 = next_u32(a0, a1, a2, a3), r2 = next_u32(a0, a1, a2, a3);
+      g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
+      float n0, n1;
+      box_muller(r1, r2, n0, n1);
+      const T u = xa[j], v = xc[j];
+      xa[j] = u - h * grad(u) + c * (T)n0;
+      xc[j] = v - h * grad(v) + c * (T)n1;
+    }
+  }
+}
+
+// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+template <typename T, int L>
+void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
+                  bool metropolis, const Recorder<T> &rec, uint64_t seed) {
+  const int64_t d = E.d, n_blocks = (n + L - 1) / L;
+#pragma omp parallel
+  {
+    std::vector<T> buf(6 * d * L);
+    T *xb = buf.data(), *gb = xb + d * L, *z = gb + d * L, *y = z + d * L, *gy = y + d * L, *work = gy + d * L;
+    T e[L], ey[L];
+    float lu[L];
+    bool acc[L];
+    Rng<L> rng;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t c0 = blk * L;
+      const int nv = (int)std::min<int64_t>(L, n - c0);
+      load_block<L>(x, c0, nv, d, xb);
+      rng.seed(seed, c0);
+      E.eval(xb, gb, metropolis ? e : nullptr, work);
+      for (int j = 0; j < L; ++j) acc[j] = true;
+      for (int64_t t = 0; t < n_steps; ++t) {
+        const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
+        if (!metropolis && E.kind == DOUBLE_WELL) {
+          const T hw = E.p0, cc = E.p1;
+          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
+          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
+        } else if (!metropolis && E.kind == HARMONIC) {
+          const T k = E.p0;
+          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
+          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
+        } else if (!metropolis) {
+          fill_normal(rng, z, d);
+          for (int64_t i = 0; i < d * L; ++i) xb[i] += -h * gb[i] + c * z[i];
+          E.eval(xb, gb, rec.wants_energy(t) ? e : nullptr, work);
+        } else {
+          fill_normal(rng, z, d);
+          for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
+          E.eval(y, gy, ey, work);
+          // log q(y | x) = -|z|^2 / 2 and log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
+          T fwd[L] = {}, bwd[L] = {};
+          const T inv = T(1) / (T(4) * h * (T)(scale[t] * scale[t]));
+          for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+            for (int j = 0; j < L; ++j) {
+              const int64_t k = i * L + j;
+              const T r = xb[k] - y[k] + h * gy[k];
+              fwd[j] += z[k] * z[k];
+              bwd[j] += r * r;
+            }
+          }
+          fill_log_uniform(rng, lu);
+          for (int j = 0; j < L; ++j) {
+            const T log_alpha = e[j] - ey[j] - bwd[j] * inv + T(0.5) * fwd[j];
+            acc[j] = (T)lu[j] < log_alpha;
+          }
+          for (int64_t i = 0; i < d; ++i)
+            for (int j = 0; j < L; ++j)
+              if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
+          for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
+        }
+        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+      }
+      store_block<L>(x, c0, nv, d, xb);
+    }
+  }
+}
+
+// HMC with unit-diagonal mass times `mass`: per step, fresh momentum, n_leapfrog leapfrog steps, Metropolis test.
+template <typename T, int L>
+void hmc_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
+             double mass, const Recorder<T> &rec, uint64_t seed) {
+  const int64_t d = E.d, n_blocks = (n + L - 1) / L;
+  const T m = (T)mass, sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
+#pragma omp parallel
+  {
+    std::vector<T> buf(6 * d * L);
+    T *xb = buf.data(), *gb = xb + d * L, *p = gb + d * L, *y = p + d * L, *gy = y + d * L, *work = gy + d * L;
+    T e[L], ey[L];
+    float lu[L];
+    bool acc[L];
+    Rng<L> rng;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t c0 = blk * L;
+      const int nv = (int)std::min<int64_t>(L, n - c0);
+      load_block<L>(x, c0, nv, d, xb);
+      rng.seed(seed, c0);
+      E.eval(xb, gb, e, work);
+      for (int64_t t = 0; t < n_steps; ++t) {
+        const T h = (T)eta[t];
+        fill_normal(rng, p, d);
+        T k0[L] = {}, k1[L] = {};
+        for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+          for (int j = 0; j < L; ++j) {
+            const int64_t k = i * L + j;
+            p[k] *= sqrt_m;
+            k0[j] += p[k] * p[k];
+            y[k] = xb[k];
+            p[k] -= T(0.5) * h * gb[k];
+          }
+        }
+        for (int64_t l = 0; l < n_leapfrog; ++l) {
+          for (int64_t i = 0; i < d * L; ++i) y[i] += h * inv_m * p[i];
+          const bool last = l + 1 == n_leapfrog;
+          E.eval(y, gy, last ? ey : nullptr, work);
+          const T kick = last ? T(0.5) * h : h;
+          for (int64_t i = 0; i < d * L; ++i) p[i] -= kick * gy[i];
+        }
+        for (int64_t i = 0; i < d; ++i)
+          for (int j = 0; j < L; ++j) k1[j] += p[i * L + j] * p[i * L + j];
+        fill_log_uniform(rng, lu);
+        for (int j = 0; j < L; ++j) {
+          const T log_alpha = e[j] + T(0.5) * inv_m * k0[j] - ey[j] - T(0.5) * inv_m * k1[j];
+          acc[j] = (T)lu[j] < log_alpha;
+        }
+        for (int64_t i = 0; i < d; ++i)
+          for (int j = 0; j < L; ++j)
+            if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
+        for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
+        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+      }
+      store_block<L>(x, c0, nv, d, xb);
+    }
+  }
+  (void)m;
+}
+
+}  // namespace tebm
+
+namespace {
+
+using namespace tebm;
+
+template <typename T, int L>
+Energy<T, L> make_energy(int64_t kind, const std::vector<double> &params, const torch::Tensor &mean,
+                      const torch::Tensor &prec, int64_t d) {
+  Energy<T, L> E;
+  E.kind = (int)kind; E.d = d;
+  E.p0 = params.size() > 0 ? (T)params[0] : T(0);
+  E.p1 = params.size() > 1 ? (T)params[1] : T(0);
+  E.p2 = params.size() > 2 ? (T)params[2] : T(0);
+  if (kind == GAUSSIAN) { E.mean = mean.data_ptr<T>(); E.prec = prec.data_ptr<T>(); }
+  return E;
+}
+
+void check_inputs(const torch::Tensor &x, int64_t kind, const torch::Tensor &mean, const torch::Tensor &prec) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64, "x must be float32 or float64");
+  TORCH_CHECK(kind >= 0 && kind < N_KINDS, "unknown energy kind ", kind);
+  if (kind == GAUSSIAN) {
+    const int64_t d = x.size(1);
+    TORCH_CHECK(mean.scalar_type() == x.scalar_type() && mean.is_contiguous() && mean.numel() == d, "mean must match x");
+    TORCH_CHECK(prec.scalar_type() == x.scalar_type() && prec.is_contiguous() && prec.numel() == d * d, "precision must match x");
+  }
+}
+
+struct Outputs {
+  torch::Tensor traj, energy, stats, accepted;
+  template <typename T>
+  Recorder<T> recorder(int64_t n, int64_t d, int64_t n_records, int64_t thin) {
+    Recorder<T> r{n, d, n_records, thin, nullptr, nullptr, nullptr, nullptr};
+    if (traj.defined()) r.traj = traj.data_ptr<T>();
+    if (energy.defined()) r.energy = energy.data_ptr<T>();
+    if (stats.defined()) r.stats = stats.data_ptr<double>();
+    if (accepted.defined()) r.accepted = accepted.data_ptr<T>();
+    return r;
+  }
+};
+
+Outputs make_outputs(const torch::Tensor &x, int64_t n_records, int block, bool record_traj, bool record_diag,
+                     bool record_accept) {
+  const int64_t n = x.size(0), d = x.size(1), n_blocks = (n + block - 1) / block;
+  auto opt = x.options();
+  Outputs o;
+  if (record_traj) o.traj = torch::empty({n, n_records, d}, opt);
+  if (record_diag) {
+    o.energy = torch::empty({n_records, n}, opt);
+    o.stats = torch::empty({n_blocks, n_records, 2, d}, opt.dtype(torch::kFloat64));
+    if (record_accept) o.accepted = torch::empty({n_records, n}, opt);
+  }
+  return o;
+}
+
+std::vector<torch::Tensor> pack(const torch::Tensor &x, const Outputs &o, int block) {
+  auto none = torch::Tensor();
+  return {x, o.traj.defined() ? o.traj : none, o.energy.defined() ? o.energy : none,
+          o.stats.defined() ? o.stats : none, o.accepted.defined() ? o.accepted : none,
+          torch::tensor((int64_t)block)};
+}
+
+bool one_pass_ula(int64_t kind, bool metropolis) { return !metropolis && (kind == DOUBLE_WELL || kind == HARMONIC); }
+
+}  // namespace
+
+// Returns [x_final, trajectory, energy, block_stats, accepted, block_size] (undefined tensors where not asked for;
+// block_stats holds each block's mean and sum of squared deviations, block_size chains per block).
+std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
+                                          torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
+                                          bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+  check_inputs(x, kind, mean, prec);
+  pybind11::gil_scoped_release no_gil;  // long pure C++ work: let other Python threads run
+  TORCH_CHECK(step_sizes.scalar_type() == torch::kFloat64 && noise_scales.scalar_type() == torch::kFloat64,
+              "step_sizes and noise_scales must be float64");
+  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1);
+  TORCH_CHECK(noise_scales.numel() == n_steps && thin >= 1, "bad schedule lengths or thin");
+  const int64_t n_records = n_steps / thin;
+  const int block = one_pass_ula(kind, metropolis) ? WIDE : NARROW;
+  auto out = x.clone();
+  auto eta = step_sizes.contiguous(), scale = noise_scales.contiguous();
+  Outputs o = make_outputs(x, n_records, block, record_traj, record_diag, metropolis);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain", [&] {
+    auto rec = o.recorder<scalar_t>(n, d, n_records, thin);
+    if (block == WIDE)
+      langevin_run<scalar_t, WIDE>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, WIDE>(kind, params, mean, prec, d),
+                                   eta.data_ptr<double>(), scale.data_ptr<double>(), n_steps, metropolis, rec,
+                                   (uint64_t)seed);
+    else
+      langevin_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n,
+                                     make_energy<scalar_t, NARROW>(kind, params, mean, prec, d), eta.data_ptr<double>(),
+                                     scale.data_ptr<double>(), n_steps, metropolis, rec, (uint64_t)seed);
+  });
+  return pack(out, o, block);
+}
+
+std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
+                                     torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
+                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+  check_inputs(x, kind, mean, prec);
+  pybind11::gil_scoped_release no_gil;
+  TORCH_CHECK(step_sizes.scalar_type() == torch::kFloat64, "step_sizes must be float64");
+  TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
+  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
+  auto out = x.clone();
+  auto eta = step_sizes.contiguous();
+  Outputs o = make_outputs(x, n_records, NARROW, record_traj, record_diag, true);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hmc_chain", [&] {
+    hmc_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, NARROW>(kind, params, mean, prec, d),
+                              eta.data_ptr<double>(), n_steps, n_leapfrog, mass,
+                              o.recorder<scalar_t>(n, d, n_records, thin), (uint64_t)seed);
+  });
+  return pack(out, o, NARROW);
+}
+
+// [E(x), grad E(x)] through the kernels' own code (for testing against the Python models).
+std::vector<torch::Tensor> energy_and_gradient(torch::Tensor x, int64_t kind, std::vector<double> params,
+                                               torch::Tensor mean, torch::Tensor prec) {
+  check_inputs(x, kind, mean, prec);
+  const int64_t n = x.size(0), d = x.size(1);
+  constexpr int L = NARROW;
+  auto energy = torch::empty({n}, x.options());
+  auto grad = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "energy_and_gradient", [&] {
+    auto E = make_energy<scalar_t, L>(kind, params, mean, prec, d);
+    std::vector<scalar_t> xb(d * L), gb(d * L), work(d * L);
+    scalar_t eb[L];
+    for (int64_t c0 = 0; c0 < n; c0 += L) {
+      const int nv = (int)std::min<int64_t>(L, n - c0);
+      load_block<L>(x.data_ptr<scalar_t>(), c0, nv, d, xb.data());
+      E.eval(xb.data(), gb.data(), eb, work.data());
+      store_block<L>(grad.data_ptr<scalar_t>(), c0, nv, d, gb.data());
+      for (int j = 0; j < nv; ++j) energy.data_ptr<scalar_t>()[c0 + j] = eb[j];
+    }
+  });
+  return {energy, grad};
+}
+
+// The first n normals of each chain's stream, [n_chains, n] (for testing the generator).
+torch::Tensor standard_normal(int64_t n_chains, int64_t n, int64_t seed) {
+  constexpr int L = NARROW;
+  auto out = torch::empty({n_chains, n}, torch::kFloat64);
+  std::vector<double> z(n * L);
+  Rng<L> rng;
+  for (int64_t c0 = 0; c0 < n_chains; c0 += L) {
+    const int nv = (int)std::min<int64_t>(L, n_chains - c0);
+    rng.seed((uint64_t)seed, c0);
+    fill_normal(rng, z.data(), n);
+    store_block<L>(out.data_ptr<double>(), c0, nv, n, z.data());
+  }
+  return out;
+}
+
+int64_t max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}

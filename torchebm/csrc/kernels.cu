@@ -1,0 +1,281 @@
+
+// torchebm fused samplers, CUDA build: one thread per chain, per-chain work arrays laid out [d, n_chains] so
+// neighbouring threads touch neighbouring addresses. Seeding, xoshiro128+ and the energies' formulas come from
+// tebm_common.h (shared with kernels.cpp); entry points `langevin_chain_cuda`, `hmc_chain_cuda` (declared for
+// the C++ side in kernels_cuda.h).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <cstdint>
+#include <vector>
+
+#include "tebm_common.h"
+
+namespace tebm_cuda {
+
+using namespace tebm;
+
+struct Rng {
+  uint32_t s0, s1, s2, s3;
+  __device__ void seed(uint64_t seed, int64_t chain) { seed_chain(seed, chain, s0, s1, s2, s3); }
+  __device__ uint32_t next() { return next_u32(s0, s1, s2, s3); }
+  __device__ float uniform() { return unit_float(next()); }
+  // Box-Muller with the device's own logf and sincosf (the CPU build uses tebm::box_muller, whose polynomial
+  // form vectorises): the same streams, normals equal to within float rounding, not bit for bit.
+  __device__ void normal_pair(float &z0, float &z1) {
+    const float u1 = uniform();
+    const uint32_t r2 = next();
+    const float angle = 6.283185307179586f * ((float)(r2 >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    const float r = sqrtf(-2.0f * logf(u1));
+    float s, c;
+    sincosf(angle, &s, &c);
+    z0 = r * c; z1 = r * s;
+  }
+};
+
+template <typename T>
+struct Energy {
+  int kind;
+  int64_t d, stride;  // coordinate i of this chain lives at x[i * stride]
+  T p0, p1, p2;
+  const T *mean, *prec;
+
+  __device__ T at(const T *x, int64_t i) const { return x[i * stride]; }
+
+  // g <- grad E(x); returns E(x). `work` is a per-chain [d] scratch (Gaussian only).
+  __device__ T eval(const T *x, T *g, T *work) const {
+    T e = 0;
+    switch (kind) {
+      case DOUBLE_WELL:
+        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = double_well_grad(v, p0, p1); e += double_well_term(v, p0, p1); }
+        break;
+      case HARMONIC:
+        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = harmonic_grad(v, p0); e += harmonic_term(v, p0); }
+        break;
+      case GAUSSIAN:
+        for (int64_t i = 0; i < d; ++i) work[i * stride] = at(x, i) - mean[i];
+        for (int64_t i = 0; i < d; ++i) {
+          T acc = 0;
+          for (int64_t k = 0; k < d; ++k) acc += prec[i * d + k] * work[k * stride];
+          g[i * stride] = acc;
+          e += T(0.5) * work[i * stride] * acc;
+        }
+        break;
+      case ROSENBROCK:
+        for (int64_t i = 0; i < d; ++i) g[i * stride] = 0;
+        for (int64_t i = 0; i + 1 < d; ++i) {
+          T own, next;
+          rosenbrock_grad(at(x, i), at(x, i + 1), p0, p1, own, next);
+          g[i * stride] += own;
+          g[(i + 1) * stride] += next;
+          e += rosenbrock_term(at(x, i), at(x, i + 1), p0, p1);
+        }
+        break;
+      case RASTRIGIN:
+        e = p0 * (T)d;
+        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = rastrigin_grad(v, p0); e += rastrigin_term(v, p0); }
+        break;
+      default: {
+        T s1 = 0, s2 = 0, fa, fc;
+        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); s1 += v * v; s2 += ackley_cos(v, p2); }
+        e = ackley_energy(s1, s2, (T)d, p0, p1, p2, fa, fc);
+        for (int64_t i = 0; i < d; ++i) g[i * stride] = ackley_grad(at(x, i), fa, fc, p2);
+      }
+    }
+    return e;
+  }
+};
+
+template <typename T>
+struct Record {
+  int64_t n, d, n_records, thin;
+  T *traj, *energy, *accepted;  // [n, T, d], [T, n], [T, n] or null
+  __device__ void write(int64_t step, int64_t c, const T *x, int64_t stride, T e, bool acc) const {
+    if ((step + 1) % thin != 0) return;
+    const int64_t k = (step + 1) / thin - 1;
+    if (k >= n_records) return;
+    if (traj) for (int64_t i = 0; i < d; ++i) traj[(c * n_records + k) * d + i] = x[i * stride];
+    if (energy) energy[k * n + c] = e;
+    if (accepted) accepted[k * n + c] = acc ? T(1) : T(0);
+  }
+};
+
+template <typename T>
+__device__ void fill_normal(Rng &rng, T *z, int64_t d, int64_t stride) {
+  for (int64_t i = 0; i < d; i += 2) {
+    float a, b;
+    rng.normal_pair(a, b);
+    z[i * stride] = (T)a;
+    if (i + 1 < d) z[(i + 1) * stride] = (T)b;
+  }
+}
+
+template <typename T>
+__global__ void langevin_kernel(T *x, int64_t n, Energy<T> E, const double *eta, const double *scale, int64_t n_steps,
+                                bool metropolis, Record<T> rec, T *ws, uint64_t seed) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const int64_t d = E.d, s = n;
+  T *xb = ws + c, *gb = xb + d * n, *z = gb + d * n, *y = z + d * n, *gy = y + d * n, *work = gy + d * n;
+  for (int64_t i = 0; i < d; ++i) xb[i * s] = x[c * d + i];
+  Rng rng;
+  rng.seed(seed, c);
+  T e = E.eval(xb, gb, work);
+  for (int64_t t = 0; t < n_steps; ++t) {
+    const T h = (T)eta[t], cn = (T)(sqrt(2.0 * eta[t]) * scale[t]);
+    fill_normal(rng, z, d, s);
+    bool acc = true;
+    if (!metropolis) {
+      for (int64_t i = 0; i < d; ++i) xb[i * s] += -h * gb[i * s] + cn * z[i * s];
+      e = E.eval(xb, gb, work);
+    } else {
+      for (int64_t i = 0; i < d; ++i) y[i * s] = xb[i * s] - h * gb[i * s] + cn * z[i * s];
+      const T ey = E.eval(y, gy, work);
+      T fwd = 0, bwd = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        const T r = xb[i * s] - y[i * s] + h * gy[i * s];
+        fwd += z[i * s] * z[i * s];
+        bwd += r * r;
+      }
+      const T log_alpha = e - ey - bwd / (T(4) * h * (T)(scale[t] * scale[t])) + T(0.5) * fwd;
+      acc = (T)logf(rng.uniform()) < log_alpha;
+      if (acc) {
+        for (int64_t i = 0; i < d; ++i) { xb[i * s] = y[i * s]; gb[i * s] = gy[i * s]; }
+        e = ey;
+      }
+    }
+    rec.write(t, c, xb, s, e, acc);
+  }
+  for (int64_t i = 0; i < d; ++i) x[c * d + i] = xb[i * s];
+}
+
+template <typename T>
+__global__ void hmc_kernel(T *x, int64_t n, Energy<T> E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
+                           double mass, Record<T> rec, T *ws, uint64_t seed) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const int64_t d = E.d, s = n;
+  T *xb = ws + c, *gb = xb + d * n, *p = gb + d * n, *y = p + d * n, *gy = y + d * n, *work = gy + d * n;
+  const T sqrt_m = (T)sqrt(mass), inv_m = (T)(1.0 / mass);
+  for (int64_t i = 0; i < d; ++i) xb[i * s] = x[c * d + i];
+  Rng rng;
+  rng.seed(seed, c);
+  T e = E.eval(xb, gb, work);
+  for (int64_t t = 0; t < n_steps; ++t) {
+    const T h = (T)eta[t];
+    fill_normal(rng, p, d, s);
+    T k0 = 0, k1 = 0, ey = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      p[i * s] *= sqrt_m;
+      k0 += p[i * s] * p[i * s];
+      y[i * s] = xb[i * s];
+      p[i * s] -= T(0.5) * h * gb[i * s];
+    }
+    for (int64_t l = 0; l < n_leapfrog; ++l) {
+      for (int64_t i = 0; i < d; ++i) y[i * s] += h * inv_m * p[i * s];
+      ey = E.eval(y, gy, work);
+      const T kick = (l + 1 == n_leapfrog) ? T(0.5) * h : h;
+      for (int64_t i = 0; i < d; ++i) p[i * s] -= kick * gy[i * s];
+    }
+    for (int64_t i = 0; i < d; ++i) k1 += p[i * s] * p[i * s];
+    const T log_alpha = e + T(0.5) * inv_m * k0 - ey - T(0.5) * inv_m * k1;
+    const bool acc = (T)logf(rng.uniform()) < log_alpha;
+    if (acc) {
+      for (int64_t i = 0; i < d; ++i) { xb[i * s] = y[i * s]; gb[i * s] = gy[i * s]; }
+      e = ey;
+    }
+    rec.write(t, c, xb, s, e, acc);
+  }
+  for (int64_t i = 0; i < d; ++i) x[c * d + i] = xb[i * s];
+}
+
+template <typename T>
+Energy<T> make_energy(int64_t kind, const std::vector<double> &params, const torch::Tensor &mean,
+                      const torch::Tensor &prec, int64_t d, int64_t stride) {
+  Energy<T> E;
+  E.kind = (int)kind; E.d = d; E.stride = stride;
+  E.p0 = params.size() > 0 ? (T)params[0] : T(0);
+  E.p1 = params.size() > 1 ? (T)params[1] : T(0);
+  E.p2 = params.size() > 2 ? (T)params[2] : T(0);
+  E.mean = kind == GAUSSIAN ? mean.data_ptr<T>() : nullptr;
+  E.prec = kind == GAUSSIAN ? prec.data_ptr<T>() : nullptr;
+  return E;
+}
+
+void check_inputs(const torch::Tensor &x, int64_t kind, const torch::Tensor &mean, const torch::Tensor &prec) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64, "x must be float32 or float64");
+  TORCH_CHECK(kind >= 0 && kind < N_KINDS, "unknown energy kind ", kind);
+  if (kind == GAUSSIAN) {
+    TORCH_CHECK(mean.device() == x.device() && mean.scalar_type() == x.scalar_type() && mean.is_contiguous(), "mean must match x");
+    TORCH_CHECK(prec.device() == x.device() && prec.scalar_type() == x.scalar_type() && prec.is_contiguous(), "precision must match x");
+  }
+}
+
+std::vector<torch::Tensor> outputs(const torch::Tensor &x, int64_t n_records, bool record_traj, bool record_energy,
+                                   bool record_accept) {
+  const int64_t n = x.size(0), d = x.size(1);
+  auto none = torch::Tensor();
+  return {record_traj ? torch::empty({n, n_records, d}, x.options()) : none,
+          record_energy ? torch::empty({n_records, n}, x.options()) : none,
+          record_accept ? torch::empty({n_records, n}, x.options()) : none};
+}
+
+template <typename T>
+Record<T> recorder(const std::vector<torch::Tensor> &o, int64_t n, int64_t d, int64_t n_records, int64_t thin) {
+  return Record<T>{n, d, n_records, thin, o[0].defined() ? o[0].data_ptr<T>() : nullptr,
+                   o[1].defined() ? o[1].data_ptr<T>() : nullptr, o[2].defined() ? o[2].data_ptr<T>() : nullptr};
+}
+
+constexpr int THREADS = 128;
+
+}  // namespace tebm_cuda
+
+using namespace tebm_cuda;
+
+// Returns [x_final, trajectory, energy, accepted]; record_diag records the trajectory too (the caller
+// computes mean/var from it).
+std::vector<torch::Tensor> langevin_chain_cuda(torch::Tensor x, int64_t kind, std::vector<double> params,
+                                               torch::Tensor mean, torch::Tensor prec, torch::Tensor step_sizes,
+                                               torch::Tensor noise_scales, bool metropolis, int64_t thin,
+                                               bool record_traj, bool record_diag, int64_t seed) {
+  check_inputs(x, kind, mean, prec);
+  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
+  auto out = x.clone();
+  auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
+  auto scale = noise_scales.to(x.device(), torch::kFloat64).contiguous();
+  auto o = outputs(x, n_records, record_traj || record_diag, record_diag, record_diag && metropolis);
+  auto ws = torch::empty({6 * d * n}, x.options());
+  const int blocks = (int)((n + THREADS - 1) / THREADS);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain_cuda", [&] {
+    langevin_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
+        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), eta.data_ptr<double>(),
+        scale.data_ptr<double>(), n_steps, metropolis, recorder<scalar_t>(o, n, d, n_records, thin),
+        ws.data_ptr<scalar_t>(), (uint64_t)seed);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, o[0], o[1], o[2]};
+}
+
+std::vector<torch::Tensor> hmc_chain_cuda(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
+                                          torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
+                                          int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+  check_inputs(x, kind, mean, prec);
+  TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
+  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
+  auto out = x.clone();
+  auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
+  auto o = outputs(x, n_records, record_traj || record_diag, record_diag, record_diag);
+  auto ws = torch::empty({6 * d * n}, x.options());
+  const int blocks = (int)((n + THREADS - 1) / THREADS);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hmc_chain_cuda", [&] {
+    hmc_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
+        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), eta.data_ptr<double>(),
+        n_steps, n_leapfrog, mass, recorder<scalar_t>(o, n, d, n_records, thin), ws.data_ptr<scalar_t>(),
+        (uint64_t)seed);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, o[0], o[1], o[2]};
+}
