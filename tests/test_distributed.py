@@ -1,62 +1,22 @@
 "Two Gloo processes under torchrun train exactly like one process with the same global batch."
-import math
 import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 import torchebm
 from torchebm.training import Trainer, make_dataloader, latest_checkpoint
 
+import toy_training as toys
+
 REPO = Path(torchebm.__file__).resolve().parents[1]
 
-MODELS = '''
-import math, torch
-from torch import nn
-
-class GaussianEnergy(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.mu = nn.Parameter(torch.zeros(dim)); self.chol = nn.Parameter(torch.eye(dim))
-    def precision(self): return self.chol @ self.chol.T + 1e-3 * torch.eye(len(self.mu))
-    def forward(self, x):
-        d = x - self.mu
-        return 0.5 * ((d @ self.precision()) * d).sum(-1)
-
-class ScoreMatching(nn.Module):
-    def __init__(self, model):
-        super().__init__(); self.model = model
-    def forward(self, x):
-        p = self.model.precision()
-        return 0.5 * ((x - self.model.mu) @ p).pow(2).sum(-1).mean() - torch.trace(p)
-
-class ToyPCD(nn.Module):
-    def __init__(self, model, dim, buffer_size=32, k=3, step_size=0.05):
-        super().__init__()
-        self.model, self.k, self.step_size = model, k, step_size
-        self.register_buffer('replay_buffer', torch.randn(buffer_size, dim))
-    def forward(self, x):
-        idx = torch.randint(len(self.replay_buffer), (len(x),))
-        neg = self.replay_buffer[idx]
-        for _ in range(self.k):
-            neg = neg.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(self.model(neg).sum(), neg)
-            neg = neg - self.step_size * grad + math.sqrt(2 * self.step_size) * torch.randn_like(neg)
-        neg = neg.detach()
-        self.replay_buffer[idx] = neg
-        return self.model(x).mean() - self.model(neg).mean() + 0.1 * self.model(x).pow(2).mean(), neg
-
-def make_data():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(64, 2, generator=g) @ torch.tensor([[1.0, 0.0], [0.8, 0.5]]) + 1.0
-'''
+TESTS = Path(__file__).resolve().parent
 
 WORKER = '''
 import os, sys, torch
@@ -64,7 +24,7 @@ torch.set_num_threads(1)
 from torch.utils.data import TensorDataset
 import torch.distributed as dist
 from torchebm.training import Trainer, init_distributed, make_dataloader
-from models import GaussianEnergy, ScoreMatching, ToyPCD, make_data
+from toy_training import GaussianEnergy, ScoreMatching, ToyPCD, make_data
 out = sys.argv[1]
 device = init_distributed()
 rank = dist.get_rank()
@@ -129,9 +89,8 @@ def _free_port():
 def two_process_run(tmp_path_factory):
     "Launch the worker under torchrun with 2 Gloo processes on 127.0.0.1; return its output folder."
     out = tmp_path_factory.mktemp('ddp')
-    (out / 'models.py').write_text(MODELS)
     (out / 'worker.py').write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=f"{out}{os.pathsep}{REPO}", OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{REPO}", OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', str(out / 'worker.py'), str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -140,19 +99,12 @@ def two_process_run(tmp_path_factory):
     return out
 
 
-def _models():
-    namespace = {}
-    exec(MODELS, namespace)
-    return namespace
-
-
 def test_two_ranks_equal_one_process_with_same_global_batch(two_process_run):
-    m = _models()
-    data = m['make_data']()
+    data = toys.make_data()
     torch.manual_seed(123)
-    model = m['GaussianEnergy'](2)
+    model = toys.GaussianEnergy(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    Trainer(model, m['ScoreMatching'](model), opt, seed=0, progress=False, grad_clip=5.0).fit(
+    Trainer(model, toys.ScoreMatching(model), opt, seed=0, progress=False, grad_clip=5.0).fit(
         make_dataloader(TensorDataset(data), batch_size=16, shuffle=False), epochs=3)
     ddp = torch.load(two_process_run / 'sm_model.pt')
     for name, value in model.state_dict().items():
@@ -178,14 +130,13 @@ def test_mixed_buffers_pool_chains_across_ranks(two_process_run):
 
 
 def test_rank0_checkpoint_loads_with_another_world_size(two_process_run):
-    m = _models()
     path = latest_checkpoint(two_process_run / 'pcd')
     state = torch.load(path, weights_only=False)
     assert state['world_size'] == 2 and len(state['ranks']) == 2
     assert not torch.equal(state['ranks'][0]['loss']['loss']['replay_buffer'],
                            state['ranks'][1]['loss']['loss']['replay_buffer'])
-    model = m['GaussianEnergy'](2)
-    loss = m['ToyPCD'](model, 2)
+    model = toys.GaussianEnergy(2)
+    loss = toys.ToyPCD(model, 2)
     trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.01), seed=0, progress=False)
     with pytest.warns(UserWarning, match='world size 2'):
         trainer.load_checkpoint(path)
@@ -193,7 +144,7 @@ def test_rank0_checkpoint_loads_with_another_world_size(two_process_run):
     for name, value in final['model'].items():
         torch.testing.assert_close(model.state_dict()[name], value)
     torch.testing.assert_close(loss.replay_buffer, final['buffer'])
-    trainer.fit(make_dataloader(TensorDataset(m['make_data']()), batch_size=16), epochs=3)
+    trainer.fit(make_dataloader(TensorDataset(toys.make_data()), batch_size=16), epochs=3)
     assert trainer.epoch == 3 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
