@@ -1,4 +1,5 @@
 "Tests of torchebm.training: bit-for-bit resume after a crash, atomic checkpoints, divergence, callbacks."
+import math
 import os
 import subprocess
 import sys
