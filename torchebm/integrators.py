@@ -23,7 +23,7 @@ class IntegratorState(NamedTuple):
     "What an integrator carries from one step to the next (a dict with these keys is accepted and given back as a dict)."
     x: torch.Tensor  # positions [batch, *dim]
     p: Optional[torch.Tensor] = None  # momenta [batch, *dim] (Leapfrog)
-    drift: Optional[torch.Tensor] = None  # drift (the force, for Leapfrog) already evaluated at x: the next step reuses it
+    drift: Optional[torch.Tensor] = None  # drift (Leapfrog: the force) already evaluated at x, reused next step
     error: Optional[torch.Tensor] = None  # local error estimate of the step that produced x (embedded Runge-Kutta)
 
 def as_integrator_state(state: Union[IntegratorState, Dict[str, torch.Tensor]]) -> Tuple[IntegratorState, Callable]:
@@ -339,8 +339,8 @@ class Dopri5(EmbeddedRungeKutta):
                     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
                     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
     weights = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-    error_weights = tuple(b - b_hat for b, b_hat in
-                          zip(weights, (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)))
+    error_weights = tuple(b - b_hat for b, b_hat in zip(weights, (5179 / 57600, 0.0, 7571 / 16695, 393 / 640,
+                                                                   -92097 / 339200, 187 / 2100, 1 / 40)))
     error_order, fsal = 4, True
 
 # %% ../nbs/10_integrators.ipynb #5d955369
