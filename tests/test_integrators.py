@@ -253,9 +253,9 @@ def test_adaptive_pairs_meet_their_tolerance_and_count_evaluations(cls, rtols):
         out = solver.integrate({'x': x0}, 0.1, drift=rotation_drift, t1=5.0)
         errors.append((out['x'] - rotation_exact(x0, 5.0)).abs().max().item()); costs.append(solver.n_function_evals)
         tries = solver.n_accepted + solver.n_rejected
-        # the first stage is evaluated once per point: Bosh3 (FSAL) and Dopri8 (f at the new point feeds its error
-        # estimate) get it from the previous step, AdaptiveHeun evaluates it at every accepted point
-        expected = {Bosh3: 1 + 3 * tries, AdaptiveHeun: tries + solver.n_accepted, Dopri8: 1 + 12 * tries}[cls]
+        # the first stage is evaluated once per point: Bosh3 (FSAL) gets it from the previous step, AdaptiveHeun and
+        # Dopri8 (as in Hairer's DOP853) evaluate it at every accepted point (the start included, the end not)
+        expected = {Bosh3: 1 + 3 * tries, AdaptiveHeun: tries + solver.n_accepted, Dopri8: 11 * tries + solver.n_accepted}[cls]
         assert solver.n_function_evals == expected
         assert errors[-1] < 200 * rtol
     assert errors[1] < errors[0] and costs[1] > costs[0]
@@ -287,3 +287,78 @@ def test_implicit_euler_maruyama_solves_a_nonlinear_drift_and_is_reproducible():
     b = ImplicitEulerMaruyama().integrate({'x': x}, 0.1, 3, drift=drift, noise_scale=0.5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a['x'], b['x'])
     with pytest.raises(ValueError, match='newton_steps'): ImplicitEulerMaruyama(newton_steps=0)
+
+
+# ---- issue 13: the typed state, one loop, Dopri5 on the shared adaptive implementation ----
+from torchebm.core.base import run_steps
+from torchebm.integrators import AdaptiveHeun, EmbeddedRungeKutta, IntegratorState, as_integrator_state
+
+
+@pytest.mark.parametrize('name', sorted(INTEGRATORS))
+def test_typed_and_dict_states_give_the_same_numbers_in_the_form_given(name):
+    x, p = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    integ = get_integrator(name)
+    typed = integ.integrate(IntegratorState(x, p), 0.05, 4, drift=lambda x, t: -x)
+    as_dict = integ.integrate({'x': x, 'p': p, 'extra': 'kept'}, 0.05, 4, drift=lambda x, t: -x)
+    assert isinstance(typed, IntegratorState) and isinstance(as_dict, dict) and as_dict['extra'] == 'kept'
+    assert torch.equal(typed.x, as_dict['x']) and torch.equal(typed.p, as_dict['p'])
+    one = integ.step(IntegratorState(x, p), 0.05, drift=lambda x, t: -x, t=torch.zeros(4, dtype=F64))
+    one_dict = integ.step({'x': x, 'p': p}, 0.05, drift=lambda x, t: -x, t=torch.zeros(4, dtype=F64))
+    assert isinstance(one, IntegratorState) and torch.equal(one.x, one_dict['x'])
+
+
+def test_dopri5_is_an_embedded_runge_kutta_and_its_stored_numbers_hold():
+    "Values of the former stand-alone Dopri5 (bit-identical on 20 ODE cases when it was replaced)."
+    assert issubclass(Dopri5, EmbeddedRungeKutta)
+    solver = Dopri5(rtol=1e-6, atol=1e-8)
+    out = solver.integrate(IntegratorState(torch.tensor([[1.0, 0.5]], dtype=F64)), 0.1, drift=rotation_drift, t1=3.0)
+    assert (solver.n_accepted, solver.n_rejected, solver.n_function_evals) == (16, 3, 115)
+    torch.testing.assert_close(out.x, torch.tensor([[-0.6811320494516104, -0.4712463955034357]], dtype=F64),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_dopri8_tableau_equals_the_published_decimals_as_scipy_ships_them():
+    "Cross-check only: the package writes the DOP853 decimals out itself and never imports SciPy's private module."
+    d = pytest.importorskip('scipy.integrate._ivp.dop853_coefficients')
+    assert Dopri8.nodes == tuple(float(c) for c in d.C[:12])
+    assert Dopri8.weights == tuple(float(b) for b in d.B)
+    assert all(Dopri8.coefficients[i] == tuple(float(a) for a in d.A[i, :i]) for i in range(12))
+    assert Dopri8.error_weights == tuple(float(e) for e in d.E5[:12]) and d.E5[12] == 0
+    assert Dopri8.error_weights3 == tuple(float(e) for e in d.E3[:12]) and d.E3[12] == 0
+    import torchebm.integrators as module
+    assert 'scipy' not in open(module.__file__).read()
+
+
+def test_dopri8_error_estimate_tracks_the_tolerance():
+    "Adaptive Dopri8 on x' = x cos t: the global error stays within 10 rtol from rtol 1e-4 to 1e-12."
+    x0 = torch.tensor([[1.0], [-0.5]], dtype=F64)
+    exact = x0 * math.exp(math.sin(2.0))
+    for rtol in (1e-4, 1e-6, 1e-8, 1e-10, 1e-12):
+        solver = Dopri8(rtol=rtol, atol=rtol * 1e-2)
+        out = solver.integrate(IntegratorState(x0), 0.1, drift=lambda x, t: x * torch.cos(t)[:, None], t1=2.0)
+        assert (out.x - exact).abs().max() < 10 * rtol
+
+
+def test_run_steps_is_the_loop_of_integrators():
+    calls = []
+    def step(s, i): calls.append(i); return s + 1, None
+    assert run_steps(step, 0, 5) == (5, 5) and calls == [0, 1, 2, 3, 4]
+    assert run_steps(step, 0, 100, until=lambda s: s >= 2)[1] == 2
+
+
+def test_bad_states_and_inputs_name_the_argument():
+    x = torch.zeros(3, 1, dtype=F64)
+    force = lambda x, t: -x
+    with pytest.raises(ValueError, match='step_size'): EulerMaruyama().integrate({'x': x}, 0.0, 5, drift=force)
+    with pytest.raises(ValueError, match='n_steps'): Heun().integrate({'x': x}, 0.1, -1, drift=force)
+    with pytest.raises(ValueError, match='EulerMaruyama or Heun'): RK4().step({'x': x}, 0.1, drift=force, noise_scale=0.5)
+    with pytest.raises(ValueError, match="'p'"): Leapfrog().step({'x': x}, 0.1, drift=force)
+    with pytest.raises(ValueError, match='momenta'): Leapfrog().step(IntegratorState(x), 0.1, drift=force)
+    with pytest.raises(ValueError, match='ODEs only'): Bosh3().step({'x': x}, 0.1, drift=force, noise_scale=1.0)
+    with pytest.raises(ValueError, match='noise_scale'):
+        Dopri5().integrate({'x': x}, 0.1, 5, drift=force, noise_scale=1.0)
+    with pytest.raises(ValueError, match="'x'"): as_integrator_state({'p': x})
+    with pytest.raises(TypeError, match='IntegratorState'): EulerMaruyama().step(x, 0.1, drift=force)
+    with pytest.raises(ValueError, match="'heun', 'implicit_euler_maruyama', 'leapfrog', 'rk4'"):
+        get_integrator('midpoint')
+    with pytest.raises(ValueError, match='n_steps or t1'): AdaptiveHeun().integrate({'x': x}, 0.1, drift=force)

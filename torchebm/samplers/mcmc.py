@@ -21,10 +21,9 @@ import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_batch, check_choice, check_finite,
-                                check_nonnegative_int, resolve_model, warn_deprecated)
+                                check_nonnegative_int, resolve_model, run_steps, warn_deprecated)
 from ..integrators import MassMatrix
 from .transitions import (ChainState, Transition, acceptance_probability, checked_energy, evaluated,
                                            model_energy, model_energy_and_gradient, model_gradient)
@@ -166,7 +165,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler', nan_policy: str = 'raise',
               monitor: Optional[ChainMonitor] = None):
-    """Run `state = step(state, i)[0]` for `i < n_steps`; returns `(final state, trajectory or None, diagnostics or None)`.
+    """Run `state = step(state, i)[0]` for `i < n_steps` (through `run_steps`, with the chains' recorder); returns `(final state, trajectory or None, diagnostics or None)`.
 
     `step(state, i) -> (state, info)`; `info` may hold `accepted: [n_chains]` (bool), `step_size` and `info` (a
     `TransitionInfo`, counted by `monitor`). Trajectory: `[n_chains, n_steps // thin, *dim]`; diagnostics recorded at
@@ -179,11 +178,10 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     trajectory = torch.empty((x.shape[0], n_kept, *x.shape[1:]), dtype=x.dtype, device=x.device) \
         if return_trajectory else None
     diagnostics = _empty_diagnostics(x, n_kept, diagnostic_keys) if return_diagnostics else None
-    bar = tqdm(total=n_steps, desc=owner, leave=False) if progress else None
     if monitor is not None: monitor.check_energy(state, model)
     last_checked, guarding = 0, True
-    for i in range(n_steps):
-        state, info = step(state, i)
+    def record(i, state, info):  # the recorder: monitor, thinning, trajectory, diagnostics, NaN guard
+        nonlocal last_checked, guarding
         if monitor is not None: monitor.update(i, info)
         if (i + 1) % thin == 0:
             k = (i + 1) // thin - 1
@@ -193,8 +191,7 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
             guarding = check_chains_finite(state.x, last_checked + 1, i + 1, owner, nan_policy)
             if monitor is not None: monitor.check_energy(state, model)
             last_checked = i + 1
-        if bar is not None: bar.update(1)
-    if bar is not None: bar.close()
+    state, _ = run_steps(step, state, n_steps, record=record, progress=progress, owner=owner)
     if guarding and last_checked < n_steps: check_chains_finite(state.x, last_checked + 1, n_steps, owner, nan_policy)
     if monitor is not None:
         if last_checked < n_steps: monitor.check_energy(state, model)
