@@ -200,6 +200,7 @@ def test_bad_input(problem):
     with pytest.raises(ValueError, match='prior_scale'): SGLD(net, step_size=1e-3, prior_scale=0.0)
     with pytest.raises(ValueError, match='alpha'): PreconditionedSGLD(net, step_size=1e-3, alpha=1.0)
     with pytest.raises(ValueError, match='exploration'): CyclicalSGLD(net, step_size=1e-3, exploration=1.0)
+    with pytest.raises(TypeError, match='step_size'): CyclicalSGLD(net, step_size=PolynomialDecayScheduler(0.1))
     with pytest.raises(ValueError, match='gamma'): PolynomialDecayScheduler(0.1, gamma=0.4)
     with pytest.raises(ValueError, match='n_cycles'): CyclicalCosineScheduler(1e-3, n_steps=3, n_cycles=4)
     sampler = SGLD(net, step_size=1e-4)

@@ -52,7 +52,9 @@ def bernoulli_likelihood(noise_scale: float = 1.0) -> Likelihood:
 LIKELIHOODS = {'gaussian': gaussian_likelihood, 'categorical': categorical_likelihood,
                'bernoulli': bernoulli_likelihood}
 
-def as_likelihood(log_likelihood=None, loss=None, noise_scale: float = 1.0) -> Likelihood:
+def as_likelihood(log_likelihood=None,  # a name in LIKELIHOODS, a Likelihood or (output, target) -> [batch] (default 'gaussian')
+                  loss: Optional[Callable] = None,  # or a per-example loss (output, target) -> [batch], the negative log-likelihood
+                  noise_scale: float = 1.0) -> Likelihood:  # sigma of the 'gaussian' likelihood
     "A `Likelihood` from a name in `LIKELIHOODS`, a callable `log_likelihood(output, target) -> [batch]`, or a per-example `loss` (its negative)."
     if loss is not None:
         if log_likelihood is not None: raise TypeError("pass log_likelihood= or loss=, not both")
@@ -71,7 +73,9 @@ def is_tensor_data(data) -> bool:
     "Whether `data` is a pair of tensors `(x, y)` (rather than an iterable of batches)."
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
-def minibatches(data, batch_size: Optional[int] = None, generator: Optional[torch.Generator] = None):
+def minibatches(data,  # a tuple of tensors (x: [N, *in], y: [N, ...]) or an iterable of (x, y) batches
+                batch_size: Optional[int] = None,  # n <= N, for tensor data only
+                generator: Optional[torch.Generator] = None):  # draws the permutations of tensor data
     "Endless minibatches `(x, y)`: from tensors `(x, y)` (epochs of a random permutation drawn from `generator`) or by cycling an iterable of `(x, y)` batches (e.g. a `DataLoader`)."
     if is_tensor_data(data):
         x, y = data
@@ -97,7 +101,7 @@ def minibatches(data, batch_size: Optional[int] = None, generator: Optional[torc
                 yield batch[0], batch[1]
             if empty: raise ValueError("data yielded no batches")
 
-def data_size(data) -> Optional[int]:
+def data_size(data) -> Optional[int]:  # data: tensors (x, y) or a loader
     "N of tensor data `(x, y)` or of a loader with a sized `dataset` (`None` if unknown)."
     if is_tensor_data(data): return data[0].shape[0]
     dataset = getattr(data, 'dataset', None)
@@ -333,7 +337,7 @@ class SGMCMCSampler:
         return ChainState(theta)
 
     def sample(self,
-               data,  # tensors (x, y) with x: [N, *in], y: [N, ...], or an iterable of (x, y) batches (a DataLoader)
+               data,  # a tuple of tensors (x: [N, *in], y: [N, ...]), or an iterable of (x, y) batches (a DataLoader)
                batch_size: Optional[int] = None,  # n <= N (tensor data only)
                n_chains: int = 4,  # K chains, run as one batch
                n_steps: int = 1000,  # steps per chain
@@ -456,6 +460,7 @@ class CyclicalSGLD(SGMCMCSampler):
                  n_cycles: int = 4,  # M cycles over the run
                  exploration: float = 0.5,  # beta in [0, 1): the fraction of each cycle spent exploring (no noise, no draws)
                  **kwargs):  # as `SGMCMCSampler`: dataset_size, loss, noise_scale, prior_scale, log_prior
+        check_positive('step_size', step_size)
         super().__init__(module, log_likelihood, step_size=step_size, **kwargs)
         check_nonnegative_int('n_cycles', n_cycles, minimum=1)
         if isinstance(exploration, bool) or not isinstance(exploration, (int, float)) or not 0 <= exploration < 1:
