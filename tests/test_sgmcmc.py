@@ -175,6 +175,16 @@ def test_float32(problem):
     assert out.theta.dtype == torch.float32 and torch.isfinite(out.theta).all()
 
 
+def test_initial_parameters(problem):
+    "Chains start at `initial` (a dict of [n_chains, *shape] parameters or a [n_chains, D] tensor) when init_scale=0."
+    start = {'weight': torch.arange(6, dtype=torch.float64).reshape(3, 1, 2)}
+    sampler = SGLD(problem['net'], 'gaussian', step_size=1e-12)  # one step that barely moves
+    for initial in (start, start['weight'].reshape(3, 2)):
+        out = sampler.sample((problem['X'], problem['y']), batch_size=BATCH, n_chains=3, n_steps=1, burn_in=0,
+                             initial=initial, init_scale=0, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out.params['weight'][:, 0], start['weight'], atol=1e-4)
+
+
 def test_nan_raises_or_warns(problem):
     data = (problem['X'], problem['y'])
     sampler = SGLD(problem['net'], 'gaussian', step_size=1.0)  # h lam >> 2: the chains blow up
@@ -194,6 +204,7 @@ def test_bad_input(problem):
         SGHMC(net, step_size=0.1, friction=20.0).sample(data, batch_size=BATCH, n_steps=2)
     with pytest.raises(ValueError, match=r"\['bernoulli', 'categorical', 'gaussian'\]"):
         SGLD(net, 'poisson', step_size=1e-3)
+    with pytest.raises(ValueError, match='noise_scale'): SGLD(net, 'categorical', noise_scale=0.5, step_size=1e-3)
     with pytest.raises(TypeError, match='not both'):
         SGLD(net, 'gaussian', loss=lambda o, t: (o - t).square().sum(-1), step_size=1e-3)
     with pytest.raises(TypeError, match='module'): SGLD(lambda x: x, step_size=1e-3)

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ..core.base import (BaseScheduler, check_choice, check_nonnegative_int, check_positive, randn_like,
-                                resolve_option)
+from ..core.base import BaseScheduler, check_choice, check_nonnegative_int, check_positive, randn_like
 from .mcmc import NAN_POLICIES, check_chains_finite, check_schedule, schedule_values
 from .transitions import (ULA, ChainState, LangevinParams, Transition, _deterministic_info,
                                           model_gradient, per_chain)
@@ -36,12 +35,12 @@ def gaussian_likelihood(noise_scale: float = 1.0) -> Likelihood:
         return -0.5 * (output - target.reshape(output.shape)).square().reshape(output.shape[0], -1).sum(-1) / noise_scale ** 2
     return Likelihood(log_prob)
 
-def categorical_likelihood(noise_scale: float = 1.0) -> Likelihood:
+def categorical_likelihood() -> Likelihood:
     "$y \\sim \\mathrm{Categorical}(\\mathrm{softmax}(f_\\theta(x)))$: logits `[batch, n_classes]`, integer targets `[batch]`."
     return Likelihood(lambda output, target: -nn.functional.cross_entropy(output, target, reduction='none'),
                       lambda output: output.softmax(-1))
 
-def bernoulli_likelihood(noise_scale: float = 1.0) -> Likelihood:
+def bernoulli_likelihood() -> Likelihood:
     "$y \\sim \\mathrm{Bernoulli}(\\sigma(f_\\theta(x)))$: one logit per example, targets in {0, 1}."
     def log_prob(output, target):
         output = output.reshape(output.shape[0])
@@ -62,7 +61,12 @@ def as_likelihood(log_likelihood=None,  # a name in LIKELIHOODS, a Likelihood or
         return Likelihood(lambda output, target: -loss(output, target))
     if log_likelihood is None: log_likelihood = 'gaussian'
     if isinstance(log_likelihood, Likelihood): return log_likelihood
-    if isinstance(log_likelihood, str): return resolve_option(log_likelihood, LIKELIHOODS, 'log_likelihood', noise_scale=noise_scale)
+    if isinstance(log_likelihood, str):
+        name = check_choice('log_likelihood', log_likelihood, list(LIKELIHOODS))
+        if name == 'gaussian': return gaussian_likelihood(noise_scale)
+        if noise_scale != 1.0:
+            raise ValueError(f"noise_scale is only for the 'gaussian' likelihood, got noise_scale={noise_scale!r} with {name!r}")
+        return LIKELIHOODS[name]()
     if not callable(log_likelihood):
         raise TypeError(f"log_likelihood must be one of {sorted(LIKELIHOODS)} or a callable (output, target) -> [batch], "
                         f"got {type(log_likelihood).__name__}")
@@ -317,9 +321,9 @@ class SGMCMCSampler:
 
     def posterior(self, data=None) -> BayesianPosterior:
         "The posterior of the module's parameters given `data` (tensors `(x, y)` or a loader): N from `dataset_size` or the data."
-        size = self.dataset_size if self.dataset_size is not None else data_size(data)
-        if size is None: raise ValueError("dataset_size is required when the data's size is unknown (e.g. an iterable loader)")
         n_data = data_size(data)
+        size = self.dataset_size if self.dataset_size is not None else n_data
+        if size is None: raise ValueError("dataset_size is required when the data's size is unknown (e.g. an iterable loader)")
         if is_tensor_data(data) and n_data != size:
             raise ValueError(f"dataset_size={size} but the tensor data hold {n_data} examples")
         return BayesianPosterior(self.module, size, **self.posterior_options)
@@ -343,7 +347,7 @@ class SGMCMCSampler:
                n_steps: int = 1000,  # steps per chain
                burn_in: Optional[int] = None,  # steps discarded first (default n_steps // 2)
                thin: int = 1,  # keep every thin-th step after burn-in
-               initial: Optional[torch.Tensor] = None,  # theta_0: [n_chains, D] or [D] (default: the module's parameters)
+               initial=None,  # theta_0: [n_chains, D], [D] or a dict of [n_chains, *shape] (default: the module's parameters)
                init_scale: float = 0.1,  # std of the N(0, init_scale^2) jitter added to each chain's start (0: none)
                generator: Optional[torch.Generator] = None,  # for minibatches, jitter and noise
                nan_policy: str = 'raise',  # 'raise' or 'warn' when a chain's parameters become NaN or inf
@@ -358,8 +362,6 @@ class SGMCMCSampler:
         if init_scale != 0: check_positive('init_scale', init_scale)
         nan_policy = check_choice('nan_policy', nan_policy, NAN_POLICIES)
         posterior = self.posterior(data)
-        if batch_size is not None and batch_size > posterior.dataset_size:
-            raise ValueError(f"batch_size must be <= dataset_size N = {posterior.dataset_size}, got {batch_size}")
         steps = self.step_sizes(n_steps)
         kept = [k for k in range(burn_in, n_steps) if (k - burn_in) % thin == 0 and self.keep(k)]
         if not kept: raise ValueError("no draw is kept: lower burn_in or thin, or raise n_steps")
@@ -389,8 +391,10 @@ class SGMCMCSampler:
     def initial_theta(self, posterior, n_chains, initial, init_scale, generator) -> torch.Tensor:
         "Starting parameters `[n_chains, D]`: `initial` (or the module's parameters) plus jitter."
         base = posterior.module_theta()
+        if isinstance(initial, dict): initial = posterior.flatten(initial)
         if initial is not None:
-            if not isinstance(initial, torch.Tensor): raise TypeError(f"initial must be a tensor, got {type(initial).__name__}")
+            if not isinstance(initial, torch.Tensor):
+                raise TypeError(f"initial must be a tensor or a dict of parameters, got {type(initial).__name__}")
             if initial.shape not in ((posterior.dim,), (n_chains, posterior.dim)):
                 raise ValueError(f"initial must have shape [{posterior.dim}] or [{n_chains}, {posterior.dim}], "
                                  f"got {tuple(initial.shape)}")
