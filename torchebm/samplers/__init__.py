@@ -8,7 +8,8 @@ __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler'
            'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
            'AdaptedParameters', 'Warmup', 'NoUTurnSampler', 'NUTS', 'ParallelTempering', 'SequentialMonteCarlo',
            'TemperedModel', 'GaussianBase', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
-           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
+           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams', 'SGLD',
+           'PreconditionedSGLD', 'pSGLD', 'SGHMC', 'CyclicalSGLD', 'PosteriorSamples']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -41,3 +42,8 @@ from .discrete import *
 
 _all_ = ['GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler', 'Gibbs', 'GibbsWithGradients',
          'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
+
+# %% ../../nbs/19_samplers.ipynb #aa884e24
+from .sgmcmc import SGLD, PreconditionedSGLD, pSGLD, SGHMC, CyclicalSGLD, PosteriorSamples
+
+_all_ = ['SGLD', 'PreconditionedSGLD', 'pSGLD', 'SGHMC', 'CyclicalSGLD', 'PosteriorSamples']
