@@ -8,7 +8,8 @@ __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler'
            'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
            'AdaptedParameters', 'Warmup', 'NoUTurnSampler', 'NUTS', 'ParallelTempering', 'SequentialMonteCarlo',
            'TemperedModel', 'GaussianBase', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
-           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
+           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams',
+           'RiemannianManifoldHMC', 'RMHMC', 'RMHMCParams', 'SoftAbsMetric', 'FunctionMetric']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -41,3 +42,8 @@ from .discrete import *
 
 _all_ = ['GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler', 'Gibbs', 'GibbsWithGradients',
          'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
+
+# %% ../../nbs/19_samplers.ipynb #a7c3e91f
+from .rmhmc import *
+
+_all_ = ['RiemannianManifoldHMC', 'RMHMC', 'RMHMCParams', 'SoftAbsMetric', 'FunctionMetric']
