@@ -7,7 +7,7 @@ __all__ = ['RIEMANNIAN_METRICS', 'RiemannianManifoldHMC', 'MetricPoint', 'Rieman
            'FunctionMetric', 'as_riemannian_metric', 'riemannian_hamiltonian', 'hamiltonian_gradient',
            'generalized_leapfrog', 'RMHMCParams', 'RMHMC']
 
-# %% ../../nbs/14a_rmhmc.ipynb #89a7d2ae
+# %% ../../nbs/14a_rmhmc.ipynb #88a337a6
 import math
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple, Union
@@ -20,7 +20,7 @@ from .mcmc import MCMCSampler, adaptation_options, check_schedule
 from .transitions import (ChainState, Transition, TransitionInfo, acceptance_probability,
                                            checked_energy, divergent, metropolis_select, per_chain)
 
-# %% ../../nbs/14a_rmhmc.ipynb #e5da12a0
+# %% ../../nbs/14a_rmhmc.ipynb #2324e0d9
 class RiemannianManifoldHMC(MCMCSampler):
     "Riemannian-manifold HMC: momenta from a position-dependent metric (SoftAbs by default), generalised leapfrog, Metropolis test."
     def __init__(self,
@@ -74,7 +74,7 @@ class RiemannianManifoldHMC(MCMCSampler):
             return new, out
         return counted, state, n_warmup, adapted
 
-# %% ../../nbs/14a_rmhmc.ipynb #cfcb0be7
+# %% ../../nbs/14a_rmhmc.ipynb #03cc5ac1
 class MetricPoint(NamedTuple):
     "A position `x: [n, d]` (chains flattened) with all the generalised leapfrog needs there."
     x: torch.Tensor  # [n, d]
@@ -98,7 +98,7 @@ class RiemannianMetric:
         "Gradient evaluations per chain that one `at` spends in dimension `d`."
         return 1
 
-# %% ../../nbs/14a_rmhmc.ipynb #9350913f
+# %% ../../nbs/14a_rmhmc.ipynb #881d871f
 def _leaf_and_energy(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     "Flattened chains `[n, d]` requiring grad and their energies `[n]` (call under `torch.enable_grad()`)."
     leaf = x.detach().reshape(x.shape[0], -1).requires_grad_(True)
@@ -160,7 +160,7 @@ class SoftAbsMetric(RiemannianMetric):
         return MetricPoint(leaf.detach(), e.detach(), grad.detach(), inverse, q * f.sqrt()[:, None, :], f.log().sum(-1),
                            0.5 * (q * (df / f)[:, None, :]) @ qt, kinetic_weight, hess if hess.requires_grad else None, leaf)
 
-# %% ../../nbs/14a_rmhmc.ipynb #7c808faf
+# %% ../../nbs/14a_rmhmc.ipynb #dcd46fda
 class FunctionMetric(RiemannianMetric):
     "A user metric `metric_fn(x) -> G(x)`: `[n, *dim] -> [n, d, d]`, symmetric positive definite and differentiable in `x`."
     def __init__(self, metric_fn: Callable):  # `x: [n, *dim] -> G: [n, d, d]` with d = prod(dim)
@@ -198,7 +198,7 @@ def as_riemannian_metric(metric, alpha: float = 1.0) -> RiemannianMetric:
     if callable(metric): return FunctionMetric(metric)
     raise TypeError(f"metric must be 'softabs', a RiemannianMetric or a callable x -> G(x) [n, d, d], got {type(metric).__name__}")
 
-# %% ../../nbs/14a_rmhmc.ipynb #489c2ccf
+# %% ../../nbs/14a_rmhmc.ipynb #10c984ec
 def _matvec(matrix: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     "`matrix: [n, d, d]` times `v: [n, d]`, per chain."
     return (matrix @ v[:, :, None])[:, :, 0]
@@ -254,7 +254,7 @@ def generalized_leapfrog(model,
         p = p_half - 0.5 * h * hamiltonian_gradient(point, p_half)  # explicit
     return point, p, converged
 
-# %% ../../nbs/14a_rmhmc.ipynb #e99e3b06
+# %% ../../nbs/14a_rmhmc.ipynb #65ee66a4
 class RMHMCParams(NamedTuple):
     "Parameters of a Riemannian-manifold HMC step."
     step_size: Union[float, torch.Tensor]  # h > 0: a number, 0-d or `[n_chains]`
@@ -291,7 +291,7 @@ class RMHMC(Transition):
         return new_state, TransitionInfo(acceptance_probability(log_ratio), divergent(energy_error) | ~converged,
                                          n_grad_evals, energy_error, accepted)
 
-# %% ../../nbs/14a_rmhmc.ipynb #88c559fe
+# %% ../../nbs/14a_rmhmc.ipynb #932cd83f
 def _checked_params(params: RMHMCParams) -> RMHMCParams:
     "`params` checked (`ValueError`/`TypeError` naming the field), with the default metric filled in."
     if not isinstance(params.step_size, torch.Tensor): check_positive('step_size', params.step_size)
