@@ -101,6 +101,16 @@ def test_float32_and_per_chain_step_sizes():
     assert float(info.accept_prob.mean()) > 0.5
 
 
+def test_step_size_warmup_runs_through_the_shared_loop():
+    x = funnel_draws(16, 1, torch.Generator().manual_seed(9))
+    sampler = RiemannianManifoldHMC(Funnel(), step_size=0.05, n_leapfrog_steps=2, adapt_step_size=True, n_adapt_steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        result = sampler.sample(x=x, n_steps=8, return_result=True, generator=torch.Generator().manual_seed(10))
+    assert result.adapted is not None and float(result.adapted.step_size) != 0.05
+    assert result.samples.shape == x.shape and bool(torch.isfinite(result.samples).all())
+
+
 def test_nonconvergence_warns_and_counts_as_divergent():
     x = funnel_draws(32, 1, torch.Generator().manual_seed(5))
     sampler = RiemannianManifoldHMC(Funnel(), step_size=0.5, n_leapfrog_steps=2, n_fixed_point_iters=2,
