@@ -8,8 +8,9 @@ __all__ = ['LangevinDynamics', 'HamiltonianMonteCarlo', 'GradientDescentSampler'
            'Nesterov', 'LangevinParams', 'HMCParams', 'GradientDescentParams', 'leapfrog', 'SamplingResult',
            'AdaptedParameters', 'Warmup', 'NoUTurnSampler', 'NUTS', 'ParallelTempering', 'SequentialMonteCarlo',
            'TemperedModel', 'GaussianBase', 'GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler',
-           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams',
-           'RiemannianManifoldHMC', 'RMHMC', 'RMHMCParams', 'SoftAbsMetric', 'FunctionMetric']
+           'Gibbs', 'GibbsWithGradients', 'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams', 'SGLD',
+           'PreconditionedSGLD', 'pSGLD', 'SGHMC', 'CyclicalSGLD', 'PosteriorSamples', 'RiemannianManifoldHMC', 'RMHMC',
+           'RMHMCParams', 'SoftAbsMetric', 'FunctionMetric']
 
 # %% ../../nbs/19_samplers.ipynb #04d1e173
 from .mcmc import *
@@ -42,6 +43,11 @@ from .discrete import *
 
 _all_ = ['GibbsSampler', 'GibbsWithGradientsSampler', 'DiscreteLangevinSampler', 'Gibbs', 'GibbsWithGradients',
          'DiscreteLangevin', 'GibbsParams', 'DiscreteLangevinParams']
+
+# %% ../../nbs/19_samplers.ipynb #aa884e24
+from .sgmcmc import SGLD, PreconditionedSGLD, pSGLD, SGHMC, CyclicalSGLD, PosteriorSamples
+
+_all_ = ['SGLD', 'PreconditionedSGLD', 'pSGLD', 'SGHMC', 'CyclicalSGLD', 'PosteriorSamples']
 
 # %% ../../nbs/19_samplers.ipynb #a7c3e91f
 from .rmhmc import *
