@@ -5,13 +5,16 @@ probabilities p by enumeration); the empirical distribution of the final states 
 variation. For N i.i.d. exact draws E[TV] <= 1/2 sum_i sqrt(p_i (1 - p_i) / N) (Jensen), and TV moves by at most 1/N
 when one draw changes, so McDiarmid gives P(TV > E[TV] + t) <= exp(-2 N t^2); t is set for a false alarm rate of
 1e-6. The broken variants (Gibbs with Gradients without its Metropolis-Hastings correction, unadjusted DULA with a
-large step) must fail the same test, which shows it has power."""
+large step) must fail the same test, which shows it has power.
+
+The same test runs on a 3-state Potts model on 4 sites (81 states), where Gibbs resamples over the 3 labels and the
+gradient-based samplers use the gradient with respect to the one-hot states; its broken variants fail it too."""
 import math
 
 import pytest
 import torch
 
-from torchebm.core.discrete import IsingModel, exact_probabilities, state_codes, exact_log_partition
+from torchebm.core.discrete import IsingModel, PottsModel, exact_probabilities, state_codes, exact_log_partition
 import torchebm.samplers.discrete as discrete
 from torchebm.samplers.discrete import (DiscreteLangevinSampler, GibbsSampler, GibbsWithGradientsSampler)
 from torchebm.losses import PseudoLikelihood
@@ -26,21 +29,32 @@ def strong_ising():
     return IsingModel(J, torch.randn(D, generator=g, dtype=torch.float64) * 0.5)
 
 
+def strong_potts(q=3):
+    g = torch.Generator().manual_seed(4)
+    J = torch.randn(D, D, generator=g, dtype=torch.float64) * 1.0
+    J = torch.triu(J, 1); J = J + J.T
+    return PottsModel(J, n_states=q, field=torch.randn(D, q, generator=g, dtype=torch.float64) * 0.7)
+
+
 def tv_and_tolerance(sampler, model, seed=0):
+    """TV between the final states of N_CHAINS independent chains and the exact distribution, and its tolerance."""
+    q = getattr(model, 'n_states', 2)
     p = exact_probabilities(model)
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.randint(0, 2, (N_CHAINS, D), generator=g).double()
+    x0 = torch.randint(0, q, (N_CHAINS, D), generator=g).double()
     x = sampler.sample(x=x0, n_steps=N_STEPS, generator=g)
-    tv = 0.5 * (torch.bincount(state_codes(x), minlength=2 ** D) / N_CHAINS - p).abs().sum()
+    tv = 0.5 * (torch.bincount(state_codes(x, q), minlength=q ** D) / N_CHAINS - p).abs().sum()
     mean_bound = 0.5 * (p * (1 - p) / N_CHAINS).sqrt().sum()
     t = math.sqrt(math.log(1e6) / (2 * N_CHAINS))
     return float(tv), float(mean_bound + t)
 
 
-@pytest.mark.parametrize('make', [lambda m: GibbsSampler(m, scan='random'), lambda m: GibbsSampler(m, scan='systematic'),
-                                  GibbsWithGradientsSampler, lambda m: DiscreteLangevinSampler(m, step_size=0.3),
-                                  lambda m: DiscreteLangevinSampler(m, step_size=2.0)],
-                         ids=['gibbs-random', 'gibbs-systematic', 'gwg', 'dmala-0.3', 'dmala-2'])
+SAMPLERS = [lambda m: GibbsSampler(m, scan='random'), lambda m: GibbsSampler(m, scan='systematic'),
+            GibbsWithGradientsSampler, lambda m: DiscreteLangevinSampler(m, step_size=0.3),
+            lambda m: DiscreteLangevinSampler(m, step_size=2.0)]
+
+
+@pytest.mark.parametrize('make', SAMPLERS, ids=['gibbs-random', 'gibbs-systematic', 'gwg', 'dmala-0.3', 'dmala-2'])
 def test_sampler_matches_exact_distribution(make):
     model = strong_ising()
     tv, tol = tv_and_tolerance(make(model), model)
@@ -64,6 +78,40 @@ def test_unadjusted_dula_fails():
     assert tv > 2 * tol, f"the biased sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
 
 
+@pytest.mark.parametrize('make', SAMPLERS, ids=['gibbs-random', 'gibbs-systematic', 'gwg', 'dmala-0.3', 'dmala-2'])
+def test_sampler_matches_exact_potts_distribution(make):
+    model = strong_potts()
+    tv, tol = tv_and_tolerance(make(model), model)
+    assert tv < tol, f"TV {tv:.4f} >= tolerance {tol:.4f}"
+
+
+def test_potts_gwg_without_metropolis_correction_fails(monkeypatch):
+    monkeypatch.setattr(discrete, 'metropolis_select', _accept_all)
+    model = strong_potts()
+    tv, tol = tv_and_tolerance(GibbsWithGradientsSampler(model), model)
+    assert tv > 2 * tol, f"the broken sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
+
+
+def test_potts_unadjusted_dula_fails():
+    model = strong_potts()
+    tv, tol = tv_and_tolerance(DiscreteLangevinSampler(model, step_size=2.0, metropolis=False), model)
+    assert tv > 2 * tol, f"the biased sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
+
+
+def test_potts_gibbs_blind_to_one_label_fails():
+    """A Gibbs sampler that believes q = 2 on a 3-state model never visits label 2: the test must see it."""
+    model = strong_potts()
+    class TwoLabelView(torch.nn.Module):
+        n_states, dim = 2, D
+        def forward(self, x): return model(x)
+    p = exact_probabilities(model)
+    x = GibbsSampler(TwoLabelView()).sample(x=torch.zeros(N_CHAINS, D).double(), n_steps=20,
+                                            generator=torch.Generator().manual_seed(0))
+    tv = float(0.5 * (torch.bincount(state_codes(x, 3), minlength=3 ** D) / N_CHAINS - p).abs().sum())
+    _, tol = tv_and_tolerance(GibbsSampler(model), model)
+    assert tv > 2 * tol
+
+
 def test_bad_input():
     model = strong_ising()
     with pytest.raises(ValueError, match='0s and 1s'): GibbsSampler(model).sample(x=torch.full((2, D), 0.5).double())
@@ -71,6 +119,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match='random'): GibbsSampler(model, scan='sweep')
     with pytest.raises(ValueError, match='step_size'): DiscreteLangevinSampler(model, step_size=-1.0)
     with pytest.raises(ValueError, match='d <= 20'): exact_log_partition(model, d=21)
+    potts = strong_potts()
+    with pytest.raises(ValueError, match=r'labels 0, \.\.\., 2'): GibbsSampler(potts).sample(x=torch.full((2, D), 3.).double())
+    with pytest.raises(ValueError, match='one-hot'): potts.analytic_gradient(torch.zeros(2, D).double())
+    with pytest.raises(ValueError, match='n_states'): PottsModel(potts.coupling, n_states=1)
+    with pytest.raises(ValueError, match=r'\[d, q\]'): PottsModel(potts.coupling, n_states=3, field=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match='symmetric'): PottsModel(torch.tensor([[0., 1.], [2., 0.]]), n_states=3)
 
 
 def test_start_from_noise_and_reproducible():
