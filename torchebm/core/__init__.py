@@ -15,7 +15,8 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform', 'IdentityTransform', 'BlockTransform',
            'TransformedModel', 'transform_for', 'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES',
            'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy', 'model_input_dtype',
-           'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']
+           'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes', 'PottsModel',
+           'lattice_coupling']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -52,3 +53,8 @@ _all_ = ['model_input_dtype']
 from .discrete import *
 
 _all_ = ['IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes']
+
+# %% ../../nbs/03_core.ipynb #124de4af
+# issue 15: the q-state Potts model and the grid couplings it shares with IsingModel
+from .discrete import PottsModel, lattice_coupling
+_all_ = ['PottsModel', 'lattice_coupling']

@@ -9,7 +9,7 @@ __all__ = ['ContrastiveDivergence', 'PersistentContrastiveDivergence', 'ScoreMat
            'merge_model_kwargs', 'check_loss_finite', 'sample_noise', 'noise_levels', 'UniformTimeSampler',
            'LogitNormalTimeSampler', 'get_time_sampler', 'minibatch_ot_pairing', 'InterpolantLoss', 'EquilibriumField',
            'JointEnergyModel', 'JEMLoss', 'CalibrationReport', 'calibration', 'auroc', 'class_labels',
-           'EnergyMatchingLoss', 'paired_noise', 'resolve_coupling', 'PseudoLikelihood']
+           'EnergyMatchingLoss', 'paired_noise', 'resolve_coupling', 'PseudoLikelihood', 'RatioMatching']
 
 # %% ../../nbs/29_losses.ipynb #218981ed
 from .loss_utils import *
@@ -40,3 +40,8 @@ _all_ = ['EnergyMatchingLoss', 'paired_noise', 'resolve_coupling']
 from .discrete import *
 
 _all_ = ['PseudoLikelihood']
+
+# %% ../../nbs/29_losses.ipynb #c393a542
+# issue 15: ratio matching (nbs/25_discrete_losses.ipynb); the star import above brings it, this lists it in __all__
+from .discrete import RatioMatching
+_all_ = ['RatioMatching']

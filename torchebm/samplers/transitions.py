@@ -96,7 +96,7 @@ def metropolis_select(current: ChainState, proposal: ChainState, log_ratio: torc
     accepted = u.log_() < log_ratio
     keep = accepted.reshape(-1, *([1] * (x.ndim - 1)))
     return ChainState(torch.where(keep, proposal.x, x), torch.where(accepted, proposal.energy, current.energy),
-                      torch.where(keep, proposal.grad, current.grad)), accepted
+                      torch.where(per_chain(accepted, proposal.grad), proposal.grad, current.grad)), accepted
 
 def clip_gradient(grad: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
     "`grad: [n_chains, *dim]` with each chain's norm scaled down to at most `max_norm` (`None`: unchanged)."
