@@ -103,10 +103,12 @@ def process_notebooks(cfg) -> tuple:
     cache.mkdir(parents=True)
     sources = nbglob(path, func=Path, file_glob='', file_re='')
     jobs = [job for job in (_proc_file(s, cache=cache, path=path, mtime=0) for s in sources) if job]
-    failures = []
+    failures, process_notebooks.seconds = [], {}
     for job in jobs:
+        t0 = time.time()
         try: nbdev.serve_drv.main(job)
         except Exception as e: failures.append((job[0].relative_to(path), e))
+        process_notebooks.seconds[job[0].relative_to(path).as_posix()] = time.time() - t0
     return cache, failures
 
 
@@ -579,7 +581,10 @@ def main() -> int:
     cfg = get_config()
     with working_directory(cfg.config_path):
         site, failures, mathjax = build(cfg)
-    print(f'docs_offline: {len(site.pages)} pages in {cfg.doc_path}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s)')
+    slowest = sorted(process_notebooks.seconds.items(), key=lambda kv: -kv[1])[:3]
+    print(f'docs_offline: {len(site.pages)} pages in {cfg.doc_path}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s; '
+          f'nbdev processing {sum(process_notebooks.seconds.values()):.1f} s, slowest: '
+          + ', '.join(f'{k} {v:.1f} s' for k, v in slowest) + ')')
     if not mathjax:
         print(f'docs_offline: FAIL no MathJax at {MATHJAX_FILE}: run `npm install --no-save mathjax@3` in the repository root',
               file=sys.stderr)
