@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 DOCS = ROOT / '_docs'
 sys.path.insert(0, str(ROOT / 'tools'))
-from docs_offline import API_PACKAGES, is_private, page_name  # noqa: E402
+from docs_offline import is_private, page_name  # noqa: E402
+import docs_pages  # noqa: E402
+from docs_pages import API_PACKAGES  # noqa: E402
 import showdoc  # noqa: E402
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -142,7 +144,44 @@ def test_benchmarks_and_gallery_pages(docs):
     assert bench.count('<img') >= 2 and 'log scale' in bench and 'W1' in bench
     gallery = (docs / 'gallery.html').read_text(encoding='utf-8')
     assert gallery.count('class="card"') >= 5, 'the gallery collects the figures of the tutorials'
-    assert 'href="tutorials/getting_started.html#fig-' in gallery
+    assert re.search(r'href="tutorials/getting_started.html#[\w.-]+"', gallery), 'a card links the section that draws it'
+
+
+def test_generated_pages_are_up_to_date():
+    "api, gallery and benchmarks are notebooks written by tools/docs_pages.py: the committed ones match what it writes."
+    stale = docs_pages.stale(docs_pages.build())
+    assert not stale, f'out of date: {stale}; run `python tools/docs_pages.py` and commit nbs/' + ', nbs/'.join(stale)
+
+
+def test_stale_check_fails_on_an_edited_page():
+    pages = {'api.ipynb': docs_pages.api_cells()}
+    assert not docs_pages.stale(pages)
+    pages['api.ipynb'][1] += '\n| `Extra` | a name that is not there |'
+    assert docs_pages.stale(pages) == ['api.ipynb']
+
+
+# Pages other branches add; listed in nbs/_quarto.yml now so the sidebar is right when they merge.
+# At merge, empty this set: from then on a listed notebook that does not exist fails the test below.
+ARRIVING_AT_MERGE = {'13a_sgmcmc.ipynb', '14a_rmhmc.ipynb', 'tutorials/feature_comparison.ipynb'}
+
+
+def _listed(entries):
+    for entry in entries or []:
+        if isinstance(entry, dict) and 'section' in entry:
+            contents = entry.get('contents', [])
+            yield from _listed([contents] if isinstance(contents, str) else contents)
+        elif isinstance(entry, (str, dict)):
+            yield entry['href'] if isinstance(entry, dict) else entry
+
+
+def test_every_page_the_sidebar_and_navbar_name_exists():
+    import yaml
+    site = yaml.safe_load((NBS / '_quarto.yml').read_text())['website']
+    names = list(_listed(site['sidebar']['contents'])) + [e['href'] for e in site['navbar']['left']]
+    missing = [n for n in names if not any(c in n for c in '*?[') and not (NBS / n).exists() and n not in ARRIVING_AT_MERGE]
+    assert not missing, f'nbs/_quarto.yml names notebooks that do not exist: {missing}'
+    pages = [page_name(Path(n)) for n in dict.fromkeys(names) if not any(c in n for c in '*?[')]
+    assert len(pages) == len(set(pages)), 'two listed notebooks become the same page'
 
 
 def test_readme_says_how_to_install_this_library():

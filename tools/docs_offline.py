@@ -9,14 +9,13 @@
    are named as on the Quarto site (nbdev strips `^\\d+[a-zA-Z0-9]*_` from notebook names); links to notebooks
    and to the online site become local links. Maths is rendered by MathJax from the npm `mathjax` package
    (`npm install mathjax@3` in the repository root; tools/test.sh does it), copied into `_static/`.
-3. Generated pages: `api.html` (every public name with its one-line summary), `gallery.html` (the figures of
-   the home page, tutorials and guides, each linking to its place) and `benchmarks.html` (plots from
-   `benchmarks/results/*.json`).
+3. The API index, gallery and benchmarks pages are notebooks like the others (`nbs/api.ipynb`, `nbs/gallery.ipynb`,
+   `nbs/benchmarks.ipynb`), written by `tools/docs_pages.py` and committed, so Quarto and this build show the same.
 4. README.md from index.ipynb (figures left out: they are on the docs home page).
 
 Usage: python tools/docs_offline.py   (run from anywhere inside the repository)
 """
-import base64, fnmatch, html, importlib, inspect, io, json, os, re, shutil, sys, time, warnings
+import fnmatch, html, json, os, re, shutil, sys, time, warnings
 from pathlib import Path
 
 import mistune
@@ -45,8 +44,6 @@ NUMBER_PREFIX = re.compile(r'^\d+[a-zA-Z0-9]*_')
 MATH_OR_CODE = re.compile(r'(```.*?```|`[^`\n]*`|\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$\w])\$[^$\n]+?\$(?!\w))', re.S)
 SHOWDOC_HEADING = re.compile(r'^#{2,4} (\S+)\s*$', re.M)
 MATHJAX_FILE = 'node_modules/mathjax/es5/tex-svg-full.js'
-API_PACKAGES = ['core', 'samplers', 'integrators', 'interpolants', 'losses', 'datasets', 'models', 'training',
-                'diagnostics', 'visualization', 'cuda']
 HIDDEN_BUILD_KEYS = ('echo:', 'include:', 'output:')
 
 
@@ -106,10 +103,12 @@ def process_notebooks(cfg) -> tuple:
     cache.mkdir(parents=True)
     sources = nbglob(path, func=Path, file_glob='', file_re='')
     jobs = [job for job in (_proc_file(s, cache=cache, path=path, mtime=0) for s in sources) if job]
-    failures = []
+    failures, process_notebooks.seconds = [], {}
     for job in jobs:
+        t0 = time.time()
         try: nbdev.serve_drv.main(job)
         except Exception as e: failures.append((job[0].relative_to(path), e))
+        process_notebooks.seconds[job[0].relative_to(path).as_posix()] = time.time() - t0
     return cache, failures
 
 
@@ -413,120 +412,6 @@ class Site:
         return entries
 
 
-# ---------------------------------------------------------------- generated pages
-
-def api_index_markdown(modidx: dict) -> str:
-    "Every public name of every package, its one-line summary and a link to its documentation."
-    site = modidx['settings']['doc_host'].rstrip('/') + modidx['settings']['doc_baseurl'].rstrip('/') + '/'
-    syms = {k: v[0] for mod in modidx['syms'].values() for k, v in mod.items()}
-    lines = ['# API index', '', '> Every public name of torchebm, by package, with its one-line summary.', '']
-    for package in API_PACKAGES:
-        mod = importlib.import_module(f'torchebm.{package}')
-        lines += [f'## torchebm.{package}', '', '| name | summary |', '|---|---|']
-        for name in sorted(getattr(mod, '__all__', []), key=str.lower):
-            obj = getattr(mod, name)
-            summary = api_summary(obj)
-            owner = getattr(obj, '__module__', None) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
-            link = syms.get(f'{owner}.{name}') or syms.get(f'{mod.__name__}.{name}')
-            cell = f'[`{name}`]({site}{link})' if link else f'`{name}`'
-            lines.append(f'| {cell} | {summary.replace("|", "&#124;")} |')
-        lines.append('')
-    return '\n'.join(lines)
-
-
-def api_summary(obj) -> str:
-    "The first paragraph of an object's docstring; constants say what they hold."
-    if inspect.ismodule(obj): return ' '.join((obj.__doc__ or 'module').split('\n\n')[0].split())
-    if inspect.isclass(obj) or inspect.isroutine(obj):
-        return ' '.join((inspect.getdoc(obj) or '').split('\n\n')[0].split())
-    value = repr(obj)
-    return f'constant: `{type(obj).__name__}`' + (f' `{value}`' if len(value) < 60 else '')
-
-
-def benchmarks_page(root: Path) -> str:
-    "Speed-ups against TorchEBM 0.8.9 per workload (log scale) and the kernel table, from the stored results."
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    results = root / 'benchmarks' / 'results'
-    md = ['# Benchmarks', '', '> Speed against TorchEBM 0.8.9, from the stored results in `benchmarks/results/`.', '',
-          'Ratios are time(TorchEBM 0.8.9) / time(torchebm): above 1 means this library is faster. The bars are the '
-          'ratio of medians; the whiskers span the per-round ratios. How to re-run them: '
-          f'[benchmarks/README.md]({get_config().git_url}/blob/main/benchmarks/README.md).', '']
-    figs = []
-    pair = results / 'pair_torchebm_vs_089.json'
-    if pair.exists():
-        d = json.loads(pair.read_text())
-        rows = []
-        for key, w in d['workloads'].items():
-            r = next(iter(w.get('ratios', {}).values()), None)
-            if r: rows.append((f'{key}: {w["title"]}', r['ratio_of_medians'], r['per_round_min'], r['per_round_max']))
-        host = d['meta'].get('host', {})
-        fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.2))
-        y = range(len(rows))[::-1]
-        ax.barh(list(y), [r[1] for r in rows], color=['C2' if r[1] >= 1 else 'C3' for r in rows],
-                xerr=[[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]], capsize=3)
-        ax.set_xscale('log'); ax.axvline(1, color='k', lw=0.8)
-        ax.set_yticks(list(y)); ax.set_yticklabels([r[0] for r in rows], fontsize=8)
-        for yi, r in zip(y, rows): ax.text(r[3] * 1.1, yi, f'{r[1]:.2f}x', va='center', fontsize=8)
-        ax.set_xlabel('speed-up over TorchEBM 0.8.9 (log scale)')
-        ax.set_xlim(right=max(r[3] for r in rows) * 4)
-        fig.tight_layout()
-        figs.append(('Speed-up of torchebm over TorchEBM 0.8.9 per workload, log scale', fig))
-        md += ['## Every workload against TorchEBM 0.8.9', '',
-               f'Pair mode of the shared harness: both libraries on the same machine ({host.get("cpu", "?")}, '
-               f'{host.get("nproc", "?")} cores, {d["meta"].get("threads", "?")} threads, torch '
-               f'{next(iter(d["participants"].values()))["info"].get("torch", "?")}), fresh worker processes, '
-               'interleaved rounds.', '', '{{FIG0}}', '']
-        table = (results / 'pair_torchebm_vs_089.md')
-        if table.exists(): md += [table.read_text().split('\n\n')[0].split('\n', 2)[-1], '']
-    kernels = results / 'bench_kernels.json'
-    if kernels.exists() and (results / 'bench_kernels.md').exists():
-        text = (results / 'bench_kernels.md').read_text()
-        speed = text.split('\n\n')[0]
-        rows = [r.split('|')[1:-1] for r in speed.splitlines()[2:]]
-        head = [h.strip() for h in speed.splitlines()[0].split('|')[1:-1]]
-        fused, ref = head.index('fused vs 0.8.9'), head.index('reference vs 0.8.9')
-        names = [r[0].strip().split(',')[0] for r in rows]
-        f_x = [float(r[fused].strip().rstrip('x')) for r in rows]
-        r_x = [float(r[ref].strip().rstrip('x')) for r in rows]
-        fig, ax = plt.subplots(figsize=(7.5, 2.8))
-        import numpy as np
-        y = np.arange(len(rows))[::-1]
-        ax.barh(y + 0.2, f_x, height=0.4, label='fused kernel (default)', color='C0')
-        ax.barh(y - 0.2, r_x, height=0.4, label='pure torch (use_kernels=False)', color='C1')
-        ax.set_xscale('log'); ax.axvline(1, color='k', lw=0.8)
-        ax.set_yticks(y); ax.set_yticklabels(names, fontsize=8); ax.legend(fontsize=8, loc='lower right')
-        ax.set_xlabel('speed-up over TorchEBM 0.8.9 (log scale)'); fig.tight_layout()
-        figs.append(('Speed-up of the fused kernels and of pure torch over TorchEBM 0.8.9, log scale', fig))
-        md += ['## Fused sampling kernels', '',
-               'The analytic workloads, each participant in its own process, one thread; `limit_cpp` / `limit_torch` '
-               'are hand-written loops that bound what is reachable.', '', '{{FIG1}}', '', speed, '',
-               'Sample quality beside the speed, so a fast wrong answer shows:', '', text.split('\n\n')[1], '']
-    out = []
-    for alt, fig in figs:
-        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); plt.close(fig)
-        out.append((alt, base64.b64encode(buf.getvalue()).decode()))
-    return '\n'.join(md), out
-
-
-def gallery_body(site: Site, sections) -> str:
-    "Thumbnails of every figure of the home page, tutorials and guides, each linking to its place."
-    parts = []
-    for title, pages in sections:
-        cards = []
-        for page in pages:
-            for f in page.figures:
-                href = f'{page.out.as_posix()}#{f["id"]}'
-                cards.append(f'<a class="card" href="{href}"><img src="data:image/{f["fmt"]};base64,{f["data"].strip()}" '
-                             f'alt="{html.escape(f["alt"])}" loading="lazy"><span>{html.escape("Home" if page.out == Path("index.html") else page.title)}: '
-                             f'{html.escape(f["section"])}</span></a>')
-        if cards:
-            parts.append(f'<h2 id="{slug(title)}">{html.escape(title)}</h2><div class="gallery">{"".join(cards)}</div>')
-    return ('<div class="md"><h1 id="gallery">Gallery</h1><p class="description">The pictures the home page, the tutorials '
-            'and the guides make; each links to the place that makes it.</p></div>' + ''.join(parts))
-
-
 # ---------------------------------------------------------------- static files
 
 CSS = """
@@ -679,31 +564,6 @@ def build(cfg) -> tuple:
         site.pages[out] = page
         known[rel.as_posix()] = out
 
-    def generated(name: str, markdown: str, figures=(), body: str = ''):
-        r = PageRenderer('')
-        nb_title = re.match(r'#\s+(.+)', markdown)
-        r.title = nb_title.group(1) if nb_title else name
-        html_body = body or r.heading_ids(markdown_html(markdown))
-        for i, (alt, data) in enumerate(figures): html_body = html_body.replace(f'<p>{{{{FIG{i}}}}}</p>', r.figure(data, 'png', alt))
-        desc = re.search(r'^>\s*(.+)$', markdown, re.M)
-        page = Page(Path(name), r.title, desc.group(1) if desc else '', html_body)
-        page.headings, page.figures = r.headings, r.figures
-        site.pages[page.out] = page
-        known[name] = page.out
-
-    import torchebm._modidx as modidx
-    generated('api.html', api_index_markdown(modidx.d))
-    bench_md, bench_figs = benchmarks_page(root)
-    generated('benchmarks.html', bench_md, bench_figs)
-
-    items = expand_sidebar(quarto.get('website', {}).get('sidebar', {}).get('contents', []), known)
-    listed = sidebar_pages(items)
-    gallery_sections = []
-    for item in items:
-        if item[0] == 'page' and item[1] == Path('index.html'): gallery_sections.append(('Home', [site.pages[item[1]]]))
-        if item[0] == 'section' and item[1].lower() in ('tutorials', 'guides'):
-            gallery_sections.append((item[1], [site.pages[p] for p in sidebar_pages(item[2])]))
-    generated('gallery.html', '# Gallery', body=gallery_body(site, gallery_sections))
     items = expand_sidebar(quarto.get('website', {}).get('sidebar', {}).get('contents', []), known)
     listed = sidebar_pages(items)
     unlisted = [p for p in site.pages if p not in listed]
@@ -721,7 +581,10 @@ def main() -> int:
     cfg = get_config()
     with working_directory(cfg.config_path):
         site, failures, mathjax = build(cfg)
-    print(f'docs_offline: {len(site.pages)} pages in {cfg.doc_path}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s)')
+    slowest = sorted(process_notebooks.seconds.items(), key=lambda kv: -kv[1])[:3]
+    print(f'docs_offline: {len(site.pages)} pages in {cfg.doc_path}, README.md from {cfg.readme_nb} ({time.time() - t0:.1f} s; '
+          f'nbdev processing {sum(process_notebooks.seconds.values()):.1f} s, slowest: '
+          + ', '.join(f'{k} {v:.1f} s' for k, v in slowest) + ')')
     if not mathjax:
         print(f'docs_offline: FAIL no MathJax at {MATHJAX_FILE}: run `npm install --no-save mathjax@3` in the repository root',
               file=sys.stderr)
