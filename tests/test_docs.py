@@ -160,11 +160,6 @@ def test_stale_check_fails_on_an_edited_page():
     assert docs_pages.stale(pages) == ['api.ipynb']
 
 
-# Pages other branches add; listed in nbs/_quarto.yml now so the sidebar is right when they merge.
-# At merge, empty this set: from then on a listed notebook that does not exist fails the test below.
-ARRIVING_AT_MERGE = {'13a_sgmcmc.ipynb', '14a_rmhmc.ipynb', 'tutorials/feature_comparison.ipynb'}
-
-
 def _listed(entries):
     for entry in entries or []:
         if isinstance(entry, dict) and 'section' in entry:
@@ -178,7 +173,7 @@ def test_every_page_the_sidebar_and_navbar_name_exists():
     import yaml
     site = yaml.safe_load((NBS / '_quarto.yml').read_text())['website']
     names = list(_listed(site['sidebar']['contents'])) + [e['href'] for e in site['navbar']['left']]
-    missing = [n for n in names if not any(c in n for c in '*?[') and not (NBS / n).exists() and n not in ARRIVING_AT_MERGE]
+    missing = [n for n in names if not any(c in n for c in '*?[') and not (NBS / n).exists()]
     assert not missing, f'nbs/_quarto.yml names notebooks that do not exist: {missing}'
     pages = [page_name(Path(n)) for n in dict.fromkeys(names) if not any(c in n for c in '*?[')]
     assert len(pages) == len(set(pages)), 'two listed notebooks become the same page'

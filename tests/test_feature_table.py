@@ -1,4 +1,4 @@
-"""The feature table of nbs/feature_comparison.ipynb stays true: every torchebm name it lists imports, and every row
+"""The feature table of nbs/tutorials/feature_comparison.ipynb stays true: every torchebm name it lists imports, and every row
 says yes/partial/no for each library, with import paths exactly where torchebm has the feature."""
 import importlib
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / 'nbs' / 'feature_comparison.ipynb'
+NOTEBOOK = Path(__file__).resolve().parents[1] / 'nbs' / 'tutorials' / 'feature_comparison.ipynb'
 HEADER = ['Feature', 'TorchEBM 0.8.9', 'ebmkit 0.16', 'torchebm', 'torchebm import']
 VERDICT = re.compile(r'^(yes|no|partial \(.+\))$')
 
