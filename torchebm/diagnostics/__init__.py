@@ -6,7 +6,9 @@
 __all__ = ['mmd', 'autocorrelation', 'effective_sample_size', 'ess_bulk', 'ess_tail', 'r_hat', 'mcmc_summary',
            'maximum_mean_discrepancy', 'sliced_wasserstein_distance', 'TwoSampleTest', 'energy_distance_test',
            'GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
-           'estimate_log_z']
+           'estimate_log_z', 'stein_kernel_matrix', 'KSDTest', 'kernel_stein_discrepancy', 'ksd_test',
+           'train_classifier', 'classifier_outputs', 'classifier_confidence', 'class_coverage', 'frechet_distance',
+           'SampleQuality', 'sample_quality']
 
 # %% ../../nbs/50_diagnostics.ipynb #f69e8033
 import math
@@ -302,3 +304,11 @@ def energy_distance_test(x: torch.Tensor, y: torch.Tensor, n_permutations: int =
 from .partition import *
 _all_ = ['GaussianBase', 'AISResult', 'LogZEstimate', 'temperature_schedule', 'annealed_importance_sampling',
          'estimate_log_z']
+
+# %% ../../nbs/50_diagnostics.ipynb #d1a9e3f0
+from .stein import *
+from .sample_quality import *
+_all_ = ['stein_kernel_matrix', 'KSDTest', 'kernel_stein_discrepancy', 'ksd_test', 'train_classifier',
+         'classifier_outputs', 'classifier_confidence', 'class_coverage', 'frechet_distance', 'SampleQuality',
+         'sample_quality']
+

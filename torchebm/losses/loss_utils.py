@@ -5,11 +5,10 @@
 # %% auto #0
 __all__ = ['PROBES', 'merge_model_kwargs', 'tile_model_kwargs', 'is_per_sample', 'model_energy', 'energy_gradient', 'sphere_like',
            'draw_probes', 'hessian_trace', 'probe_projections', 'check_loss_finite', 'EnergyModelLoss',
-           'ConditionedModel', 'sampling_model']
+           'ConditionedModel']
 
 # %% ../../nbs/24_loss_utils.ipynb #bb0978d6
 import math
-from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -141,13 +140,3 @@ class ConditionedModel(BaseModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.model(x, **self.model_kwargs)
 
-@contextmanager
-def sampling_model(sampler, model):
-    "Within the block, `sampler` samples from `model` (its own model is restored afterwards)."
-    previous = getattr(sampler, 'model', None)
-    if previous is model:
-        yield sampler
-        return
-    object.__setattr__(sampler, 'model', model)
-    try: yield sampler
-    finally: object.__setattr__(sampler, 'model', previous)
