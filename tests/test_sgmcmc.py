@@ -26,7 +26,7 @@ from torch import nn
 
 from torchebm.diagnostics import effective_sample_size
 from torchebm.samplers import SGHMC, SGLD, CyclicalSGLD, PreconditionedSGLD, pSGLD
-from torchebm.samplers.sgmcmc import CyclicalCosineScheduler, PolynomialDecayScheduler
+from torchebm.core.schedulers import CyclicalCosineScheduler, PolynomialDecayScheduler
 
 N, D, BATCH, SIGMA, PRIOR = 200, 2, 50, 1.0, 1.0
 Z = 4.0

@@ -16,7 +16,7 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'TransformedModel', 'transform_for', 'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES',
            'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy', 'model_input_dtype',
            'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes', 'PottsModel',
-           'lattice_coupling']
+           'lattice_coupling', 'run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -58,3 +58,8 @@ _all_ = ['IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all
 # issue 15: the q-state Potts model and the grid couplings it shares with IsingModel
 from .discrete import PottsModel, lattice_coupling
 _all_ = ['PottsModel', 'lattice_coupling']
+
+# %% ../../nbs/03_core.ipynb #5c4ed01e
+from .base import run_steps
+from .schedulers import *
+_all_ = ['run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']

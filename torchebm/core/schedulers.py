@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['TEMPERATURE_SCHEDULES', 'LinearScheduler', 'CosineScheduler', 'ExponentialDecayScheduler', 'MultiStepScheduler',
-           'WarmupScheduler', 'TemperatureScheduler']
+           'WarmupScheduler', 'TemperatureScheduler', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
 
 # %% ../../nbs/01_schedulers.ipynb #190fe10b
 import math
 from typing import Any, Dict, Optional, Sequence
 
-from .base import BaseScheduler, ConstantScheduler, check_choice, check_nonnegative_int, warn_deprecated
+from .base import (BaseScheduler, ConstantScheduler, check_choice, check_nonnegative_int,
+                                check_positive, warn_deprecated)
 
 # %% ../../nbs/01_schedulers.ipynb #57b89a87
 _OLD_NAMES = {'initial_value': 'start_value', 'final_value': 'end_value', 'total_steps': 'n_steps'}
@@ -162,3 +163,37 @@ class TemperatureScheduler(_StartEndScheduler):
     def inverse_temperature(self) -> float:
         "$\\beta = 1/T$ at the current step."
         return 1.0 / self.get_value()
+
+# %% ../../nbs/01_schedulers.ipynb #f1966ef6
+class PolynomialDecayScheduler(BaseScheduler):
+    "Welling and Teh's decaying step size $h_t = a(b + t)^{-\\gamma}$."
+    def __init__(self,
+                 a: float,  # scale a > 0
+                 b: float = 1.0,  # offset b > 0
+                 gamma: float = 0.55):  # decay exponent in (0.5, 1] for the Robbins-Monro conditions
+        for name, value in (('a', a), ('b', b), ('gamma', gamma)): check_positive(name, value)
+        if not 0.5 < gamma <= 1: raise ValueError(f"gamma must be in (0.5, 1], got {gamma!r}")
+        self.a, self.b, self.gamma = float(a), float(b), float(gamma)
+        super().__init__(self.compute_value(0))
+
+    def compute_value(self, step: int) -> float: return self.a * (self.b + step) ** -self.gamma
+
+class CyclicalCosineScheduler(BaseScheduler):
+    "Zhang et al.'s cyclical step size $h_k = \\frac{h_0}{2}[\\cos(\\pi r_k) + 1]$, $r_k = \\frac{k \\bmod c}{c}$, cycle length $c = \\lceil K/M\\rceil$."
+    def __init__(self,
+                 start_value: float,  # h_0 > 0, the step at the start of every cycle
+                 n_steps: int,  # K, the total number of steps
+                 n_cycles: int = 4):  # M, the number of cycles
+        check_positive('start_value', start_value)
+        check_nonnegative_int('n_steps', n_steps, minimum=1)
+        check_nonnegative_int('n_cycles', n_cycles, minimum=1)
+        if n_cycles > n_steps: raise ValueError(f"n_cycles must be <= n_steps = {n_steps}, got {n_cycles}")
+        super().__init__(start_value)
+        self.n_steps, self.n_cycles, self.cycle_length = n_steps, n_cycles, math.ceil(n_steps / n_cycles)
+
+    def phase(self, step: int) -> float:
+        "$r_k \\in [0, 1)$: where step `k` lies in its cycle."
+        return (step % self.cycle_length) / self.cycle_length
+
+    def compute_value(self, step: int) -> float:
+        return 0.5 * self.start_value * (math.cos(math.pi * self.phase(step)) + 1)

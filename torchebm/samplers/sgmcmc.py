@@ -6,8 +6,8 @@
 __all__ = ['LIKELIHOODS', 'pSGLD', 'Likelihood', 'gaussian_likelihood', 'categorical_likelihood', 'bernoulli_likelihood',
            'as_likelihood', 'is_tensor_data', 'minibatches', 'data_size', 'BayesianPosterior', 'PreconditionedState',
            'PreconditionedLangevinParams', 'PreconditionedLangevin', 'MomentumState', 'SGHMCParams',
-           'StochasticGradientHMC', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler', 'PosteriorSamples',
-           'SGMCMCSampler', 'SGLD', 'PreconditionedSGLD', 'SGHMC', 'CyclicalSGLD']
+           'StochasticGradientHMC', 'PosteriorSamples', 'SGMCMCSampler', 'SGLD', 'PreconditionedSGLD', 'SGHMC',
+           'CyclicalSGLD']
 
 # %% ../../nbs/13a_sgmcmc.ipynb #e081727e
 import math
@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..core.base import BaseScheduler, check_choice, check_nonnegative_int, check_positive, randn_like
+from ..core.schedulers import CyclicalCosineScheduler, PolynomialDecayScheduler
 from .mcmc import NAN_POLICIES, check_chains_finite, check_schedule, schedule_values
 from .transitions import (ULA, ChainState, LangevinParams, Transition, _deterministic_info,
                                           model_gradient, per_chain)
@@ -238,40 +239,6 @@ class StochasticGradientHMC(Transition):
         noise = (2 * (params.friction - params.noise_estimate) * eps) ** 0.5 * randn_like(x, generator)
         momentum = state.momentum * (1 - eps * params.friction) - eps * grad + noise
         return MomentumState(x, momentum), _deterministic_info(x)
-
-# %% ../../nbs/13a_sgmcmc.ipynb #f1966ef6
-class PolynomialDecayScheduler(BaseScheduler):
-    "Welling and Teh's decaying step size $h_t = a(b + t)^{-\\gamma}$."
-    def __init__(self,
-                 a: float,  # scale a > 0
-                 b: float = 1.0,  # offset b > 0
-                 gamma: float = 0.55):  # decay exponent in (0.5, 1] for the Robbins-Monro conditions
-        for name, value in (('a', a), ('b', b), ('gamma', gamma)): check_positive(name, value)
-        if not 0.5 < gamma <= 1: raise ValueError(f"gamma must be in (0.5, 1], got {gamma!r}")
-        self.a, self.b, self.gamma = float(a), float(b), float(gamma)
-        super().__init__(self.compute_value(0))
-
-    def compute_value(self, step: int) -> float: return self.a * (self.b + step) ** -self.gamma
-
-class CyclicalCosineScheduler(BaseScheduler):
-    "Zhang et al.'s cyclical step size $h_k = \\frac{h_0}{2}[\\cos(\\pi r_k) + 1]$, $r_k = \\frac{k \\bmod c}{c}$, cycle length $c = \\lceil K/M\\rceil$."
-    def __init__(self,
-                 start_value: float,  # h_0 > 0, the step at the start of every cycle
-                 n_steps: int,  # K, the total number of steps
-                 n_cycles: int = 4):  # M, the number of cycles
-        check_positive('start_value', start_value)
-        check_nonnegative_int('n_steps', n_steps, minimum=1)
-        check_nonnegative_int('n_cycles', n_cycles, minimum=1)
-        if n_cycles > n_steps: raise ValueError(f"n_cycles must be <= n_steps = {n_steps}, got {n_cycles}")
-        super().__init__(start_value)
-        self.n_steps, self.n_cycles, self.cycle_length = n_steps, n_cycles, math.ceil(n_steps / n_cycles)
-
-    def phase(self, step: int) -> float:
-        "$r_k \\in [0, 1)$: where step `k` lies in its cycle."
-        return (step % self.cycle_length) / self.cycle_length
-
-    def compute_value(self, step: int) -> float:
-        return 0.5 * self.start_value * (math.cos(math.pi * self.phase(step)) + 1)
 
 # %% ../../nbs/13a_sgmcmc.ipynb #884b8a4f
 class PosteriorSamples:
