@@ -7,11 +7,12 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like', 'rademacher_like', 'DeviceMixin',
            'BaseModel', 'deprecated_alias', 'model_tensor_dtype', 'model_input_dtype', 'model_tensor_device',
            'check_batch', 'check_finite', 'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler',
-           'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant']
+           'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant', 'eval_mode']
 
 # %% ../../nbs/00_base.ipynb #7545a42d
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -476,3 +477,14 @@ class BaseInterpolant(DeviceMixin):
 
     def score_from_velocity(self, velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.score_from_noise(self.noise_from_velocity(velocity, x_t, t), t)
+
+# %% ../../nbs/00_base.ipynb #2105073c
+@contextmanager
+def eval_mode(*modules):
+    "Put `modules` (`nn.Module`s; anything else is skipped) in eval mode and restore every sub-module's mode on exit."
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules: module.eval()
+    try: yield
+    finally:
+        for m, mode in saved: m.training = mode
