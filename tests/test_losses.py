@@ -498,3 +498,32 @@ def test_cd_k_learns_two_moons():
     assert ranked > 0.97, ranked
     samples = sampler.sample(x=torch.randn(1000, 2, generator=g), n_steps=500, generator=g)
     assert distance(samples).median() < 0.2 and (distance(samples) < 0.2).float().mean() > 0.5
+
+
+class ModeRecorder(BaseModel):
+    "A quadratic energy that records whether it was in train mode at each call (as dropout or spectral norm would see)."
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return 0.5 * self.w * x.pow(2).sum(-1)
+
+
+@pytest.mark.parametrize('persistent', [False, True])
+def test_cd_chains_run_in_eval_mode_and_the_mode_is_restored(persistent):
+    """The sampler inside CD / PCD sees the model in eval mode (no dropout, no spectral-norm power iteration while
+    drawing negatives); the loss's own energies are computed in the caller's mode, which is restored afterwards.
+    Fails when the chains run in train mode (before: every sampler call saw `training=True`)."""
+    model = ModeRecorder()
+    sampler = LangevinDynamics(model, step_size=0.1, use_kernels=False)
+    cd = ContrastiveDivergence(model, sampler, k_steps=3, persistent=persistent, buffer_size=8)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    for mode in (True, False):
+        model.train(mode); model.modes.clear()
+        cd(x, generator=torch.Generator().manual_seed(1))
+        assert model.training is mode
+        assert model.modes[-1] is mode  # the loss's energies: the caller's mode
+        assert len(model.modes) > 1 and not any(model.modes[:-1])  # every sampler call: eval mode

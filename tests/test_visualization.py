@@ -135,3 +135,20 @@ def test_import_and_plot_headless_without_a_display(tmp_path):
     result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().lower() == 'agg' and (tmp_path / 'p.png').stat().st_size > 0
+
+
+def test_image_grid_gaps_are_background_not_dark_lines():
+    "The one-pixel gaps of a one-channel grid are drawn in the colour of a blank pixel (before: black lines)."
+    from torchebm.visualization import image_grid, plot_image_grid
+    images = -torch.ones(4, 1, 3, 3)  # blank paper in the (-1, 1) range
+    images[:, :, 1, 1] = 1.0  # one ink pixel per image
+    fig = plot_image_grid(images, nrow=2)
+    shown = fig.axes[0].images[0]
+    rgba = shown.cmap(shown.norm(np.asarray(shown.get_array())))
+    blank, gap = rgba[0, 0], rgba[3]  # a background pixel of the first image; the padding row
+    np.testing.assert_allclose(gap, np.broadcast_to(blank, gap.shape))
+    assert blank[:3].min() == 1.0  # paper is white, ink dark
+    assert rgba[1, 1, :3].max() == 0.0
+    np.testing.assert_array_equal(image_grid(torch.rand(2, 3, 2, 2), value_range=(0, 1))[:, 2], 1.0)  # RGB: white
+    with pytest.raises(ValueError, match='pad_value'):
+        image_grid(images, pad_value=2.0)

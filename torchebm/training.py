@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['atomic_save', 'checkpoint_path', 'list_checkpoints', 'latest_checkpoint', 'remove_stale_temporaries', 'Checkpointer',
            'capture_rng_state', 'restore_rng_state', 'seeded_rng_state', 'EMA', 'Callback', 'LambdaCallback',
-           'EarlyStopping', 'eval_mode', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog',
-           'distributed_info', 'init_distributed', 'make_dataloader', 'Trainer']
+           'EarlyStopping', 'TrainingDivergedError', 'DivergenceWatchdog', 'TrainingLog', 'distributed_info',
+           'init_distributed', 'make_dataloader', 'Trainer', 'eval_mode']
 
 # %% ../nbs/52_training.ipynb #480ea877
 import inspect
@@ -254,15 +254,8 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state): self.best, self.wait = state['best'], state['wait']
 
 # %% ../nbs/52_training.ipynb #9a40fea1
-@contextmanager
-def eval_mode(*modules: Optional[nn.Module]):
-    "Put `modules` in eval mode and restore every sub-module's previous mode on exit."
-    saved = [(m, m.training) for module in modules if module is not None for m in module.modules()]
-    for module in modules:
-        if module is not None: module.eval()
-    try: yield
-    finally:
-        for m, mode in saved: m.training = mode
+from .core.base import eval_mode  # defined in core so that losses can use it too
+_all_ = ['eval_mode']
 
 # %% ../nbs/52_training.ipynb #e17de3d8
 class TrainingDivergedError(RuntimeError):

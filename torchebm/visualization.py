@@ -331,9 +331,10 @@ def animate_sampling(trajectory, model=None, *, save_path: Union[str, Path, None
 
 # %% ../nbs/35_visualization.ipynb #50c81034
 def image_grid(images, nrow: Optional[int] = None, value_range: Tuple[float, float] = (-1.0, 1.0),
-               padding: int = 1) -> np.ndarray:
+               padding: int = 1, pad_value: Optional[float] = None) -> np.ndarray:
     """Tile `images: [n, C, H, W]` (C = 1 or 3) into one array scaled to [0, 1]: `[rows*(H+p)-p, nrow*(W+p)-p]` for
-    one channel, with a trailing RGB axis for three; `nrow` images per row (default: about square), gaps of 1.0."""
+    one channel, with a trailing RGB axis for three; `nrow` images per row (default: about square). The gaps hold
+    `pad_value` in [0, 1] (default: 0, the background `value_range[0]`, for one channel; 1, white, for RGB)."""
     images = _as_numpy(images, 'images', ndim=4)
     n, c, h, w = images.shape
     if c not in (1, 3): raise ValueError(f"images must have 1 or 3 channels ([n, C, H, W]), got C = {c}")
@@ -341,8 +342,11 @@ def image_grid(images, nrow: Optional[int] = None, value_range: Tuple[float, flo
     low, high = _check_range('value_range', value_range)
     nrow = int(np.ceil(np.sqrt(n))) if nrow is None else nrow
     check_nonnegative_int('nrow', nrow, minimum=1); check_nonnegative_int('padding', padding)
+    if pad_value is None: pad_value = 0.0 if c == 1 else 1.0
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not 0.0 <= pad_value <= 1.0:
+        raise ValueError(f"pad_value must be a number in [0, 1] (the scaled pixel range), got {pad_value!r}")
     rows = int(np.ceil(n / nrow))
-    grid = np.ones((c, rows * (h + padding) - padding, nrow * (w + padding) - padding))
+    grid = np.full((c, rows * (h + padding) - padding, nrow * (w + padding) - padding), float(pad_value))
     scaled = np.clip((images - low) / (high - low), 0.0, 1.0)
     for i in range(n):
         r, col = divmod(i, nrow)

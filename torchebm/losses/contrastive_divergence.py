@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ..core.base import (BaseSampler, check_batch, check_choice, check_nonnegative_int, check_positive,
-                                randn_like, warn_deprecated)
+                                eval_mode, randn_like, warn_deprecated)
 from .loss_utils import (ConditionedModel, EnergyModelLoss, check_loss_finite, is_per_sample,
                                         merge_model_kwargs, model_energy, tile_model_kwargs)
 
@@ -109,7 +109,8 @@ class ContrastiveDivergence(EnergyModelLoss):
 
     def negative_samples(self, x: torch.Tensor, model, model_kwargs: Dict[str, Any],
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        "Run `k_steps` of the sampler on `model` from the data (CD) or from the buffer (PCD); returns detached negatives."
+        """Run `k_steps` of the sampler on `model` from the data (CD) or from the buffer (PCD), with the model in eval
+        mode (no dropout, no spectral-norm update while sampling; its mode is restored); returns detached negatives."""
         batch = x.shape[0]
         n = self.n_negatives or batch
         if n != batch and any(is_per_sample(v, batch) for v in model_kwargs.values()):
@@ -118,7 +119,8 @@ class ContrastiveDivergence(EnergyModelLoss):
         if self.persistent: index, start = self.buffer_start_points(x, n, generator)
         else: start = self.data_start_points(x, n, generator)
         target = ConditionedModel(model, model_kwargs) if model_kwargs else model
-        negatives = run_sampler(self.sampler, target, start.to(x.device), self.k_steps, generator).detach()
+        with eval_mode(model):
+            negatives = run_sampler(self.sampler, target, start.to(x.device), self.k_steps, generator).detach()
         if self.persistent: self.replay_buffer[index] = negatives.to(self.replay_buffer.device)
         return negatives
 
