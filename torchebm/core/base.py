@@ -7,7 +7,8 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like', 'rademacher_like', 'DeviceMixin',
            'BaseModel', 'deprecated_alias', 'model_tensor_dtype', 'model_input_dtype', 'model_tensor_device',
            'check_batch', 'check_finite', 'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler',
-           'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant', 'eval_mode']
+           'BaseLoss', 'run_steps', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant',
+           'eval_mode']
 
 # %% ../../nbs/00_base.ipynb #7545a42d
 import math
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 # %% ../../nbs/00_base.ipynb #01db54e1
 def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
@@ -388,24 +390,45 @@ class BaseLoss(DeviceMixin):
         return check_finite(check_batch(x, 'x', model=model), 'x')
 
 # %% ../../nbs/00_base.ipynb #6a712733
+def run_steps(step: Callable,  # `step(state, i) -> (state, info)`
+              state,  # the starting state (any type `step` accepts)
+              n_steps: int,  # most steps to take
+              *,
+              record: Optional[Callable] = None,  # `record(i, state, info)` after each step (trajectory, checks)
+              until: Optional[Callable] = None,  # `until(state) -> bool`: stop before a step once it holds
+              progress: bool = False,  # show a progress bar
+              owner: str = 'run'):  # the progress bar's label
+    "The loop of every sampler and integrator: `state, info = step(state, i)`, then `record(i, state, info)`; returns `(state, n_taken)`."
+    bar = tqdm(total=n_steps, desc=owner, leave=False) if progress else None
+    i = 0
+    while i < n_steps and (until is None or not until(state)):
+        state, info = step(state, i)
+        if record is not None: record(i, state, info)
+        i += 1
+        if bar is not None: bar.update(1)
+    if bar is not None: bar.close()
+    return state, i
+
 class BaseIntegrator(DeviceMixin):
-    "Base class of integrators: `step(state, step_size, *, drift, ...)` and `integrate(...)` on state dicts."
-    def step(self, state: Dict[str, torch.Tensor], step_size: float, *, drift: Callable,
+    "Base class of integrators: `step(state, step_size, *, drift, ...)` and `integrate(...)` on a state with `x`."
+    def step(self, state, step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
-             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        "One step from `state` (a dict with at least `'x'`); returns a new state dict."
+             generator: Optional[torch.Generator] = None):
+        "One step from `state` (an `IntegratorState` or a dict with at least `'x'`); returns the new state."
         raise NotImplementedError(f"{type(self).__name__} must implement step(...)")
 
-    def integrate(self, state: Dict[str, torch.Tensor], step_size: float, n_steps: int, *, drift: Callable,
+    def integrate(self, state, step_size: float, n_steps: int, *, drift: Callable,
                   t0: float = 0.0, noise_scale: float = 0.0,
-                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        "`n_steps` steps of size `step_size` starting at time `t0`."
-        check_positive('step_size', step_size); check_nonnegative_int('n_steps', n_steps)
-        x = state['x']
-        for i in range(n_steps):
-            t = torch.full((x.shape[0],), t0 + i * step_size, device=x.device, dtype=x.dtype)
-            state = self.step(state, step_size, drift=drift, t=t, noise_scale=noise_scale, generator=generator)
-        return state
+                  generator: Optional[torch.Generator] = None, **step_kwargs):
+        "`n_steps` steps of size `step_size` from time `t0` (times built once on the state's device); returns the final state."
+        if not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)  # a tensor is not read back
+        check_nonnegative_int('n_steps', n_steps)
+        x = state['x'] if isinstance(state, dict) else state.x
+        times = t0 + step_size * torch.arange(n_steps, device=x.device, dtype=x.dtype)
+        def advance(state, i):
+            return self.step(state, step_size, drift=drift, t=times[i].expand(x.shape[0]), noise_scale=noise_scale,
+                             generator=generator, **step_kwargs), None
+        return run_steps(advance, state, n_steps, owner=type(self).__name__)[0]
 
 # %% ../../nbs/00_base.ipynb #bba4575b
 @dataclass
