@@ -7,25 +7,16 @@ __all__ = ['train_classifier', 'classifier_outputs', 'classifier_confidence', 'c
            'SampleQuality', 'sample_quality']
 
 # %% ../../nbs/53_sample_quality.ipynb #6c0c4800
-from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import check_nonnegative_int, check_positive
+from ..core.base import check_nonnegative_int, check_positive, eval_mode
 from ..models.image import ConvEnergy
 
 # %% ../../nbs/53_sample_quality.ipynb #63912f65
-@contextmanager
-def _eval_mode(module: nn.Module):
-    "Run `module` in eval mode (no dropout, frozen spectral norm) and restore its mode afterwards."
-    was_training = module.training
-    module.eval()
-    try: yield module
-    finally: module.train(was_training)
-
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
 
@@ -92,7 +83,7 @@ def classifier_outputs(classifier: nn.Module, x: torch.Tensor, batch_size: int =
                             f"got {type(classifier).__name__}")
     check_nonnegative_int('batch_size', batch_size, minimum=1)
     probs, feats = [], []
-    with _eval_mode(classifier):
+    with eval_mode(classifier):
         for chunk in x.split(batch_size):
             f = classifier.features(chunk)
             feats.append(f)
