@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['METRICS', 'NUTS', 'Leaf', 'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic', 'is_turning',
            'merge_log_prob', 'Draw', 'Subtree', 'build_subtree', 'NUTSParams', 'NUTSInfo', 'per_chain_step_size',
-           'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size', 'WithinChainMoments',
-           'warn_divergences', 'NoUTurnSampler']
+           'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size', 'warn_divergences',
+           'NoUTurnSampler']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
 import math
@@ -17,9 +17,8 @@ import torch
 
 from ..core.base import check_choice, check_nonnegative_int, check_positive
 from ..integrators import MassMatrix
-from .hmc import mass_adaptation_windows
-from .mcmc import (AdaptedParameters, DualAveraging, MCMCSampler, SamplingResult, check_chains_finite,
-                                    run_chain)
+from .mcmc import (ADAPT_METRICS, AdaptedParameters, MCMCSampler, SamplingResult, Warmup,
+                                    adaptation_options, check_chains_finite, jittered, run_chain)
 from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
 
 # %% ../../nbs/18_nuts.ipynb #f36a0f84
@@ -244,40 +243,8 @@ def find_reasonable_step_size(model, state: ChainState, step_size: torch.Tensor,
         step_size = torch.where(active, torch.where(growing, 2.0 * step_size, 0.5 * step_size), step_size)
     return step_size
 
-# %% ../../nbs/18_nuts.ipynb #a46acbf7
-class WithinChainMoments:
-    "Welford mean and variance (or covariance) of each chain; `variance()` pools the within-chain estimates."
-    def __init__(self, dense: bool = False): self.dense, self.count, self.mean, self.m2 = dense, 0, None, None
-
-    def update(self, x: torch.Tensor) -> None:
-        "Add one draw per chain, `x: [n_chains, *dim]`."
-        x = x.reshape(x.shape[0], -1)
-        self.count += 1
-        if self.mean is None:
-            self.mean = x.clone()
-            self.m2 = x.new_zeros(*x.shape, x.shape[1]) if self.dense else torch.zeros_like(x)
-            return
-        delta = x - self.mean
-        self.mean = self.mean + delta / self.count
-        after = x - self.mean
-        self.m2 = self.m2 + (delta[:, :, None] * after[:, None, :] if self.dense else delta * after)
-
-    def variance(self) -> torch.Tensor:
-        "Within-chain variance `[d]` (or covariance `[d, d]`) averaged over chains, shrunk toward 1e-3 as Stan does."
-        n = self.count * self.mean.shape[0]
-        estimate = self.m2.mean(0) / max(self.count - 1, 1)
-        shrink = 1e-3 * 5.0 / (n + 5.0)
-        if self.dense: return (n / (n + 5.0)) * estimate + shrink * torch.eye(estimate.shape[0], dtype=estimate.dtype, device=estimate.device)
-        return (n / (n + 5.0)) * estimate + shrink
-
 # %% ../../nbs/18_nuts.ipynb #f5426c9c
 METRICS = ('unit', 'diagonal', 'dense')
-
-
-def _metric_from_variance(variance: torch.Tensor, dense: bool) -> MassMatrix:
-    "The metric whose inverse mass is the estimated (co)variance."
-    if dense: return MassMatrix(torch.linalg.inv(0.5 * (variance + variance.T)), kind='dense')
-    return MassMatrix(1.0 / variance, kind='diagonal')
 
 # %% ../../nbs/18_nuts.ipynb #fe92eeae
 def warn_divergences(owner: str, n_divergent: torch.Tensor) -> None:
@@ -291,7 +258,7 @@ def warn_divergences(owner: str, n_divergent: torch.Tensor) -> None:
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
 class NoUTurnSampler(MCMCSampler):
-    "Batched multinomial NUTS with Stan's warm-up (dual averaging per chain, windowed diagonal or dense metric)."
+    "Batched multinomial NUTS with Stan's warm-up (the engine's `Warmup`: dual averaging per chain, windowed diagonal or dense metric, stuck-chain restarts)."
     def __init__(self,
                  model=None,  # energy model `E(x): [batch, *dim] -> [batch]`
                  step_size: Union[None, float, torch.Tensor] = None,  # initial step size (float, 0-d or `[n_chains]`); `None`: Stan's heuristic from 1
@@ -304,6 +271,8 @@ class NoUTurnSampler(MCMCSampler):
                  dtype: Optional[torch.dtype] = None,  # dtype of chains started from noise (default: the model's)
                  device=None,  # device of chains started from noise (default: the model's)
                  *,
+                 jitter: float = 0.0,  # after warm-up, step sizes times U(1 - jitter, 1 + jitter) per chain and draw
+                 restart_every: int = 50,  # warm-up steps between restarts of stuck chains (0: never)
                  nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
                  compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
         super().__init__(model, dtype=dtype, device=device, nan_policy=nan_policy, compile=compile)
@@ -311,83 +280,85 @@ class NoUTurnSampler(MCMCSampler):
         check_nonnegative_int('max_tree_depth', max_tree_depth, minimum=1)
         check_nonnegative_int('n_warmup', n_warmup)
         check_positive('max_energy_error', max_energy_error)
-        if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
         if isinstance(metric, str): self.metric_kind, self.metric = check_choice('metric', metric, METRICS), None
         else: self.metric_kind, self.metric = 'fixed', MassMatrix(metric)
+        self.adaptation = adaptation_options(True, self.metric_kind if self.metric_kind in ADAPT_METRICS else None,
+                                             target_accept, n_warmup, adapt_per_chain, jitter)
+        check_nonnegative_int('restart_every', restart_every)
         self.step_size, self.max_tree_depth, self.target_accept = step_size, max_tree_depth, target_accept
         self.n_warmup, self.adapt_per_chain, self.max_energy_error = n_warmup, bool(adapt_per_chain), max_energy_error
+        self.jitter, self.restart_every = float(jitter), restart_every
         self.transition = NoUTurnTransition()
 
     def params(self, step_size, metric) -> NUTSParams:
         return NUTSParams(step_size, metric, self.max_tree_depth, self.max_energy_error)
 
     def warmup(self, model, state: ChainState, n_warmup: int, generator=None, record_every: int = 0):
-        """Stan's warm-up from `state`: returns the last state, the adapted step sizes `[n_chains]`, the metric, the
+        """Stan's warm-up from `state` with the engine's `Warmup`: returns the last state, the `AdaptedParameters`, the
         divergences per chain, the gradient evaluations and (with `record_every > 0`) the thinned warm-up draws."""
-        x = state.x
+        x, options = state.x, self.adaptation
         metric = metric_like(self.metric, x)
         step_size = per_chain_step_size(self.step_size if self.step_size is not None else 1.0, x)
         n_divergent, n_grad_evals, draws = torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 0, []
-        if n_warmup == 0: return state, step_size, metric, n_divergent, n_grad_evals, draws
+        if n_warmup == 0: return state, AdaptedParameters(step_size, metric), n_divergent, n_grad_evals, draws
         if self.step_size is None: step_size = find_reasonable_step_size(model, state, step_size, metric, generator)
-        shared = lambda eps: eps if self.adapt_per_chain else eps.log().mean().exp()
-        averaging = DualAveraging(shared(step_size), self.target_accept)
-        windows = mass_adaptation_windows(n_warmup) if self.metric_kind in ('diagonal', 'dense') else []
-        window_end = dict(windows)
-        moments, end = None, None
+        warmup = Warmup(n_warmup, options.target_accept, True, options.metric, options.per_chain, self.restart_every,
+                        gamma=0.05)  # Stan's shrinkage also per chain: a tree's mean acceptance is a steady signal
+        find = lambda chains, h, m: find_reasonable_step_size(model, chains, h, m, generator)
+        adaptation = warmup.init(x, step_size, metric)
         for i in range(n_warmup):
-            state, info = self.transition.step(model, state, self.params(step_size, metric), generator)
+            state, info = self.transition.step(model, state, self.params(adaptation.step_size, adaptation.metric), generator)
             n_grad_evals += info.n_grad_evals
             n_divergent += info.is_divergent
+            adaptation, state = warmup.update(i, adaptation, state, info.accept_prob, generator, find_step_size=find)
             if record_every and (i + 1) % record_every == 0: draws.append(state.x)
-            step_size = averaging.update(info.accept_prob).expand(x.shape[0])
-            if i in window_end: moments, end = WithinChainMoments(self.metric_kind == 'dense'), window_end[i]
-            if moments is not None:
-                moments.update(state.x)
-                if i == end - 1:
-                    metric, moments = _metric_from_variance(moments.variance(), self.metric_kind == 'dense'), None
-                    step_size = find_reasonable_step_size(model, state, step_size, metric, generator)
-                    averaging.restart(shared(step_size))
         check_chains_finite(state.x, 1, n_warmup, type(self).__name__, self.nan_policy)
-        return state, averaging.final_step_size.expand(x.shape[0]), metric, n_divergent, n_grad_evals, draws
+        return state, warmup.final(adaptation), n_divergent, n_grad_evals, draws
 
     def sample(self, x: Optional[torch.Tensor] = None, dim=None, n_steps: Optional[int] = None, n_samples: int = 1,
                thin: int = 1, return_trajectory: bool = False, return_diagnostics: bool = False, *,
                n_warmup: Optional[int] = None, return_result: bool = False, generator: Optional[torch.Generator] = None,
-               progress: bool = False):
+               progress: bool = False, warm_start: Optional[AdaptedParameters] = None):
         """Warm up, then draw `n_steps` states per chain from `x: [n_chains, *dim]`. Returns `x`, or the trajectory
         `[n_chains, n_steps // thin, *dim]` (warm-up not included), paired with the per-draw diagnostics if
-        `return_diagnostics`; `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric)."""
+        `return_diagnostics`; `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric).
+        `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric."""
         owner = type(self).__name__
         if self.model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor")
+        if warm_start is not None and not isinstance(warm_start, AdaptedParameters):
+            raise TypeError(f"warm_start must be an AdaptedParameters (e.g. result.adapted), got {type(warm_start).__name__}")
         n_steps = self.resolve_n_steps(n_steps)
-        n_warmup = self.n_warmup if n_warmup is None else n_warmup
+        n_warmup = 0 if warm_start is not None else (self.n_warmup if n_warmup is None else n_warmup)
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator)
         model = self.step_model
         with torch.no_grad():
             state = self.transition.init(model, x)
             record = thin if return_result and return_trajectory else 0
-            state, step_size, metric, warm_divergent, warm_evals, warm_draws = self.warmup(model, state, n_warmup, generator, record)
-            params = self.params(step_size, metric)
+            state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(model, state, n_warmup, generator, record)
+            if warm_start is not None:
+                metric = warm_start.metric if warm_start.metric is not None else adapted.metric
+                adapted = AdaptedParameters(per_chain_step_size(warm_start.step_size, x), metric_like(metric, x))
+            step_size, metric, n = adapted.step_size, adapted.metric, x.shape[0]
             infos = []
             def step(state, i):
+                params = self.params(jittered(step_size, self.jitter, n, generator), metric)
                 state, info = self.transition.step(model, state, params, generator)
                 infos.append(info)
                 return state, {}
             state, trajectory, _ = run_chain(step, state, n_steps, thin=thin, return_trajectory=return_trajectory,
                                              progress=progress, owner=owner, nan_policy=self.nan_policy)
-        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos else torch.empty(0, x.shape[0])
+        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos else torch.empty(0, n)
                        for k in ('accept_prob', 'is_divergent', 'energy_error', 'tree_depth', 'n_leapfrog', 'hit_max_depth')}
-        diagnostics.update(step_size=step_size, n_grad_evals=torch.tensor(sum(info.n_grad_evals for info in infos)),
+        diagnostics.update(step_size=step_size.expand(n), n_grad_evals=torch.tensor(sum(info.n_grad_evals for info in infos)),
                            warmup_n_grad_evals=torch.tensor(warm_evals), warmup_n_divergent=warm_divergent)
-        n_divergent = diagnostics['is_divergent'].sum(0, dtype=torch.long) if infos else warm_divergent.new_zeros(x.shape[0])
+        n_divergent = diagnostics['is_divergent'].sum(0, dtype=torch.long) if infos else warm_divergent.new_zeros(n)
         warn_divergences(owner, n_divergent)
         out = trajectory if return_trajectory else state.x
         if return_result:
             warmup = torch.stack(warm_draws, 1) if warm_draws else None
-            accept_rate = diagnostics['accept_prob'].mean(0) if infos else torch.full_like(step_size, math.nan)
-            return SamplingResult(out, warmup, AdaptedParameters(step_size, metric), accept_rate, n_divergent,
+            accept_rate = diagnostics['accept_prob'].mean(0) if infos else x.new_full((n,), math.nan)
+            return SamplingResult(out, warmup, adapted, accept_rate, n_divergent,
                                   diagnostics if return_diagnostics else None)
         return (out, diagnostics) if return_diagnostics else out
 
