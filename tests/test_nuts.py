@@ -165,7 +165,7 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
     """Without the multinomial draw (always taking the newest leaf of a sub-tree, always moving to a new sub-tree) the
     draw sits at the trajectory's edge: the variance of the widest coordinate comes out ~19 standard errors too big."""
     import torchebm.samplers.nuts as nuts
-    monkeypatch.setattr(nuts, '_uniform_log', lambda n, like, generator: like.new_full((n,), -math.inf))
+    monkeypatch.setattr(nuts, '_uniform_log', lambda shape, like, generator: like.new_full(torch.Size([shape]) if isinstance(shape, int) else shape, -math.inf))
     with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian())
 
 

@@ -90,52 +90,56 @@ class Subtree(NamedTuple):
     n_evaluations: int  # leapfrog steps the batch ran (every chain in lockstep)
 
 
-def _uniform_log(n: int, like: torch.Tensor, generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype).log()
+def _uniform_log(shape, like: torch.Tensor, generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype).log()
 
 
 def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth: int, h0: torch.Tensor,
                   active: torch.Tensor, max_energy_error: float, generator=None) -> Subtree:
     """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep; a chain stops at
-    its first U-turn (checked on every balanced sub-subtree, with Stan's extra checks across halves) or divergence."""
+    its first U-turn (checked on every balanced sub-subtree, with Stan's extra checks across halves) or divergence.
+    A chain that stopped keeps moving: only its acceptance sum, step count and divergence are masked, since
+    the caller discards the rest of an invalid sub-tree (fewer tensor operations per leaf)."""
     n, n_leaves = start.x.shape[0], 1 << depth
     alive, live = active.clone(), active.to(h0.dtype)
     rho, log_w = torch.zeros_like(start.p), torch.full_like(h0, -math.inf)
     turning, divergent = torch.zeros_like(alive), torch.zeros_like(alive)
     sum_accept, n_leapfrog = torch.zeros_like(h0), torch.zeros(n, dtype=torch.long, device=h0.device)
+    log_u = _uniform_log((n_leaves, n), h0, generator)  # the progressive draws of every leaf, made at once
     # per level m: the first leaf of the current 2**m block, the rho before it, and the last leaf of the block before
     v_start, p_start, rho_before = [None] * (depth + 1), [None] * (depth + 1), [None] * (depth + 1)
     v_end, p_end = [None] * (depth + 1), [None] * (depth + 1)
     leaf = start
     proposal = Draw(start.x, start.energy, start.grad, h0)
     for k in range(n_leaves):
-        leaf = leapfrog_leaf(model, leaf, h, metric)  # chains that stopped keep moving, masked out
+        leaf = leapfrog_leaf(model, leaf, h, metric)
         if k == 0: first = leaf
         delta = leaf.energy + kinetic(leaf) - h0
-        w = torch.where(torch.isnan(delta), -math.inf, -delta)
-        diverged = ~(delta <= max_energy_error)  # NaN counts as divergent
-        sum_accept = sum_accept + live * w.clamp(max=0.0).exp()
+        w = torch.nan_to_num(-delta, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: weight 0
+        diverged = w < -max_energy_error  # NaN counts as divergent
+        sum_accept = torch.addcmul(sum_accept, live, w.clamp(max=0.0).exp())
         n_leapfrog = n_leapfrog + alive
-        new_log_w = torch.logaddexp(log_w, w)
-        take = alive & (_uniform_log(n, h0, generator) < w - new_log_w)  # progressive multinomial draw in the subtree
+        log_w = torch.logaddexp(log_w, w)
+        take = log_u[k] < w - log_w  # progressive multinomial draw in the subtree
         proposal = select(take, Draw(leaf.x, leaf.energy, leaf.grad, delta), proposal)
-        log_w = torch.where(alive, new_log_w, log_w)
         for m in range(depth + 1):
             if k % (1 << m): break
             v_start[m], p_start[m], rho_before[m] = leaf.v, leaf.p, rho
-        rho = torch.addcmul(rho, as_chains(live, rho), leaf.p)
-        turn = torch.zeros_like(alive)
+        rho = rho + leaf.p
+        turn = None
         for m in range(1, depth + 1):
             if (k + 1) % (1 << m): break
-            turn = turn | is_turning(v_start[m], leaf.v, rho - rho_before[m])
+            t = is_turning(v_start[m], leaf.v, rho - rho_before[m])
             if m > 1:  # for blocks of two leaves the checks across halves repeat the first
-                turn = turn | is_turning(v_start[m], v_start[m - 1], rho_before[m - 1] - rho_before[m] + p_start[m - 1])
-                turn = turn | is_turning(v_end[m - 1], leaf.v, rho - rho_before[m - 1] + p_end[m - 1])
+                t = t | is_turning(v_start[m], v_start[m - 1], rho_before[m - 1] - rho_before[m] + p_start[m - 1])
+                t = t | is_turning(v_end[m - 1], leaf.v, rho - rho_before[m - 1] + p_end[m - 1])
+            turn = t if turn is None else turn | t
         for m in range(depth + 1):
             if (k + 1) % (1 << m): break
             v_end[m], p_end[m] = leaf.v, leaf.p
-        turning, divergent = turning | (alive & turn), divergent | (alive & diverged)
-        alive = alive & ~(turn | diverged)
+        divergent = divergent | (alive & diverged)
+        if turn is None: alive = alive & ~diverged
+        else: turning, alive = turning | turn, alive & ~(turn | diverged)
         live = alive.to(h0.dtype)
         if (k + 1) & k == 0 and k + 1 < n_leaves and not bool(alive.any()): break  # one sync per power of two
     return Subtree(first, leaf, proposal, rho, log_w, turning, divergent, sum_accept, n_leapfrog, k + 1)
