@@ -1,9 +1,10 @@
 """Statistical tests of `NoUTurnSampler` (multinomial NUTS): moments against closed forms with tolerances from the
 Monte Carlo standard error (ESS-based) and a stationarity test from exact draws.
 
-Not yet shown: a broken variant these tests catch. Merging each new sub-tree without its weight (always jumping to
-it) was tried and the banana stationarity test did NOT reject it (600 chains, p = 0.10 after 4 and 0.065 after 20
-transitions), so that demonstration is still missing.
+A broken variant these tests catch: `test_a_broken_nuts_fails_the_moment_test` replaces the multinomial draws (inside
+each sub-tree and when a sub-tree joins the tree) by always taking the newest leaf; the variance check on a Gaussian
+then fails by ~19 standard errors while the real sampler passes. (Merging each new sub-tree without its weight, alone,
+was not rejected by the banana stationarity test: 600 chains, p = 0.10 after 4 and 0.065 after 20 transitions.)
 
 The long moment tests are marked `slow` (about 2.5 CPU-minutes for the first four on this machine's cores)."""
 import math
@@ -146,6 +147,28 @@ def test_stationarity_from_exact_draws():
     assert stationarity_p_value() > 0.01
 
 
+def unit_metric_gaussian(seed=0):
+    "64 chains from exact draws of N(0, diag(0.25, 1, 4)), 100 NUTS draws with a fixed step size 0.7 and a unit metric."
+    scales = torch.tensor([0.5, 1.0, 2.0], dtype=DT)
+    x0 = scales * torch.randn(64, 3, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    sampler = NoUTurnSampler(GaussianModel(torch.zeros(3, dtype=DT), torch.diag(scales ** 2)), step_size=0.7,
+                             metric='unit', n_warmup=0)
+    trajectory = sampler.sample(x=x0, n_steps=100, return_trajectory=True, generator=torch.Generator().manual_seed(seed + 1))
+    return trajectory, torch.zeros(3, dtype=DT), torch.diag(scales ** 2)
+
+
+def test_unit_metric_gaussian_with_fixed_step_size():
+    gaussian_checks(*unit_metric_gaussian())
+
+
+def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
+    """Without the multinomial draw (always taking the newest leaf of a sub-tree, always moving to a new sub-tree) the
+    draw sits at the trajectory's edge: the variance of the widest coordinate comes out ~19 standard errors too big."""
+    import torchebm.samplers.nuts as nuts
+    monkeypatch.setattr(nuts, '_uniform_log', lambda shape, like, generator: like.new_full(torch.Size([shape]) if isinstance(shape, int) else shape, -math.inf))
+    with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian())
+
+
 def test_float32_per_chain_step_sizes_and_reproducible():
     model = GaussianModel(torch.zeros(3), torch.eye(3))
     x0 = torch.randn(16, 3)
@@ -184,7 +207,46 @@ def test_result_returns_adapted_parameters_and_warmup():
     assert 3 < float(result.adapted.metric.inverse[1] / result.adapted.metric.inverse[0]) < 30
 
 
+def test_warm_start_skips_warmup_and_reuses_what_was_adapted():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 9.0], dtype=DT)))
+    sampler = NoUTurnSampler(model, n_warmup=100)
+    first = sampler.sample(x=torch.zeros(8, 2, dtype=DT), n_steps=5, return_result=True,
+                           generator=torch.Generator().manual_seed(0))
+    again = sampler.sample(x=first.samples, n_steps=5, return_result=True, return_diagnostics=True,
+                           warm_start=first.adapted, generator=torch.Generator().manual_seed(1))
+    assert int(again.diagnostics['warmup_n_grad_evals']) == 0
+    assert torch.equal(again.adapted.step_size, first.adapted.step_size)
+    assert torch.equal(again.adapted.metric.inverse, first.adapted.metric.inverse)
+    with pytest.raises(TypeError, match='warm_start'):
+        sampler.sample(x=first.samples, n_steps=1, warm_start=(0.1, None))
+
+
+class NarrowWell(torch.nn.Module):
+    "N(0, 1) plus a well of width 1e-3 at x = 50: a chain started in the well accepts nothing with the others' step size."
+    def forward(self, x):
+        x = x[:, 0]
+        return -torch.logaddexp(-0.5 * x ** 2, -0.5 * ((x - 50) / 1e-3) ** 2 - 20.0)
+
+
+@pytest.mark.parametrize('restart_every, restarted', [(50, True), (0, False)])
+def test_stuck_chains_restart_in_warmup(restart_every, restarted):
+    x0 = torch.cat([torch.tensor([[50.0]], dtype=DT), torch.randn(7, 1, dtype=DT, generator=torch.Generator().manual_seed(0))])
+    sampler = NoUTurnSampler(NarrowWell(), n_warmup=100, adapt_per_chain=False, metric='unit', restart_every=restart_every)
+    result = sampler.sample(x=x0, n_steps=1, return_result=True, generator=torch.Generator().manual_seed(1))
+    assert bool(result.samples[0, 0].abs() < 10) == restarted
+
+
+def test_jitter_changes_the_step_sizes_only_after_warmup():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    x0 = torch.zeros(8, 2, dtype=DT)
+    plain, jit = (NoUTurnSampler(model, step_size=0.5, metric='unit', n_warmup=0, jitter=j) for j in (0.0, 0.5))
+    a, da = plain.sample(x=x0, n_steps=3, return_diagnostics=True, generator=torch.Generator().manual_seed(0))
+    b, db = jit.sample(x=x0, n_steps=3, return_diagnostics=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b) and torch.equal(da['step_size'], db['step_size'])
+
+
 @pytest.mark.parametrize('kwargs, match', [
+    (dict(jitter=1.0), 'jitter'), (dict(restart_every=-1), 'restart_every'),
     (dict(metric='diag'), "expected one of"), (dict(max_tree_depth=0), 'max_tree_depth'),
     (dict(target_accept=0.0), 'target_accept'), (dict(n_warmup=-1), 'n_warmup'),
     (dict(max_energy_error=-1.0), 'max_energy_error'), (dict(step_size=0.0), 'step_size')])

@@ -151,3 +151,16 @@ def test_mixture_check_catches_chains_without_swaps(monkeypatch):
     assert ((per_column == 0) | (per_column == 1)).all()  # no chain changes mode after warm-up
     with pytest.raises(AssertionError):
         check_mixture_weight(result)
+
+
+def test_warm_start_reuses_the_adapted_ladder_and_step_sizes():
+    model = GaussianModel(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    x0 = torch.zeros(4, 2, dtype=torch.float64)
+    sampler = ParallelTempering(model, n_temperatures=4, min_beta=0.05)
+    first = sampler.sample(x=x0, n_steps=5, n_warmup=40, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(first.betas, sampler.betas.to(first.betas.dtype))  # the ladder adapted
+    again = sampler.sample(x=first.samples[:, -1], n_steps=5, n_warmup=10, warm_start=first,
+                           generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.betas, first.betas) and torch.equal(again.step_size, first.step_size)
+    with pytest.raises(TypeError, match='warm_start'):
+        sampler.sample(x=x0, n_steps=1, n_warmup=0, warm_start=(first.betas, first.step_size))

@@ -10,8 +10,8 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'DEFAULT_N_STEPS', '
            'MCMCSampler', 'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
            'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
            'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
-           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'ChainState',
-           'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
+           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
+           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
            'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
@@ -619,6 +619,8 @@ def _rows(value, index: torch.Tensor, n: int):
     return value
 
 # %% ../../nbs/12_mcmc.ipynb #7f227920
+from ..core.base import check_positive
+
 class WarmupState(NamedTuple):
     "A warm-up in progress: the current step size and metric, dual averaging, moments and the acceptance since the last check."
     step_size: torch.Tensor  # 0-d (shared) or `[n_chains]`
@@ -638,26 +640,35 @@ class Warmup:
                  adapt_metric: Optional[str] = None,  # None, 'diagonal' or 'dense': metric estimated in Stan's windows
                  per_chain: bool = False,  # one step size per chain instead of a shared one
                  restart_every: int = 50,  # steps between stuck-chain checks (0: never restart)
-                 stuck_below: float = 0.01):  # mean acceptance under which a chain counts as stuck
+                 stuck_below: float = 0.01,  # mean acceptance under which a chain counts as stuck
+                 gamma: Optional[float] = None):  # dual-averaging shrinkage (None: 0.05 shared, `PER_CHAIN_GAMMA` per chain)
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('restart_every', restart_every)
         if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
         if adapt_metric is not None: check_choice('adapt_metric', adapt_metric, ADAPT_METRICS)
         self.n_warmup, self.target_accept, self.adapt_step_size = n_warmup, target_accept, bool(adapt_step_size)
         self.adapt_metric, self.per_chain, self.restart_every, self.stuck_below = adapt_metric, bool(per_chain), restart_every, stuck_below
-        self.gamma = PER_CHAIN_GAMMA if per_chain else 0.05
+        if gamma is not None: check_positive('gamma', gamma)
+        self.gamma = gamma if gamma is not None else (PER_CHAIN_GAMMA if per_chain else 0.05)
         self.windows = mass_adaptation_windows(n_warmup) if adapt_metric else []
         self._window_at = {i: w for w in self.windows for i in range(*w)}
 
     def init(self, x: torch.Tensor, step_size, metric: Optional[MassMatrix] = None) -> WarmupState:
-        "The warm-up state for chains `x: [n_chains, *dim]` from an initial step size (number or tensor) and metric."
-        shape = (x.shape[0],) if self.per_chain else ()
-        h = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).expand(shape).clone()
+        "The warm-up state for chains `x: [n_chains, *dim]` from an initial step size (number, 0-d or `[n_chains]`) and metric."
+        h = self._shaped(torch.as_tensor(step_size, dtype=x.dtype, device=x.device), x.shape[0])
         moments = welford_init(x, self.adapt_metric == 'dense') if self.windows else None
         return WarmupState(h, metric, dual_averaging_init(h), moments, x.new_zeros(x.shape[0]))
 
+    def _shaped(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        "A step size as this warm-up keeps it: `[n_chains]` per chain, else 0-d (the geometric mean of per-chain values)."
+        if self.per_chain: return h.expand(n).clone()
+        return h.log().mean().exp() if h.ndim else h.clone()
+
     def update(self, i: int, state: WarmupState, chains: ChainState, accept_prob: torch.Tensor,
-               generator: Optional[torch.Generator] = None) -> Tuple[WarmupState, ChainState]:
-        "After warm-up step `i` with acceptance probabilities `[n_chains]`: the new warm-up state and the chains (some restarted)."
+               generator: Optional[torch.Generator] = None,
+               find_step_size: Optional[Callable] = None) -> Tuple[WarmupState, ChainState]:
+        """After warm-up step `i` with acceptance probabilities `[n_chains]`: the new warm-up state and the chains (some
+        restarted). `find_step_size(chains, step_size [n_chains], metric) -> [n_chains]`, if given, picks the step size
+        again after each metric update (Stan's heuristic, as NUTS does); otherwise dual averaging restarts from the last one."""
         h, metric, dual, moments = state.step_size, state.metric, state.dual_averaging, state.moments
         if self.adapt_step_size:
             dual = dual_averaging_update(dual, accept_prob, self.target_accept, self.gamma)
@@ -668,6 +679,7 @@ class Warmup:
             if i == window[1] - 1:
                 metric = metric_from_covariance(welford_final(moments))
                 moments = welford_init(chains.x, self.adapt_metric == 'dense')
+                if find_step_size is not None: h = self._shaped(find_step_size(chains, h.expand(chains.x.shape[0]), metric), chains.x.shape[0])
                 dual = dual_averaging_init(h)
         accept_sum = state.accept_sum + accept_prob
         if self.restart_every and (i + 1) % self.restart_every == 0:
@@ -684,3 +696,9 @@ class Warmup:
     def final(self, state: WarmupState) -> AdaptedParameters:
         "What the warm-up adapted."
         return AdaptedParameters(state.step_size, state.metric)
+
+def jittered(step_size: torch.Tensor, jitter: float, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    "After warm-up, `step_size` (0-d or `[n_chains]`) times $U(1 - j, 1 + j)$ drawn per chain: `[n_chains]` (unchanged if `jitter` is 0)."
+    if not jitter: return step_size
+    u = torch.rand(n, generator=generator, device=step_size.device, dtype=step_size.dtype)
+    return step_size * (1 + jitter * (2 * u - 1))

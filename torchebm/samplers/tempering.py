@@ -319,16 +319,22 @@ class ParallelTempering(BaseSampler):
                thin: int = 1,  # keep every `thin`-th step
                return_all_temperatures: bool = False,  # also return the draws of every temperature
                *, generator: Optional[torch.Generator] = None,  # RNG for reproducible runs
-               progress: bool = False) -> PTResult:  # show a progress bar
-        "Run the K x n_chains replicas; returns a `PTResult` with the beta = 1 draws and the swap diagnostics."
+               progress: bool = False,  # show a progress bar
+               warm_start: Optional[PTResult] = None) -> PTResult:  # a previous result: its ladder and step sizes, not adapted again
+        """Run the K x n_chains replicas; returns a `PTResult` with the beta = 1 draws and the swap diagnostics.
+        With `warm_start=` the `n_warmup` steps only burn in, with the given ladder and step sizes."""
         check_nonnegative_int('n_steps', n_steps, minimum=1)
         check_nonnegative_int('n_warmup', n_warmup)
         check_nonnegative_int('thin', thin, minimum=1)
         x0 = self.initial_chains(x, dim, n_samples, generator)
-        K, n, device = len(self.betas), len(x0), x0.device
-        base, betas = self._base(x0), self.betas.to(device=device, dtype=x0.dtype)
-        hottest_is_base = bool(self.betas[0] == 0)  # the ladder's ends never move
-        step_size = torch.full((K,), float(self.step_size), dtype=x0.dtype, device=device)
+        if warm_start is not None and not isinstance(warm_start, PTResult):
+            raise TypeError(f"warm_start must be a PTResult (a previous run's result), got {type(warm_start).__name__}")
+        ladder = self.betas if warm_start is None else warm_start.betas
+        K, n, device = len(ladder), len(x0), x0.device
+        base, betas = self._base(x0), ladder.to(device=device, dtype=x0.dtype)
+        hottest_is_base = bool(ladder[0] == 0)  # the ladder's ends never move
+        step_size = (torch.full((K,), float(self.step_size), dtype=x0.dtype, device=device) if warm_start is None
+                     else warm_start.step_size.to(device=device, dtype=x0.dtype))
         adaptation = dual_averaging_init(step_size)  # one step size per temperature
         ladder_updates = sorted({n_warmup >> j for j in range(1, 5)} - {0}) if self.adapt_ladder else []
         x = x0.repeat(K, *([1] * (x0.ndim - 1)))
@@ -345,6 +351,7 @@ class ParallelTempering(BaseSampler):
             state, parts, info = replica_exchange_step(self.model, base, state, betas, self.transition, params,
                                                        parity, generator, evaluate=hottest_is_base)
             accept, swap_rate = info.accept_prob.reshape(K, n).mean(1), info.swap_prob.mean(1)
+            if t < n_warmup and warm_start is not None: continue  # burn-in only
             if t < n_warmup:
                 adaptation = dual_averaging_update(adaptation, accept, self.target_accept)
                 step_size = adaptation.log_step_size.exp()
