@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_batch, check_choice, check_finite,
-                                check_nonnegative_int, resolve_model, run_steps, warn_deprecated)
+                                check_nonnegative_int, check_positive, resolve_model, run_steps, warn_deprecated)
 from ..integrators import MassMatrix
 from .transitions import (ChainState, Transition, acceptance_probability, checked_energy, evaluated,
                                            model_energy, model_energy_and_gradient, model_gradient)
@@ -383,8 +383,7 @@ class MCMCSampler(BaseSampler):
             else:
                 h, m = run['h'] if run['h'] is not None else values['step_size'][i], run['metric']
                 if options.jitter:
-                    u = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype)
-                    h = h * (1 + options.jitter * (2 * u - 1))
+                    h = jittered(torch.as_tensor(h, dtype=x.dtype, device=x.device), options.jitter, n, generator)
             new, info = transition.step(model, state, self.transition_params(values, i, h, m), generator)
             if i < n_warmup:
                 run['warmup'], new = warmup.update(i, run['warmup'], new, info.accept_prob, generator)
@@ -619,8 +618,6 @@ def _rows(value, index: torch.Tensor, n: int):
     return value
 
 # %% ../../nbs/12_mcmc.ipynb #7f227920
-from ..core.base import check_positive
-
 class WarmupState(NamedTuple):
     "A warm-up in progress: the current step size and metric, dual averaging, moments and the acceptance since the last check."
     step_size: torch.Tensor  # 0-d (shared) or `[n_chains]`
