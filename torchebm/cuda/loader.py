@@ -55,7 +55,9 @@ class ExtensionSpec:
     kernels: Sequence[str]
     cuda_sources: Sequence[Source] = ()  # CUDA text or `Path`s; empty for a CPU-only extension
     headers: Sequence[Path] = ()  # files the sources `#include "..."`: their folders are on the include path
-    extra_cflags: Sequence[str] = ('-O3', '-march=native', '-fno-math-errno', '-fopenmp')
+    # -fno-trapping-math lets GCC turn the branch-free selects of the noise code into SIMD blends on AVX2
+    # (without it the lane loops stay scalar there, 8x slower; AVX-512 masks hide this); values are unchanged
+    extra_cflags: Sequence[str] = ('-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fopenmp')
     extra_ldflags: Sequence[str] = ('-fopenmp',)
     extra_cuda_cflags: Sequence[str] = ('-O3',)
 
