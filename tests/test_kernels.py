@@ -196,6 +196,69 @@ def test_fused_and_reference_agree_in_distribution(ext, dtype, seed):
         assert (torch.cov(s.T) - cov).abs().max() < 0.12, name
 
 
+# ---- the kernels take the transitions' steps (torchebm.samplers.transitions), given the same noise ---------------
+
+class _GivenNoise:
+    "A unit metric (`MassMatrix(1.0)`) whose momentum draw returns a fixed tensor: feeds the kernel's noise to a transition."
+    def __new__(cls, noise):
+        from torchebm.integrators import MassMatrix
+        class Given(MassMatrix):
+            def sample_momentum(self, x, generator=None): return noise.to(x.dtype)
+        return Given(1.0)
+
+
+def _kernel_noise(ext, n, d, seed):
+    """The first step's normals of every chain `[n, d]` and, for MALA, log u of its Metropolis test `[n]`.
+
+    Each lane draws its d normals as ceil(d/2) Box-Muller pairs in coordinate order, then one 32-bit word for u. For
+    even d that word is the first of the next pair, whose radius gives log u = -(z_d^2 + z_{d+1}^2) / 2 (to ~1e-6)."""
+    z = ext.standard_normal(n, d + 2, seed)
+    return z[:, :d], -0.5 * (z[:, d] ** 2 + z[:, d + 1] ** 2)
+
+
+@pytest.mark.parametrize('model', [DoubleWellModel(barrier_height=1.5, b=0.9), gaussian3()[0], RosenbrockModel(),
+                                   RastriginModel(a=2.0)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize('noise_scale', [1.0, 0.6])
+def test_ula_step_is_the_transition_given_the_same_noise(ext, model, noise_scale):
+    "One kernel ULA step equals `transitions.ULA().step` fed the kernel's own normals (same seed, same stream)."
+    from torchebm.samplers.transitions import ULA, LangevinParams
+    model = model.to(F64)
+    d = 3 if isinstance(model, GaussianModel) else 4
+    n, h, seed = 97, 0.01, 21
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=F64)
+    fused = fused_langevin(model, x, step_sizes=steps(1, h), noise_scales=steps(1, noise_scale), seed=seed)[0]
+    z = ext.standard_normal(n, d, seed)
+    ula = ULA()
+    new, _ = ula.step(model, ula.init(model, x), LangevinParams(h, noise_scale, _GivenNoise(z)))
+    assert torch.allclose(fused, new.x, rtol=1e-12, atol=1e-12), (fused - new.x).abs().max()
+    # a deliberately different step (another seed's noise) is far from it: the comparison can fail
+    assert not torch.allclose(fused, ula.step(model, ula.init(model, x), LangevinParams(
+        h, noise_scale, _GivenNoise(ext.standard_normal(n, d, seed + 1))))[0].x, atol=1e-6)
+
+
+@pytest.mark.parametrize('noise_scale', [1.0, 0.7, 1.5])
+def test_mala_step_is_the_transition_given_the_same_noise(ext, noise_scale):
+    """One kernel MALA step equals `transitions.MALA().step` fed the same normals and the same uniform: the same
+    proposal, the same Metropolis ratio (so the same target e^{-E/s^2} for noise scale s), the same decisions."""
+    from torchebm.samplers.transitions import MALA, LangevinParams
+    gauss4 = GaussianModel(mean=torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=F64),
+                           cov=torch.diag(torch.tensor([1.0, 0.8, 0.6, 1.3], dtype=F64)) + 0.1).to(F64)
+    n, h, seed = 4000, 0.6, 5  # a large step: hundreds of proposals are rejected
+    x = 1.5 * torch.randn(n, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    fused = fused_langevin(gauss4, x, step_sizes=steps(1, h), noise_scales=steps(1, noise_scale), metropolis=True,
+                           seed=seed)[0]
+    z, log_u = _kernel_noise(ext, n, 4, seed)
+    mala = MALA()
+    proposal = mala.step(gauss4, mala.init(gauss4, x), LangevinParams(h, noise_scale, _GivenNoise(z)))
+    log_ratio = -proposal[1].energy_error
+    y = x - h * gauss4.gradient(x) + math.sqrt(2 * h) * noise_scale * z  # the proposal both must make
+    moved = (fused - x).abs().amax(1) > 0
+    assert torch.allclose(fused[moved], y[moved], rtol=1e-12, atol=1e-12)
+    clear = (log_u - log_ratio).abs() > 1e-4  # the decision is not decided by rounding
+    assert clear.float().mean() > 0.99 and 0.2 < moved.float().mean() < 0.95
+    assert torch.equal(moved[clear], (log_u < log_ratio)[clear])
+
+
 def test_double_well_agrees_with_reference_and_quadrature(ext):
     g = torch.Generator().manual_seed(7)
     dw = DoubleWellModel(barrier_height=2.0, b=1.0)
@@ -211,12 +274,12 @@ def test_double_well_agrees_with_reference_and_quadrature(ext):
     assert abs(float(s2.mean()) - ex2) < 4.5 * float(s2.std()) / math.sqrt(s2.numel())
 
 
-def test_mala_with_noise_scale_not_one_still_targets_exp_minus_energy(ext):
+def test_mala_with_noise_scale_targets_the_tempered_density(ext):
+    "MALA with noise scale s targets e^{-E/s^2}, as `transitions.MALA` does: for this Gaussian, covariance s^2 cov."
     gauss, mean, cov = gaussian3()
     x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
-    # wider proposals than Langevin's: ULA with this noise would sample the tempered e^{-E / 1.5^2} (cov x 2.25)
     s = fused_langevin(gauss, x, step_sizes=steps(1000, .1), noise_scales=steps(1000, 1.5), metropolis=True, seed=4)[0]
-    assert (s.mean(0) - mean).abs().max() < 0.08 and (torch.cov(s.T) - cov).abs().max() < 0.1
+    assert (s.mean(0) - mean).abs().max() < 0.12 and (torch.cov(s.T) - 2.25 * cov).abs().max() < 0.2
 
 
 def test_hmc_scalar_mass(ext):
@@ -428,6 +491,24 @@ def test_samplers_pick_the_fused_path_and_agree_with_the_reference_path(ext):
             for k in (True, False)]
         assert outs[0].keys() == outs[1].keys()
         for key in outs[0]: assert outs[0][key].shape == outs[1][key].shape and outs[0][key].dtype == outs[1][key].dtype
+
+
+def test_mala_with_a_noise_scale_runs_in_the_kernel_and_agrees_with_the_python_path(ext, monkeypatch):
+    "`LangevinDynamics(metropolis=True, noise_scale=s)` hands s != 1 to the kernel; both paths sample e^{-E/s^2}."
+    samplers = pytest.importorskip('torchebm.samplers')
+    import torchebm.cuda.kernels as kernels
+    gauss, mean, cov = gaussian3()
+    x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    used, original = [], kernels.fused_langevin
+    monkeypatch.setattr(kernels, 'fused_langevin', lambda *a, **k: (used.append(1), original(*a, **k))[1])
+    run = lambda k: samplers.LangevinDynamics(gauss, step_size=0.1, noise_scale=0.7, metropolis=True,
+                                              use_kernels=k).sample(x=x, n_steps=300,
+                                                                    generator=torch.Generator().manual_seed(1))
+    fused = run(True)
+    assert used == [1]
+    ref = run(False)
+    assert used == [1] and _z(fused, ref) < 4.5
+    assert (torch.cov(fused.T) - 0.49 * cov).abs().max() < 0.06  # cov s^2 Sigma, not Sigma
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------

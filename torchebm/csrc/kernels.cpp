@@ -296,9 +296,10 @@ void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, con
           fill_normal(rng, z, d);
           for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
           E.eval(y, gy, ey, work);
-          // log q(y | x) = -|z|^2 / 2 and log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
+          // Target e^{-E / s^2} (transitions.MALA's): log q(y | x) = -|z|^2 / 2 and
+          // log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
           T fwd[L] = {}, bwd[L] = {};
-          const T inv = T(1) / (T(4) * h * (T)(scale[t] * scale[t]));
+          const T inv_temp = (T)(1.0 / (scale[t] * scale[t])), inv = T(0.25) * inv_temp / h;
           for (int64_t i = 0; i < d; ++i) {
 #pragma omp simd
             for (int j = 0; j < L; ++j) {
@@ -310,7 +311,7 @@ void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, con
           }
           fill_log_uniform(rng, lu);
           for (int j = 0; j < L; ++j) {
-            const T log_alpha = e[j] - ey[j] - bwd[j] * inv + T(0.5) * fwd[j];
+            const T log_alpha = (e[j] - ey[j]) * inv_temp - bwd[j] * inv + T(0.5) * fwd[j];
             acc[j] = (T)lu[j] < log_alpha;
           }
           for (int64_t i = 0; i < d; ++i)

@@ -137,7 +137,9 @@ __global__ void langevin_kernel(T *x, int64_t n, Energy<T> E, const double *eta,
         fwd += z[i * s] * z[i * s];
         bwd += r * r;
       }
-      const T log_alpha = e - ey - bwd / (T(4) * h * (T)(scale[t] * scale[t])) + T(0.5) * fwd;
+      // target e^{-E / s^2}, as transitions.MALA
+      const T inv_temp = (T)(1.0 / (scale[t] * scale[t]));
+      const T log_alpha = (e - ey) * inv_temp - bwd * (T(0.25) * inv_temp / h) + T(0.5) * fwd;
       acc = (T)logf(rng.uniform()) < log_alpha;
       if (acc) {
         for (int64_t i = 0; i < d; ++i) { xb[i * s] = y[i * s]; gb[i * s] = gy[i * s]; }

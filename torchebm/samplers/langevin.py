@@ -115,8 +115,6 @@ class LangevinDynamics(MCMCSampler):
         "The whole chain in one compiled call (analytic energies, no adaptation, Euler-Maruyama), else `None`."
         if not self.use_kernels or n_steps == 0 or self.adapt_step_size or self.transition is None: return None
         if self.mass is not None or self.grad_clip is not None or self.box is not None or self.adaptation.metric: return None
-        # the kernels' MALA targets e^{-E} for every noise scale; ours targets e^{-E/s^2}: they agree at s = 1
-        if self.metropolis and any(s != 1.0 for s in values['noise_scale']): return None
         kernels = fused_kernels()
         if kernels is None or not kernels.fused_langevin_supported(self.model, x, metropolis=self.metropolis): return None
         check_schedule('step_size', values['step_size'])
