@@ -1,5 +1,5 @@
 """Fused sampling kernels (torchebm.cuda): energies, noise, reproducibility, agreement in distribution with the
-pure-torch reference, diagnostics, and every fallback path (no compiler, broken compiler, disabled, stale lock,
+transitions (torchebm.samplers.transitions), diagnostics, and every fallback path (no compiler, broken compiler, disabled, stale lock,
 cache hit in a second process)."""
 import json
 import math
@@ -19,10 +19,18 @@ from torchebm.core.energies import (AckleyModel, DoubleWellModel, GaussianModel,
                                     RosenbrockModel)
 from torchebm.cuda import loader
 from torchebm.cuda.kernels import (CPU_EXTENSION, analytic_energy, fused_hmc, fused_hmc_supported, fused_langevin,
-                                   fused_langevin_supported, hmc_reference, langevin_reference)
+                                   fused_langevin_supported)
+from torchebm.samplers.transitions import HMC, MALA, ULA, HMCParams, LangevinParams
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
+
+
+def transition_chain(move, params, model, x, n_steps, generator):
+    "Run a transition `n_steps` times from `x`: the one pure-torch implementation the kernels are checked against."
+    state = move.init(model, x)
+    for _ in range(n_steps): state, _ = move.step(model, state, params, generator)
+    return state.x
 
 
 @pytest.fixture(scope='module')
@@ -170,20 +178,19 @@ def _z(a, b):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('seed', [0, 1])
-def test_fused_and_reference_agree_in_distribution(ext, dtype, seed):
+def test_fused_and_transitions_agree_in_distribution(ext, dtype, seed):
     g = torch.Generator().manual_seed(100 + seed)
     gauss, mean, cov = gaussian3(dtype)
     x = torch.randn(1500, 3, generator=g, dtype=dtype)
     n = 100
     pairs = {
         'ula': (fused_langevin(gauss, x, step_sizes=steps(n, .1), noise_scales=steps(n, 1.), seed=seed)[0],
-                langevin_reference(gauss, x, step_sizes=steps(n, .1), noise_scales=steps(n, 1.), generator=g)),
+                transition_chain(ULA(), LangevinParams(.1), gauss, x, n, g)),
         'mala': (fused_langevin(gauss, x, step_sizes=steps(n, .2), noise_scales=steps(n, 1.), metropolis=True,
                                 seed=seed)[0],
-                 langevin_reference(gauss, x, step_sizes=steps(n, .2), noise_scales=steps(n, 1.), metropolis=True,
-                                    generator=g)),
+                 transition_chain(MALA(), LangevinParams(.2), gauss, x, n, g)),
         'hmc': (fused_hmc(gauss, x, step_sizes=steps(30, .25), n_leapfrog_steps=5, seed=seed)[0],
-                hmc_reference(gauss, x, step_sizes=steps(30, .25), n_leapfrog_steps=5, generator=g)),
+                transition_chain(HMC(), HMCParams(.25, 5), gauss, x, 30, g)),
     }
     for name, (fused, ref) in pairs.items():
         assert fused.dtype == dtype
@@ -221,7 +228,6 @@ def _kernel_noise(ext, n, d, seed):
 @pytest.mark.parametrize('noise_scale', [1.0, 0.6])
 def test_ula_step_is_the_transition_given_the_same_noise(ext, model, noise_scale):
     "One kernel ULA step equals `transitions.ULA().step` fed the kernel's own normals (same seed, same stream)."
-    from torchebm.samplers.transitions import ULA, LangevinParams
     model = model.to(F64)
     d = 3 if isinstance(model, GaussianModel) else 4
     n, h, seed = 97, 0.01, 21
@@ -240,7 +246,6 @@ def test_ula_step_is_the_transition_given_the_same_noise(ext, model, noise_scale
 def test_mala_step_is_the_transition_given_the_same_noise(ext, noise_scale):
     """One kernel MALA step equals `transitions.MALA().step` fed the same normals and the same uniform: the same
     proposal, the same Metropolis ratio (so the same target e^{-E/s^2} for noise scale s), the same decisions."""
-    from torchebm.samplers.transitions import MALA, LangevinParams
     gauss4 = GaussianModel(mean=torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=F64),
                            cov=torch.diag(torch.tensor([1.0, 0.8, 0.6, 1.3], dtype=F64)) + 0.1).to(F64)
     n, h, seed = 4000, 0.6, 5  # a large step: hundreds of proposals are rejected
@@ -259,13 +264,12 @@ def test_mala_step_is_the_transition_given_the_same_noise(ext, noise_scale):
     assert torch.equal(moved[clear], (log_u < log_ratio)[clear])
 
 
-def test_double_well_agrees_with_reference_and_quadrature(ext):
+def test_double_well_agrees_with_transitions_and_quadrature(ext):
     g = torch.Generator().manual_seed(7)
     dw = DoubleWellModel(barrier_height=2.0, b=1.0)
     x = torch.randn(3000, 1, generator=g, dtype=F64)
     fused = fused_langevin(dw, x, step_sizes=steps(300, .01), noise_scales=steps(300, 1.), metropolis=True, seed=1)[0]
-    ref = langevin_reference(dw, x, step_sizes=steps(300, .01), noise_scales=steps(300, 1.), metropolis=True,
-                             generator=g)
+    ref = transition_chain(MALA(), LangevinParams(.01), dw, x, 300, g)
     assert _z(fused, ref) < 4.5
     grid = torch.linspace(-3, 3, 20001, dtype=F64)[:, None]
     p = torch.exp(-dw(grid))
@@ -399,7 +403,8 @@ FALLBACK_CHECK = '''
 import json, warnings, torch
 from torchebm.core.energies import GaussianModel
 from torchebm.cuda import loader
-from torchebm.cuda.kernels import fused_langevin_supported, langevin_reference
+from torchebm.cuda.kernels import fused_langevin_supported
+from torchebm.samplers import LangevinDynamics
 mean = torch.tensor([1.0, -0.5], dtype=torch.float64)
 cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
 model = GaussianModel(mean=mean, cov=cov).double()
@@ -408,11 +413,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     supported = fused_langevin_supported(model, x)
     supported = supported or fused_langevin_supported(model, x)  # asked twice: a failed build is not retried
-try:
-    from torchebm.samplers import LangevinDynamics
-    s = LangevinDynamics(model, step_size=0.2, metropolis=True).sample(x=x, n_steps=120, generator=torch.Generator().manual_seed(1))
-except ImportError:
-    s = langevin_reference(model, x, step_sizes=[0.2] * 120, noise_scales=[1.0] * 120, metropolis=True)
+s = LangevinDynamics(model, step_size=0.2, metropolis=True).sample(x=x, n_steps=120, generator=torch.Generator().manual_seed(1))
 rows = loader.status(verbose=False)
 print(json.dumps(dict(supported=supported, warnings=[str(w.message) for w in caught],
                       paths=sorted({r['path'] for r in rows if r['device'] == 'cpu'}),

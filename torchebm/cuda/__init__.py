@@ -7,8 +7,7 @@ __all__ = ['tune_cpu_allocator', 'status', 'format_status', 'kernels_enabled', '
            'set_cache_dir', 'load_extension', 'extension_state', 'forget_extensions', 'register_extension',
            'ExtensionSpec', 'ExtensionState', 'cxx_toolchain', 'cuda_toolchain', 'remove_stale_lock', 'DISABLE_ENV',
            'fused_langevin', 'fused_hmc', 'fused_langevin_supported', 'fused_hmc_supported', 'fused_unavailable_reason',
-           'analytic_energy', 'AnalyticEnergy', 'langevin_reference', 'hmc_reference', 'CPU_EXTENSION',
-           'CUDA_EXTENSION']
+           'analytic_energy', 'AnalyticEnergy', 'CPU_EXTENSION', 'CUDA_EXTENSION']
 
 # %% ../../nbs/42_cuda.ipynb #4c5777b8
 import ctypes
@@ -21,7 +20,7 @@ _all_ = ['status', 'format_status', 'kernels_enabled', 'enable_kernels', 'disabl
          'set_cache_dir', 'load_extension', 'extension_state', 'forget_extensions', 'register_extension',
          'ExtensionSpec', 'ExtensionState', 'cxx_toolchain', 'cuda_toolchain', 'remove_stale_lock', 'DISABLE_ENV',
          'fused_langevin', 'fused_hmc', 'fused_langevin_supported', 'fused_hmc_supported', 'fused_unavailable_reason',
-         'analytic_energy', 'AnalyticEnergy', 'langevin_reference', 'hmc_reference', 'CPU_EXTENSION', 'CUDA_EXTENSION']
+         'analytic_energy', 'AnalyticEnergy', 'CPU_EXTENSION', 'CUDA_EXTENSION']
 
 # %% ../../nbs/42_cuda.ipynb #c4a1b0c2
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['CSRC', 'CPU_EXTENSION', 'CUDA_EXTENSION', 'fused_langevin', 'fused_hmc', 'AnalyticEnergy', 'analytic_energy',
-           'fused_unavailable_reason', 'fused_langevin_supported', 'fused_hmc_supported', 'langevin_reference',
-           'hmc_reference']
+           'fused_unavailable_reason', 'fused_langevin_supported', 'fused_hmc_supported']
 
 # %% ../../nbs/41_kernels.ipynb #2630f587
 import math
@@ -206,50 +205,3 @@ def fused_langevin_supported(model, x, *, metropolis: bool = False) -> bool:
 def fused_hmc_supported(model, x, *, mass=None) -> bool:
     "Whether `fused_hmc(model, x, mass=mass, ...)` can run (builds the extension on the first call)."
     return fused_unavailable_reason(model, x, mass=mass) is None
-
-# %% ../../nbs/41_kernels.ipynb #7fa2d418
-def langevin_reference(model, x: torch.Tensor, *, step_sizes, noise_scales, metropolis: bool = False,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "ULA/MALA in pure torch with the same parametrisation as `fused_langevin`; returns the final `x: [n_chains, d]`."
-    eta = _schedule('step_sizes', step_sizes, None, positive=True).tolist()
-    scale = _schedule('noise_scales', noise_scales, len(eta), positive=bool(metropolis)).tolist()
-    x = x.detach().clone()
-    energy, grad = model.energy_and_gradient(x)
-    for h, s in zip(eta, scale):
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        y = x - h * grad + math.sqrt(2 * h) * s * noise
-        if not metropolis:
-            x = y
-            energy, grad = model.energy_and_gradient(x)
-            continue
-        energy_y, grad_y = model.energy_and_gradient(y)
-        log_q_forward = -0.5 * (noise ** 2).sum(1)
-        log_q_backward = -((x - y + h * grad_y) ** 2).sum(1) / (4 * h * s * s)
-        log_alpha = (energy - energy_y) / (s * s) + log_q_backward - log_q_forward  # target e^{-E/s^2}
-        u = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=x.device)
-        accept = u.log() < log_alpha
-        x, grad = torch.where(accept[:, None], y, x), torch.where(accept[:, None], grad_y, grad)
-        energy = torch.where(accept, energy_y, energy)
-    return x
-
-def hmc_reference(model, x: torch.Tensor, *, step_sizes, n_leapfrog_steps: int, mass=None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "HMC in pure torch with the same parametrisation as `fused_hmc`; returns the final `x: [n_chains, d]`."
-    eta = _schedule('step_sizes', step_sizes, None, positive=True).tolist()
-    m = _scalar_mass(mass)
-    x = x.detach().clone()
-    energy, grad = model.energy_and_gradient(x)
-    for h in eta:
-        p = math.sqrt(m) * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        h0 = energy + (p ** 2).sum(1) / (2 * m)
-        y, p = x.clone(), p - 0.5 * h * grad
-        for l in range(n_leapfrog_steps):
-            y = y + h * p / m
-            energy_y, grad_y = model.energy_and_gradient(y)
-            p = p - (0.5 * h if l + 1 == n_leapfrog_steps else h) * grad_y
-        log_alpha = h0 - energy_y - (p ** 2).sum(1) / (2 * m)
-        u = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=x.device)
-        accept = u.log() < log_alpha
-        x, grad = torch.where(accept[:, None], y, x), torch.where(accept[:, None], grad_y, grad)
-        energy = torch.where(accept, energy_y, energy)
-    return x
