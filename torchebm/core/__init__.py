@@ -16,7 +16,7 @@ __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive',
            'TransformedModel', 'transform_for', 'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES',
            'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy', 'ConditionalEnergy', 'model_input_dtype',
            'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities', 'all_states', 'state_codes', 'PottsModel',
-           'lattice_coupling', 'run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
+           'lattice_coupling', 'eval_mode', 'run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
@@ -60,6 +60,6 @@ from .discrete import PottsModel, lattice_coupling
 _all_ = ['PottsModel', 'lattice_coupling']
 
 # %% ../../nbs/03_core.ipynb #5c4ed01e
-from .base import run_steps
+from .base import eval_mode, run_steps
 from .schedulers import *
-_all_ = ['run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
+_all_ = ['eval_mode', 'run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
