@@ -27,18 +27,19 @@ def squared_distance_cost(x1: torch.Tensor, x0: torch.Tensor, dtype: Optional[to
 ASSIGNMENT_SOLVERS = ('auto', 'scipy', 'auction')
 AUCTION_BIDDERS = ('auto', 'free', 'all')
 
-def _auction_round(benefit, prices, owner, assigned, rows, eps):
+def _auction_round(benefit, prices, owner, assigned, rows, eps, stamp, masked):
     "One Jacobi round: the unassigned among `rows` bid at once; the highest bid per object wins (ties: the highest row)."
-    n = prices.shape[0]  # `n` in `owner` / `assigned` means nobody / nothing
-    top, idx = (benefit[rows] - prices).topk(2, dim=1)
+    n = prices.shape[0]  # `n` in `assigned` (and `owner` mod n + 1) means nothing / nobody
+    top, idx = benefit.index_select(0, rows).sub_(prices).topk(2, dim=1)
     target = idx[:, 0]
-    bid = prices[target] + (top[:, 0] - top[:, 1]) + eps  # the most a bidder pays and still prefers `target`
-    bid = bid.masked_fill_(assigned[rows] < n, -math.inf)  # assigned rows sit the round out
+    best, second = top.unbind(1)
+    bid = (best - second).add_(prices.index_select(0, target)).add_(eps)  # the most a bidder pays and still prefers `target`
+    if masked: bid.masked_fill_(assigned.index_select(0, rows) < n, -math.inf)  # assigned rows sit the round out
     prices = prices.scatter_reduce(0, target, bid, 'amax')  # each object's highest bid, or its old price
-    won = bid == prices[target]
-    owner = owner.scatter_reduce(0, target, torch.where(won, rows + n + 1, -1), 'amax')  # winners encoded above owners
-    owner = torch.where(owner > n, owner - (n + 1), owner)
-    assigned = torch.full((n + 1,), n, dtype=owner.dtype, device=owner.device).scatter_(0, owner, torch.arange(n, device=owner.device))[:n]
+    won = bid == prices.index_select(0, target)
+    # owners are stored as row + (n + 1) * round: this round's winners outrank every earlier owner
+    owner = owner.scatter_reduce(0, target, torch.where(won, rows + stamp, -1), 'amax')
+    assigned = torch.full((n + 1,), n, dtype=owner.dtype, device=owner.device).scatter_(0, owner % (n + 1), torch.arange(n, device=owner.device))[:n]
     return prices, owner, assigned
 
 def auction_assignment(cost: torch.Tensor,  # square cost `[n, n]` (any float dtype; solved in float64)
@@ -78,7 +79,7 @@ def auction_assignment(cost: torch.Tensor,  # square cost `[n, n]` (any float dt
                 if rows.numel() == 0: break
             rounds += 1
             if rounds > max_rounds: raise RuntimeError(f"auction_assignment did not finish in {max_rounds} rounds")
-            prices, owner, assigned = _auction_round(benefit, prices, owner, assigned, rows, eps)
+            prices, owner, assigned = _auction_round(benefit, prices, owner, assigned, rows, eps, (n + 1) * rounds, dense)
         if eps <= eps_final: return assigned
         eps = max(eps / scaling, eps_final)
 
