@@ -19,7 +19,7 @@
    0.45 / 0.48 / 0.43 after 1k / 2k / 4k / 8k / 12k steps (W2^2 0.34 / 0.39 / 0.20 / 0.23 / 0.19), against 0.072.
 2. Time per 1k-pair batch of every coupling on this machine's CPU (one thread unless --threads). No GPU here.
 
-    python benchmarks/bench_couplings.py [--steps 2000] [--threads 1]
+    python benchmarks/bench_couplings.py [--steps 4000] [--threads 1]
 
 Writes benchmarks/results/couplings.{json,md}.
 """
@@ -122,7 +122,7 @@ def time_per_batch(name, n=1000, repeats=3, **kwargs):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument('--steps', type=int, default=2000)
+    p.add_argument('--steps', type=int, default=4000)
     p.add_argument('--batch', type=int, default=256)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--eval', type=int, default=1024, help='generated and target points in the W2 score')
