@@ -14,12 +14,35 @@ def _optimal_cost(cost):
 
 
 @pytest.mark.parametrize('n', [2, 3, 16, 64, 128])
-def test_auction_is_the_scipy_plan_on_random_costs(n):
+@pytest.mark.parametrize('bidders', ['free', 'all'])
+def test_auction_is_the_scipy_plan_on_random_costs(n, bidders):
     g = torch.Generator().manual_seed(n)
     for _ in range(5):
         cost = torch.rand(n, n, generator=g, dtype=torch.float64) * 10
         _, ref = linear_sum_assignment(cost.numpy())
-        assert auction_assignment(cost).tolist() == ref.tolist()
+        assert auction_assignment(cost, bidders=bidders).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('n', [5, 50, 300])
+def test_auction_cost_is_within_n_eps_of_the_optimum(n, dtype):
+    """The guarantee: cost <= optimum + n eps_final = optimum + tol (max C - min C). A coarse tol makes the bound bite:
+    a broken variant that keeps every pair between phases (no eps-happy check) fails it at n = 5."""
+    g = torch.Generator().manual_seed(n)
+    for tol in (1e-2, 1e-9):
+        for bidders in ('free', 'all'):
+            cost = (torch.randn(n, 2, generator=g, dtype=dtype)[:, None] - torch.randn(n, 2, generator=g, dtype=dtype)).square().sum(-1)
+            cols = auction_assignment(cost, tol=tol, bidders=bidders)
+            assert sorted(cols.tolist()) == list(range(n))
+            got, best = cost.double()[torch.arange(n), cols].sum().item(), _optimal_cost(cost)
+            assert best - 1e-9 <= got <= best + tol * (cost.max() - cost.min()).item() + 1e-9
+
+
+def test_auction_on_integer_costs_is_exact_when_n_eps_is_below_one():
+    g = torch.Generator().manual_seed(3)
+    cost = torch.randint(0, 100, (60, 60), generator=g).double()
+    cols = auction_assignment(cost, tol=0.99 / 99)
+    assert cost[torch.arange(60), cols].sum().item() == _optimal_cost(cost)
 
 
 def test_auction_with_ties_reaches_the_optimal_cost():
@@ -120,6 +143,8 @@ def test_registry_and_bad_input():
     with pytest.raises(ValueError, match='labels y'): ConditionalOTCoupling().pair(x, x, y=torch.zeros(3))
     with pytest.raises(ValueError, match='must not itself use labels'): ConditionalOTCoupling(ConditionalOTCoupling())
     with pytest.raises(ValueError, match='scaling'): auction_assignment(torch.rand(3, 3), scaling=1.0)
+    with pytest.raises(ValueError, match="'free'"): auction_assignment(torch.rand(3, 3), bidders='some')
+    with pytest.raises(ValueError, match='check_every'): auction_assignment(torch.rand(3, 3), check_every=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
