@@ -151,9 +151,9 @@ EBM_CONFIG = dict(channels=(16, 32), batch_size=64, k_steps=40, final_steps=10, 
 # negative starts from noise and descends E(x, y) = -f(x)[y] for the label of its data row); scored samples are drawn
 # the same way, 100 per class. Without the energy penalty (`energy_reg`, on E(x, y)^2 of data and negatives) the
 # contrastive term ran away (loss -229 after 200 steps at lr 5e-4).
-JEM_CONFIG = dict(channels=(32, 64), batch_size=64, k_steps=40, final_steps=0, step_size=1.0, noise=0.01, data_noise=0.03,
-                  generative_weight=1.0, energy_reg=0.1, classifier_steps=300, classifier_lr=2e-3, lr=2e-4,
-                  betas=(0.9, 0.999), steps=200)
+JEM_CONFIG = dict(channels=(16, 32), batch_size=64, k_steps=40, final_steps=0, step_size=1.0, noise=0.01, data_noise=0.03,
+                  generative_weight=1.0, energy_reg=0.1, classifier_steps=0, classifier_lr=2e-3, lr=1e-3,
+                  betas=(0.9, 0.999), steps=1400)
 
 
 def sgld(model, config):
