@@ -447,21 +447,24 @@ def test_fallback_when_the_build_fails(tmp_path):
 
 
 CACHE_CHECK = '''
-import json, time
+import json
 import torch
 from torchebm.cuda import loader
 from torchebm.cuda.kernels import CPU_EXTENSION
-t0 = time.perf_counter()
 ext = loader.load_extension(CPU_EXTENSION.name)
-took = time.perf_counter() - t0
 state = loader.extension_state(CPU_EXTENSION.name)
-print(json.dumps(dict(ok=ext is not None, took=took, path=state.path, lock=(loader.cache_dir() / CPU_EXTENSION.build_name() / 'lock').exists())))
+print(json.dumps(dict(ok=ext is not None, path=state.path, lock=(loader.cache_dir() / CPU_EXTENSION.build_name() / 'lock').exists())))
 '''
 
 
 def test_second_process_loads_from_cache_without_compiling(ext):
+    "The library file is loaded as it is: same modification time afterwards (a timing bound would flake on a busy machine)."
+    build = loader.cache_dir() / CPU_EXTENSION.build_name()
+    libraries = lambda: {p.name: p.stat().st_mtime_ns for p in build.glob('*.so')}
+    before = libraries()
     out = run_python(CACHE_CHECK, {'TORCHEBM_EXTENSIONS_DIR': str(loader.cache_dir())})
-    assert out['ok'] and out['path'] == 'cached' and out['took'] < 2.0, out
+    assert out['ok'] and out['path'] == 'cached', out
+    assert before and libraries() == before, 'the second process rebuilt the extension'
 
 
 def test_stale_lock_does_not_hang(ext):
