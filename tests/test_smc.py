@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from torchebm.core.base import BaseModel
 from torchebm.core.energies import GaussianModel
 from torchebm.samplers import smc
 from torchebm.samplers.smc import SequentialMonteCarlo
+from torchebm.samplers.transitions import ULA, LangevinParams
 from test_tempering import two_modes
 
 
@@ -83,3 +85,23 @@ def test_smc_float64_base_and_parameter_free_energy():
         dim=2, n_samples=64, generator=torch.Generator().manual_seed(0))
     assert result.samples.dtype == torch.float64
     assert abs(result.log_z.item() - math.log(2 * math.pi)) < 1e-12  # base = target: one stage, exact
+
+
+
+class NaNBeyond(BaseModel):
+    "$|x|^2 / 2$ (the base itself: one stage) whose gradient is NaN where $x_1 > 2.5$ (a few of the base's draws)."
+    @property
+    def dim(self): return 2
+
+    def forward(self, x): return 0.5 * x.pow(2).sum(-1)
+
+    def analytic_gradient(self, x): return torch.where(x[:, :1] > 2.5, torch.nan, x)
+
+
+def test_smc_nan_guard_names_the_stage_and_particles():
+    """Mutations run through the shared loop: particles that leave the finite numbers (unadjusted Langevin taking
+    a NaN gradient) stop the run at the end of that stage's sweep, naming the stage and the particles."""
+    sampler = SequentialMonteCarlo(NaNBeyond(), ULA(), params=LangevinParams(step_size=0.01))
+    with pytest.raises(ValueError, match=r'SequentialMonteCarlo stage 1: NaN or inf appeared in [1-9]\d* of 512 '
+                                         r'chains \(chains \[\d+.*\]\) between steps 1 and 5'):
+        sampler.sample(n_samples=512, generator=torch.Generator().manual_seed(0))

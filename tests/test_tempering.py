@@ -4,6 +4,7 @@ and a well-separated mixture's weights recovered where one chain stays stuck.
 Each statistical check is a function that raises AssertionError; every test also runs it on a deliberately
 broken variant (a swap without its Metropolis test, no swaps at all) and expects it to fail."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from torchebm.core.energies import GaussianModel
 from torchebm.diagnostics import energy_distance_test
 from torchebm.samplers import tempering
 from torchebm.samplers.mcmc import ChainState
-from torchebm.samplers.tempering import (GaussianBase, ParallelTempering, TemperedModel, replica_exchange_step,
-                                         swap_log_ratio, swap_permutation)
-from torchebm.samplers.transitions import MALA, LangevinParams
+from torchebm.samplers.tempering import (AdaptedLadder, GaussianBase, ParallelTempering, TemperedModel,
+                                         replica_exchange_step, swap_log_ratio, swap_permutation)
+from torchebm.samplers.transitions import MALA, ULA, LangevinParams
 
 
 class MixtureEnergy(BaseModel):
@@ -164,3 +165,83 @@ def test_warm_start_reuses_the_adapted_ladder_and_step_sizes():
     assert torch.equal(again.betas, first.betas) and torch.equal(again.step_size, first.step_size)
     with pytest.raises(TypeError, match='warm_start'):
         sampler.sample(x=x0, n_steps=1, n_warmup=0, warm_start=(first.betas, first.step_size))
+    from_adapted = sampler.sample(x=first.samples[:, -1], n_steps=5, n_warmup=10, warm_start=first.adapted,
+                                  generator=torch.Generator().manual_seed(1))
+    assert isinstance(first.adapted, AdaptedLadder) and torch.equal(from_adapted.samples, again.samples)
+
+
+# -- the shared loop: trajectories, per-chain counts, NaN guard and warnings ----------------------------------
+def _standard_normal():
+    return GaussianModel(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('swap_scheme', ['seo', 'deo'])
+def test_warmup_trajectory_continues_into_the_draws(swap_scheme):
+    """With a fixed ladder, warm-up steps are kept steps that are not returned as draws: a run with warm-up W and N
+    kept steps gives the same chain as one with N + W kept steps, split at W (thinned alike)."""
+    sampler = ParallelTempering(_standard_normal(), n_temperatures=4, min_beta=0.1, swap_scheme=swap_scheme)
+    fixed = AdaptedLadder(sampler.betas, torch.full((4,), 0.3, dtype=torch.float64))
+    x0 = torch.full((3, 2), 5.0, dtype=torch.float64)
+    run = lambda **kw: sampler.sample(x=x0, thin=2, warm_start=fixed, generator=torch.Generator().manual_seed(0), **kw)
+    split, whole = run(n_warmup=6, n_steps=8), run(n_warmup=0, n_steps=14)
+    assert split.warmup.shape == (3, 3, 2) and split.samples.shape == (3, 4, 2) and whole.warmup.shape == (3, 0, 2)
+    torch.testing.assert_close(torch.cat([split.warmup, split.samples], 1), whole.samples, rtol=0, atol=0)
+    every = run(n_warmup=6, n_steps=8, return_all_temperatures=True)  # the trajectories keep every rung
+    assert torch.equal(every.warmup, split.warmup) and every.all_samples.shape == (4, 3, 4, 2)
+    assert torch.equal(every.all_samples[-1], split.samples)
+
+
+def test_per_chain_accept_rate_and_divergences_name_the_broken_rung():
+    """One rung with an absurd step size: its chains (numbered k * n_chains + j) are the ones whose acceptance
+    collapses and whose transitions diverge; the other rungs are untouched. A sane ladder warns of nothing."""
+    sampler = ParallelTempering(_standard_normal(), betas=[0.25, 0.5, 1.0])
+    x0 = torch.zeros(4, 2, dtype=torch.float64)
+    broken = AdaptedLadder(sampler.betas, torch.tensor([0.5, 0.5, 1e4], dtype=torch.float64))
+    with pytest.warns(RuntimeWarning) as caught:
+        result = sampler.sample(x=x0, n_steps=200, n_warmup=0, warm_start=broken,
+                                generator=torch.Generator().manual_seed(0))
+    messages = [str(w.message) for w in caught]
+    assert any('chains [8, 9, 10, 11]) had acceptance below' in m and 'warm_start=' in m for m in messages), messages
+    assert any('chains [8, 9, 10, 11]) had divergent transitions' in m for m in messages), messages
+    assert all('chain 4k+j: chain j at temperature k' in m for m in messages if 'chains [' in m)
+    assert result.accept_rate.shape == (3, 4) and result.n_divergent.dtype == torch.int64
+    assert (result.accept_rate[2] < 0.01).all() and (result.accept_rate[:2] > 0.3).all()
+    assert (result.n_divergent[2] > 0).all() and (result.n_divergent[:2] == 0).all()
+    torch.testing.assert_close(result.acceptance_rate, result.accept_rate.mean(1))
+    sane = AdaptedLadder(sampler.betas, torch.full((3,), 0.5, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        sampler.sample(x=x0, n_steps=200, n_warmup=0, warm_start=sane, generator=torch.Generator().manual_seed(0))
+
+
+class NaNAfter(BaseModel):
+    "$|x|^2 / 2$ whose gradient turns NaN at batch rows `rows` from evaluation `after` on (counts its evaluations)."
+    def __init__(self, rows, after):
+        super().__init__()
+        self.rows, self.after, self.calls = rows, after, 0
+
+    @property
+    def dim(self): return 2
+
+    def forward(self, x): return 0.5 * x.pow(2).sum(-1)
+
+    def analytic_gradient(self, x):
+        self.calls += 1
+        grad = x.clone()
+        if self.calls > self.after: grad[self.rows] = float('nan')
+        return grad
+
+
+@pytest.mark.parametrize('phase', ['kept', 'warm-up'])
+def test_nan_guard_stops_the_run_naming_chains(phase):
+    """Unadjusted Langevin takes a NaN gradient into the state: the guard (every 100 steps) stops the run long
+    before its end, naming the chains (temperature 1 and 2 of 4 chains per rung) and the phase."""
+    model = NaNAfter(rows=[5, 10], after=150)
+    sampler = ParallelTempering(model, ULA(), betas=[0.3, 0.6, 1.0], params=LangevinParams(step_size=0.05))
+    fixed = AdaptedLadder(sampler.betas, torch.full((3,), 0.05, dtype=torch.float64))
+    n_warmup, n_steps = (0, 1000) if phase == 'kept' else (1000, 1)
+    with pytest.raises(ValueError, match=r'chains \[5, 10\]\) between steps 101 and 200') as error:
+        sampler.sample(x=torch.zeros(4, 2, dtype=torch.float64), n_steps=n_steps, n_warmup=n_warmup,
+                       warm_start=fixed, generator=torch.Generator().manual_seed(0))
+    assert ('warm-up' in str(error.value)) == (phase == 'warm-up')
+    assert model.calls <= 202  # stopped at the check after step 200, not at the end of the run

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.base import BaseSampler, check_choice, check_nonnegative_int, check_positive, model_tensor_dtype
+from .mcmc import run_chain
 from .tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 from .transitions import ChainState, Transition
 
@@ -88,10 +89,13 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
             betas: Optional[torch.Tensor] = None, target_ess: float = 0.5, n_mutation_steps: int = 5,
             resampling: Optional[str] = 'systematic', resample_threshold: float = 0.5,
             adapt_step_size: bool = True, target_accept: float = 0.574, mutate_last: bool = True,
-            max_stages: int = 10_000, generator: Optional[torch.Generator] = None, progress: bool = False) -> SMCResult:
+            max_stages: int = 10_000, generator: Optional[torch.Generator] = None, progress: bool = False,
+            owner: str = 'SMC') -> SMCResult:
     """Anneal particles `x: [n, *dim]` (draws of the base, normalised) to the target of `tempered`.
 
-    `betas` fixes the ladder (else adaptive by conditional ESS); `resampling=None` gives AIS."""
+    `betas` fixes the ladder (else adaptive by conditional ESS); `resampling=None` gives AIS. Each stage's
+    mutation steps run through `run_chain`, whose NaN guard raises naming the stage (`owner`, stage k) and the
+    particles (its chains) that left the finite numbers."""
     n, device = len(x), x.device
     parts = tempered.parts(x)
     log_w = torch.zeros(n, dtype=torch.float64, device=device)
@@ -99,7 +103,15 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
     beta = log_w.new_zeros(())
     step_size = torch.as_tensor(params.step_size, dtype=x.dtype, device=device)
     ladder, ess_history, accept_history, step_history = [beta], [], [], []
-    bar = tqdm(total=1.0, disable=not progress, desc='SMC')
+    accept = None
+    def mutate(state, i):  # one transition at the stage's beta, the step size following the acceptance
+        nonlocal step_size, accept
+        state, info = transition.step(tempered, state, params._replace(step_size=step_size), generator)
+        rate = info.accept_prob.mean()
+        accept = rate / n_mutation_steps if i == 0 else accept + rate / n_mutation_steps
+        if adapt_step_size: step_size = step_size * (rate - target_accept).exp()
+        return state, info
+    bar = tqdm(total=1.0, disable=not progress, desc=owner)
     for k in range(1, max_stages + 1):
         gap = parts.gap.to(torch.float64)
         new_beta = betas[k] if betas is not None else next_beta(log_w, gap, beta, target_ess)
@@ -118,11 +130,8 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
         if last and not mutate_last: break
         if n_mutation_steps:
             tempered.beta = beta
-            state, accept = ChainState(x, *parts.at(beta)), 0
-            for _ in range(n_mutation_steps):
-                state, info = transition.step(tempered, state, params._replace(step_size=step_size), generator)
-                accept = accept + info.accept_prob.mean() / n_mutation_steps
-                if adapt_step_size: step_size = step_size * (info.accept_prob.mean() - target_accept).exp()
+            state, _, _ = run_chain(mutate, ChainState(x, *parts.at(beta)), n_mutation_steps,
+                                    owner=f'{owner} stage {k}')
             accept_history.append(accept)
             step_history.append(step_size)
             x, parts = state.x, tempered.parts_from_state(state)  # beta > 0 here: no extra evaluation
@@ -132,7 +141,7 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
                            "check the energy for NaN or lower target_ess")
     bar.close()
     if not bool(torch.isfinite(log_z)):
-        raise ValueError("SMC: log Z is not finite (NaN or inf energies); check the model and step_size")
+        raise ValueError(f"{owner}: log Z is not finite (NaN or inf energies); check the model and step_size")
     variance = log_z_variance(log_w, eve, n_resampled)
     stack = lambda v: torch.stack(v) if v else log_w.new_zeros(0)
     return SMCResult(log_z, variance.clamp_min(0).sqrt(), x, log_w, weight_ess(log_w), torch.stack(ladder),
@@ -199,7 +208,7 @@ class SequentialMonteCarlo(BaseSampler):
                        target_ess=self.target_ess, n_mutation_steps=self.n_mutation_steps,
                        resampling=self.resampling, resample_threshold=self.resample_threshold,
                        adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
-                       generator=generator, progress=progress)
+                       generator=generator, progress=progress, owner='SequentialMonteCarlo')
         if result.n_ancestors == 1:
             warnings.warn("SequentialMonteCarlo: every particle descends from one initial particle, so the standard "
                           "error of log Z is void; use more particles, a larger target_ess or resample_threshold",

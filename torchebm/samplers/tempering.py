@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SWAP_SCHEMES', 'MIN_SWAP_RATE', 'GaussianBase', 'resolve_base', 'PathParts', 'TemperedModel', 'interpolate',
-           'geometric_ladder', 'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'PTResult',
-           'transition_and_params', 'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
+           'geometric_ladder', 'equalized_ladder', 'swap_log_ratio', 'swap_permutation', 'RoundTrips', 'AdaptedLadder',
+           'PTResult', 'transition_and_params', 'ExchangeInfo', 'replica_exchange_step', 'ParallelTempering']
 
 # %% ../../nbs/18a_parallel_tempering.ipynb #825ffebb
 import copy
@@ -15,10 +15,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import distributions as D
-from tqdm.auto import tqdm
 
 from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive
-from .mcmc import dual_averaging_final, dual_averaging_init, dual_averaging_update
+from .mcmc import (ChainMonitor, dual_averaging_final, dual_averaging_init, dual_averaging_update,
+                                    run_chain)
 from .transitions import (
     HMC, MALA, ChainState, HMCParams, LangevinParams, Transition, model_energy_and_gradient)
 
@@ -216,8 +216,14 @@ class RoundTrips:
         self.phase[cold] = torch.where(self.phase[cold] == 1, 2, self.phase[cold])
 
 # %% ../../nbs/18a_parallel_tempering.ipynb #d889adeb
+class AdaptedLadder(NamedTuple):
+    "What a parallel tempering warm-up adapted, and what `warm_start=` takes back: the ladder and its step sizes."
+    betas: torch.Tensor      # [K] inverse temperatures, increasing to 1
+    step_size: torch.Tensor  # [K] step size of each temperature
+
 class PTResult(NamedTuple):
-    "What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up)."
+    """What a parallel tempering run returns (rates and counts are over the kept steps, after warm-up). `samples`,
+    `warmup`, `adapted`, `accept_rate` and `n_divergent` mean what they mean in a `SamplingResult`, per temperature."""
     samples: torch.Tensor          # [n_chains, n_draws, *dim] draws at beta = 1
     betas: torch.Tensor            # [K] the (adapted) ladder, increasing to 1
     step_size: torch.Tensor        # [K] the (adapted) step size of each temperature
@@ -225,6 +231,14 @@ class PTResult(NamedTuple):
     swap_rate: torch.Tensor        # [K-1] mean acceptance probability of swaps between neighbours k, k+1
     round_trips: torch.Tensor      # [n_chains] completed round trips (hottest -> coldest -> hottest) per column
     all_samples: Optional[torch.Tensor] = None  # [K, n_chains, n_draws, *dim] when return_all_temperatures=True
+    warmup: Optional[torch.Tensor] = None       # [n_chains, n_warmup // thin, *dim] the beta = 1 chains during warm-up
+    accept_rate: Optional[torch.Tensor] = None  # [K, n_chains] mean acceptance probability of every chain (its mean over chains: `acceptance_rate`)
+    n_divergent: Optional[torch.Tensor] = None  # [K, n_chains] divergent transitions of every chain (int64)
+
+    @property
+    def adapted(self) -> AdaptedLadder:
+        "The ladder and step sizes this run sampled with (adapted, or from `warm_start`): pass it as `warm_start=`."
+        return AdaptedLadder(self.betas, self.step_size)
 
 _TRANSITIONS = {'mala': MALA, 'hmc': HMC}
 _TARGET_ACCEPT = {'mala': 0.574, 'hmc': 0.65}
@@ -246,10 +260,12 @@ def transition_and_params(transition, params, step_size: float, n_leapfrog_steps
 
 # %% ../../nbs/18a_parallel_tempering.ipynb #35d6817d
 class ExchangeInfo(NamedTuple):
-    "What one replica-exchange step reports."
+    "What one replica-exchange step reports: the swaps, and the transition's fields of a `TransitionInfo` (which a `ChainMonitor` counts)."
     accept_prob: torch.Tensor  # [K * n] the transition's acceptance probability of every chain
     swap_prob: torch.Tensor    # [K-1, n] acceptance probability of the swap between temperatures k and k+1
     source: torch.Tensor       # [K * n] the slot each chain's new state came from
+    is_divergent: torch.Tensor  # [K * n] bool: the transition diverged
+    accepted: Optional[torch.Tensor] = None  # [K * n] bool: the transition's proposal was taken (Metropolis moves)
 
 def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, transition: Transition, params,
                           parity: torch.Tensor, generator: Optional[torch.Generator] = None, *,
@@ -267,7 +283,7 @@ def replica_exchange_step(model, base, state: ChainState, betas: torch.Tensor, t
     flat = (src * n + torch.arange(n, device=src.device)).flatten()
     parts = parts.index(flat)
     return (ChainState(state.x[flat], *parts.at(tempered.beta)), parts,
-            ExchangeInfo(info.accept_prob, swap_prob, flat))
+            ExchangeInfo(info.accept_prob, swap_prob, flat, info.is_divergent, info.accepted))
 
 # %% ../../nbs/18a_parallel_tempering.ipynb #5801315e
 class ParallelTempering(BaseSampler):
@@ -315,20 +331,24 @@ class ParallelTempering(BaseSampler):
                dim=None,  # event shape when `x` is None (default: the model's `dim`)
                n_steps: int = 1000,  # kept steps (each: one transition at every temperature, then one swap round)
                n_samples: int = 1,  # chains per temperature when `x` is None
-               n_warmup: int = 500,  # warm-up steps (step sizes and the ladder adapt; not returned)
-               thin: int = 1,  # keep every `thin`-th step
+               n_warmup: int = 500,  # warm-up steps (step sizes and the ladder adapt; their beta = 1 draws are `warmup`)
+               thin: int = 1,  # keep every `thin`-th step (of the warm-up and of the kept steps)
                return_all_temperatures: bool = False,  # also return the draws of every temperature
                *, generator: Optional[torch.Generator] = None,  # RNG for reproducible runs
                progress: bool = False,  # show a progress bar
-               warm_start: Optional[PTResult] = None) -> PTResult:  # a previous result: its ladder and step sizes, not adapted again
+               warm_start: Optional[Union[PTResult, AdaptedLadder]] = None) -> PTResult:  # a previous result (or its `adapted`): its ladder and step sizes, not adapted again
         """Run the K x n_chains replicas; returns a `PTResult` with the beta = 1 draws and the swap diagnostics.
-        With `warm_start=` the `n_warmup` steps only burn in, with the given ladder and step sizes."""
+        With `warm_start=` the `n_warmup` steps only burn in, with the given ladder and step sizes.
+
+        Both phases run through `run_chain`: its NaN guard raises and its `ChainMonitor` warns naming chains, where
+        chain `k * n_chains + j` is chain j at temperature k (also the order of `accept_rate` and `n_divergent`)."""
         check_nonnegative_int('n_steps', n_steps, minimum=1)
         check_nonnegative_int('n_warmup', n_warmup)
         check_nonnegative_int('thin', thin, minimum=1)
         x0 = self.initial_chains(x, dim, n_samples, generator)
-        if warm_start is not None and not isinstance(warm_start, PTResult):
-            raise TypeError(f"warm_start must be a PTResult (a previous run's result), got {type(warm_start).__name__}")
+        if warm_start is not None and not isinstance(warm_start, (PTResult, AdaptedLadder)):
+            raise TypeError(f"warm_start must be a PTResult (a previous run's result) or its .adapted, "
+                            f"got {type(warm_start).__name__}")
         ladder = self.betas if warm_start is None else warm_start.betas
         K, n, device = len(ladder), len(x0), x0.device
         base, betas = self._base(x0), ladder.to(device=device, dtype=x0.dtype)
@@ -337,45 +357,59 @@ class ParallelTempering(BaseSampler):
                      else warm_start.step_size.to(device=device, dtype=x0.dtype))
         adaptation = dual_averaging_init(step_size)  # one step size per temperature
         ladder_updates = sorted({n_warmup >> j for j in range(1, 5)} - {0}) if self.adapt_ladder else []
-        x = x0.repeat(K, *([1] * (x0.ndim - 1)))
-        parts = TemperedModel(self.model, base).parts(x)
-        state = ChainState(x, *parts.at(betas.repeat_interleave(n)))
         trips = RoundTrips(K, n, device=device)
         block_rate, block_len = torch.zeros(K - 1, dtype=x0.dtype, device=device), 0
-        accept_sum, swap_sum = torch.zeros_like(betas), torch.zeros_like(block_rate)
-        draws = []
-        for t in tqdm(range(n_warmup + n_steps), disable=not progress, desc='ParallelTempering'):
+        swap_sum = torch.zeros_like(block_rate)
+
+        def exchange(state, t):
             parity = (torch.tensor(t % 2, device=device) if self.swap_scheme == 'deo'
                       else torch.randint(0, 2, (), generator=generator, device=device))
             params = self.params._replace(step_size=step_size.repeat_interleave(n))
-            state, parts, info = replica_exchange_step(self.model, base, state, betas, self.transition, params,
-                                                       parity, generator, evaluate=hottest_is_base)
-            accept, swap_rate = info.accept_prob.reshape(K, n).mean(1), info.swap_prob.mean(1)
-            if t < n_warmup and warm_start is not None: continue  # burn-in only
-            if t < n_warmup:
-                adaptation = dual_averaging_update(adaptation, accept, self.target_accept)
-                step_size = adaptation.log_step_size.exp()
-                block_rate, block_len = block_rate + swap_rate, block_len + 1
-                if t + 1 in ladder_updates:
-                    new_betas = equalized_ladder(betas, block_rate / block_len)
-                    step_size = interpolate(new_betas, betas, adaptation.log_step_size_bar).exp()
-                    adaptation = dual_averaging_init(step_size)
-                    betas, block_rate, block_len = new_betas, torch.zeros_like(block_rate), 0
-                    state = ChainState(state.x, *parts.at(betas.repeat_interleave(n)))
-                if t + 1 == n_warmup: step_size = dual_averaging_final(adaptation)
-                continue
+            return replica_exchange_step(self.model, base, state, betas, self.transition, params, parity, generator,
+                                         evaluate=hottest_is_base)
+
+        def warmup_step(state, i):  # the exchange, then dual averaging per temperature and the ladder's updates
+            nonlocal adaptation, step_size, betas, block_rate, block_len
+            state, parts, info = exchange(state, i)
+            if warm_start is not None: return state, info  # burn-in only
+            adaptation = dual_averaging_update(adaptation, info.accept_prob.reshape(K, n).mean(1), self.target_accept)
+            step_size = adaptation.log_step_size.exp()
+            block_rate, block_len = block_rate + info.swap_prob.mean(1), block_len + 1
+            if i + 1 in ladder_updates:
+                new_betas = equalized_ladder(betas, block_rate / block_len)
+                step_size = interpolate(new_betas, betas, adaptation.log_step_size_bar).exp()
+                adaptation = dual_averaging_init(step_size)
+                betas, block_rate, block_len = new_betas, torch.zeros_like(block_rate), 0
+                state = ChainState(state.x, *parts.at(betas.repeat_interleave(n)))
+            if i + 1 == n_warmup: step_size = dual_averaging_final(adaptation)
+            return state, info
+
+        def kept_step(state, i):  # the exchange, then the round trips and swap rates
+            nonlocal swap_sum
+            state, _, info = exchange(state, n_warmup + i)
             trips.update(info.source)
-            accept_sum, swap_sum = accept_sum + accept, swap_sum + swap_rate
-            if (t - n_warmup) % thin == thin - 1:
-                draws.append(state.x.reshape(K, n, *x0.shape[1:]) if return_all_temperatures else state.x[-n:])
+            swap_sum = swap_sum + info.swap_prob.mean(1)
+            return state, info
+
+        x = x0.repeat(K, *([1] * (x0.ndim - 1)))
+        state = ChainState(x, *TemperedModel(self.model, base).parts(x).at(betas.repeat_interleave(n)))
+        owner = f"ParallelTempering (chain {n}k+j: chain j at temperature k)"
+        view = None if return_all_temperatures else (lambda state: state.x[-n:])  # what the trajectories keep
+        run = dict(thin=thin, return_trajectory=True, progress=progress, view=view)
+        # warm-up: the monitor watches the energies and counts nothing; then a fresh one counts the kept steps
+        state, warm, _ = run_chain(warmup_step, state, n_warmup, owner=f'{owner} warm-up',
+                                   monitor=ChainMonitor(x, start=n_warmup, owner=f'{owner} warm-up'), **run)
+        monitor = ChainMonitor(x, owner=owner, collapse_advice="give the warm-up more steps to adapt these chains' step "
+                               "sizes (one per temperature), or lower them in warm_start=")
+        state, kept, _ = run_chain(kept_step, state, n_steps, owner=owner, monitor=monitor, **run)
         rates = swap_sum / n_steps
         if bool((rates < MIN_SWAP_RATE).any()):
             pairs = [(k, k + 1) for k in torch.nonzero(rates < MIN_SWAP_RATE).flatten().tolist()]
             warnings.warn(f"ParallelTempering: swaps between rungs {pairs} were accepted with probability below "
                           f"{MIN_SWAP_RATE}; information does not flow through the ladder: add temperatures",
                           RuntimeWarning, stacklevel=2)
-        kept = torch.stack(draws, -x0.ndim)  # [(K,) n, n_draws, *dim]: draws after the chain axis
-        if not bool(torch.isfinite(kept).all()):
-            raise ValueError("ParallelTempering: the chains reached NaN or inf; lower step_size or check the model")
-        return PTResult(kept[-1] if return_all_temperatures else kept, betas, step_size, accept_sum / n_steps,
-                        rates, trips.count, kept if return_all_temperatures else None)
+        if return_all_temperatures: kept, warm = kept.reshape(K, n, *kept.shape[1:]), warm.reshape(K, n, *warm.shape[1:])
+        accept_rate = monitor.accept_rate.reshape(K, n)
+        return PTResult(kept[-1] if return_all_temperatures else kept, betas, step_size, accept_rate.mean(1), rates,
+                        trips.count, kept if return_all_temperatures else None,
+                        warm[-1] if return_all_temperatures else warm, accept_rate, monitor.n_divergent.reshape(K, n))
