@@ -68,7 +68,7 @@ def test_shapes_dtypes_and_images():
     assert r_hat(x).shape == (2, 4, 4)
     assert ess_tail(x.double()).dtype == torch.float64
     assert autocorrelation(x, max_lag=5).shape == (3, 6, 2, 4, 4)
-    assert ess_bulk(torch.randn(2, 40)).shape == ()
+    assert ess_bulk(torch.randn(2, 40, 1)).shape == (1,)
 
 
 def test_constant_chain_ess_is_total_draws():
@@ -80,9 +80,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match='trajectory'):
         ess_bulk([[1.0, 2.0]])
     with pytest.raises(ValueError, match='2 chains'):
-        r_hat(torch.randn(1, 10))
+        r_hat(torch.randn(1, 10, 1))
     with pytest.raises(ValueError, match="method='x'"):
-        r_hat(torch.randn(2, 10), 'x')
+        r_hat(torch.randn(2, 10, 1), 'x')
     with pytest.raises(ValueError, match='diagnostics='):
         mcmc_summary()
     with pytest.raises(TypeError, match='energy'):
@@ -96,7 +96,7 @@ def test_summary_from_sampler_diagnostics():
     s = mcmc_summary(x, diag)
     assert set(s) == {'ess_bulk', 'ess_tail', 'r_hat', 'energy_ess_bulk', 'energy_ess_tail', 'energy_r_hat',
                       'acceptance_rate'}
-    assert s['energy_ess_bulk'].item() == pytest.approx(ess_bulk(diag['energy'].T).item())
+    assert s['energy_ess_bulk'].item() == pytest.approx(ess_bulk(diag['energy'].T[..., None]).item())
 
 
 def test_mmd_closed_form_and_symmetry():
@@ -345,14 +345,19 @@ def test_sliced_wasserstein_generator_reproducible():
     assert torch.equal(a, b)
 
 
-def test_ess_rejects_a_batch_of_samples():
-    "A `[n_samples, dim]` batch is not a trajectory; a scalar with more chains than steps is passed as [., ., 1]."
-    samples = torch.randn(500, 10)
-    for fn in (ess_bulk, ess_tail, effective_sample_size, r_hat):
-        with pytest.raises(ValueError, match=r'more chains \(500\) than steps \(10\).*\[n_chains, n_steps, 1\]'):
-            fn(samples)
-    assert ess_bulk(samples[..., None]).shape == (1,)
-    assert ess_bulk(torch.randn(2, 40)).shape == ()     # fewer chains than steps: a scalar's trajectory
+def test_ess_rejects_every_2d_tensor():
+    """A 2-D tensor is ambiguous (a scalar's trajectory [n_chains, n_steps] or a batch of samples [n_samples, dim]),
+    whichever axis is longer: every trajectory function refuses it, naming the argument and the trailing-axis fix."""
+    for shape in ((500, 10), (16, 64), (4, 4)):
+        for fn in (ess_bulk, ess_tail, effective_sample_size, r_hat, autocorrelation):
+            with pytest.raises(ValueError, match=r"trajectory must have shape \[n_chains, n_steps, \*dim\] with at "
+                                                 r"least one event axis.*trajectory\[\.\.\., None\]"):
+                fn(torch.randn(*shape))
+        with pytest.raises(ValueError, match='trajectory'):
+            mcmc_summary(torch.randn(*shape))
+    samples = torch.randn(16, 64)
+    assert ess_bulk(samples[..., None]).shape == (1,)    # 16 chains of 64 draws of a scalar, said explicitly
+    assert ess_bulk(samples[None]).shape == (64,)        # or one chain of 16 draws of a 64-vector
     # mcmc_summary's energies [T, n_chains] with many short chains still work
     diag = {'energy': torch.randn(20, 64, dtype=torch.float64)}
     assert mcmc_summary(diagnostics=diag)['energy_ess_bulk'].shape == ()

@@ -285,6 +285,60 @@ def test_sampler_bad_input():
     with pytest.raises(ValueError, match='hutchinson'): sampler.log_likelihood(torch.zeros(2, 2, dtype=F64), divergence='rademacher')
 
 
+class _ModeRecorder(nn.Module):
+    "The exact Gaussian velocity that records `self.training` (its own and a child's) at every call."
+    def __init__(self):
+        super().__init__()
+        self.child, self.modes, self.broken = nn.Identity(), [], False
+    def forward(self, x, t):
+        self.modes.append((self.training, self.child.training))
+        return x[:, :1] if self.broken else gaussian_velocity(self.child(x), t)
+
+
+@pytest.mark.parametrize('start_training', [True, False])
+def test_sampling_and_likelihoods_run_in_eval_mode_and_restore_it(start_training):
+    from torchebm.samplers.likelihood import flow_likelihood
+    net = _ModeRecorder().train(start_training)
+    for integrator in ('heun', 'dopri5'):
+        sampler = FlowSampler(net, integrator=integrator, n_steps=4, dtype=F64)
+        x = torch.randn(5, 2, generator=gen(), dtype=F64)
+        calls = [lambda: sampler.sample(x=x), lambda: sampler.log_likelihood(x),
+                 lambda: sampler.log_likelihood(x, divergence='hutchinson', generator=gen(1)),
+                 lambda: sampler.bits_per_dim(x), lambda: flow_likelihood(sampler, x)]
+        if integrator == 'heun':
+            calls.append(lambda: sampler.sample(x=x, return_trajectory=True, return_diagnostics=True))
+        for call in calls:
+            net.modes.clear()
+            call()
+            assert net.modes and set(net.modes) == {(False, False)}
+            assert net.training == start_training and net.child.training == start_training
+    net.broken = True
+    for call in (lambda: sampler.sample(x=x), lambda: sampler.log_likelihood(x)):
+        with pytest.raises(ValueError, match='shaped like x'):  # the mode comes back when the model fails, too
+            call()
+        assert net.training == start_training and net.child.training == start_training
+
+
+def test_transformer_label_dropout_is_off_while_sampling():
+    """A DiT that drops every label in training mode (class_dropout_prob=1) still samples each class after a
+    training step: the sampler switches it to eval mode. Fails when sampling runs in training mode."""
+    from torchebm.models import ConditionalTransformer2D
+    torch.manual_seed(0)
+    net = ConditionalTransformer2D(in_channels=1, input_size=4, patch_size=2, embed_dim=16, depth=1, num_heads=2,
+                                   num_classes=3, class_dropout_prob=1.0)
+    with torch.no_grad():
+        for p in net.parameters(): p.add_(0.3 * torch.randn_like(p))  # away from the zero (label-blind) init
+    sampler = FlowSampler(net, integrator='euler', n_steps=3)
+    x = torch.randn(4, 1, 4, 4, generator=gen())
+    by_label = {k: sampler.sample(x=x, model_kwargs={'y': torch.full((4,), k)}) for k in range(3)}
+    assert net.training
+    assert not torch.allclose(by_label[0], by_label[1])   # labels reach the model
+    net.eval()
+    torch.testing.assert_close(by_label[2], sampler.sample(x=x, model_kwargs={'y': torch.full((4,), 2)}))
+    null = sampler.sample(x=x, model_kwargs={'y': torch.full((4,), net.null_label)})
+    assert not torch.allclose(by_label[2], null)        # what training mode would have sampled for every label
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_float32():
     mu = MU.float().cuda()

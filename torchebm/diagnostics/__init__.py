@@ -21,20 +21,18 @@ from ..core.base import check_choice, check_nonnegative_int, check_positive
 # %% ../../nbs/50_diagnostics.ipynb #a2b79c79
 def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: int = 1,
                min_steps: int = 4) -> Tuple[torch.Tensor, torch.Size]:
-    "Check `trajectory: [n_chains, n_steps, *dim]`; return it as float64 `[p, n_chains, n_steps]` and `dim`."
+    "Check `trajectory: [n_chains, n_steps, *dim]` (at least 3-D); return it as float64 `[p, n_chains, n_steps]` and `dim`."
     if not isinstance(trajectory, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [n_chains, n_steps, *dim], "
                         f"got {type(trajectory).__name__}")
-    if trajectory.ndim < 2:
-        raise ValueError(f"{name} must have shape [n_chains, n_steps, *dim], got shape {tuple(trajectory.shape)}")
+    if trajectory.ndim < 3:
+        # A 2-D tensor is ambiguous: one scalar's trajectory [n_chains, n_steps], or a batch of samples
+        # [n_samples, dim] whose "ESS" would be a meaningless number. The event axes are never guessed.
+        raise ValueError(f"{name} must have shape [n_chains, n_steps, *dim] with at least one event axis, got shape "
+                         f"{tuple(trajectory.shape)}. A batch of samples [n_samples, dim] is not a trajectory: pass "
+                         "sample(..., return_trajectory=True). For one scalar per draw add a trailing axis: "
+                         f"{name}[..., None] is [n_chains, n_steps, 1]")
     n_chains, n_steps = trajectory.shape[:2]
-    if trajectory.ndim == 2 and n_chains > n_steps:
-        # A 2-D tensor is a scalar's trajectory [n_chains, n_steps]; with more chains than steps it is far more
-        # likely a batch of samples [n_samples, dim], whose "ESS" would be a meaningless number (ArviZ warns here).
-        raise ValueError(f"{name} of shape {tuple(trajectory.shape)} has more chains ({n_chains}) than steps "
-                         f"({n_steps}): is it a batch of samples [n_samples, dim]? Pass a trajectory "
-                         "[n_chains, n_steps, *dim] (sample(..., return_trajectory=True)); for a scalar with more "
-                         "chains than steps add a trailing axis: [n_chains, n_steps, 1]")
     if n_chains < min_chains:
         raise ValueError(f"{name} needs at least {min_chains} chains, got {n_chains}")
     if n_steps < min_steps:
@@ -144,7 +142,7 @@ def _ess_tail(x: torch.Tensor, probs: Tuple[float, float] = (0.05, 0.95)) -> tor
 def effective_sample_size(trajectory: torch.Tensor, method: str = 'bulk') -> torch.Tensor:
     """Effective sample size of each coordinate over all chains (Vehtari et al. 2021).
 
-    `trajectory: [n_chains, n_steps, *dim]` -> `[*dim]`. `method`: `'bulk'` (rank-normalised split chains;
+    `trajectory: [n_chains, n_steps, *dim]` -> `[*dim]` (a scalar's trajectory is `[n_chains, n_steps, 1]`). `method`: `'bulk'` (rank-normalised split chains;
     the default), `'tail'` (5% and 95% quantile indicators, the minimum of both) or `'mean'` (split chains,
     no rank normalisation: the ESS of the posterior-mean estimate)."""
     method = check_choice('method', method, _ESS_METHODS)
@@ -155,11 +153,11 @@ def effective_sample_size(trajectory: torch.Tensor, method: str = 'bulk') -> tor
     return _restore(ess, dim, trajectory)
 
 def ess_bulk(trajectory: torch.Tensor) -> torch.Tensor:
-    "Bulk effective sample size `[*dim]` of `trajectory: [n_chains, n_steps, *dim]`."
+    "Bulk effective sample size `[*dim]` of `trajectory: [n_chains, n_steps, *dim]` (a scalar's: `[n_chains, n_steps, 1]`)."
     return effective_sample_size(trajectory, 'bulk')
 
 def ess_tail(trajectory: torch.Tensor) -> torch.Tensor:
-    "Tail effective sample size `[*dim]` (5% and 95% quantiles) of `trajectory: [n_chains, n_steps, *dim]`."
+    "Tail effective sample size `[*dim]` (5% and 95% quantiles) of `trajectory: [n_chains, n_steps, *dim]` (a scalar's: `[n_chains, n_steps, 1]`)."
     return effective_sample_size(trajectory, 'tail')
 
 # %% ../../nbs/50_diagnostics.ipynb #e5707570

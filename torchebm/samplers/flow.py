@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..core.base import (BaseInterpolant, BaseIntegrator, BaseSampler, check_batch, check_choice,
-                                check_nonnegative_int, check_positive, expand_like, rademacher_like)
+                                check_nonnegative_int, check_positive, eval_mode, expand_like, rademacher_like)
 from ..integrators import Dopri5, Leapfrog, RK4, get_integrator
 from ..interpolants import get_interpolant
 from .mcmc import ChainState, check_chains_finite, run_chain
@@ -130,7 +130,7 @@ class FlowSampler(BaseSampler):
                model_kwargs: Optional[Dict[str, Any]] = None):
         """Integrate from noise `x: [n_samples, *dim]` (drawn when not given) over `n_steps` steps; returns the samples,
         or the trajectory `[n_samples, n_steps // thin, *dim]`, paired with diagnostics (`mean`, `var`: `[T, *dim]`,
-        `t: [T]`) when asked."""
+        `t: [T]`) when asked. The model runs in eval mode (no label dropout) and gets its previous mode back."""
         n_steps = self.n_steps if n_steps is None else n_steps
         check_nonnegative_int('n_steps', n_steps, minimum=1); check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator)
@@ -139,7 +139,7 @@ class FlowSampler(BaseSampler):
         h = (t_end - t_start) / n_steps
         drift = (lambda z, t: self.sde_drift(z, t, kwargs)) if self.mode == 'sde' \
             else (lambda z, t: self.velocity(z, t, kwargs))
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):
             if isinstance(self.integrator, Dopri5):
                 if return_trajectory or return_diagnostics or thin != 1:
                     raise ValueError("the adaptive Dopri5 integrator returns only the final samples; use a fixed-step "
@@ -191,7 +191,8 @@ class FlowSampler(BaseSampler):
                        generator: Optional[torch.Generator] = None,
                        model_kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         """$\\log p(x)$ in nats `[batch]` of data `x: [batch, *dim]` under the probability-flow ODE:
-        $\\log N(x_{t_0}; 0, I) - \\int_{t_0}^{t_1} \\nabla\\cdot v(x_t, t)\\,dt$, integrated from data back to noise."""
+        $\\log N(x_{t_0}; 0, I) - \\int_{t_0}^{t_1} \\nabla\\cdot v(x_t, t)\\,dt$, integrated from data back to noise
+        with the model in eval mode (its previous mode restored)."""
         x = check_batch(x, 'x', model=self.model)
         method = check_choice('divergence', divergence, ('exact', 'hutchinson'))
         n_steps = self.n_steps if n_steps is None else n_steps
@@ -207,18 +208,22 @@ class FlowSampler(BaseSampler):
             return torch.cat([-v.flatten(1), div[:, None]], 1)
 
         start = torch.cat([x.detach().flatten(1), x.new_zeros(batch, 1)], 1)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):
             end = self.integrator.integrate({'x': start}, (t_end - t_start) / n_steps, n_steps,
                                             drift=reverse_drift, t0=0.0)['x']
         check_chains_finite(end, 1, n_steps, 'FlowSampler.log_likelihood')
         return log_standard_normal(end[:, :n_dims]) - end[:, n_dims]
 
-    def bits_per_dim(self, x: torch.Tensor, n_steps: Optional[int] = None, divergence: str = 'exact', *,
-                     generator: Optional[torch.Generator] = None,
+    def bits_per_dim(self, x: torch.Tensor, n_steps: Optional[int] = None, divergence: str = 'auto', *,
+                     n_levels: Optional[int] = None, value_range: Tuple[float, float] = (-1.0, 1.0),
+                     n_dequantizations: int = 1, max_exact_dim: int = 32, generator: Optional[torch.Generator] = None,
                      model_kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
-        "Negative log-likelihood of `x: [batch, *dim]` in bits per dimension `[batch]`."
-        ll = self.log_likelihood(x, n_steps, divergence, generator=generator, model_kwargs=model_kwargs)
-        return nats_to_bits_per_dim(ll, x[0].numel())
+        """Bits per dimension `[batch]` of `x: [batch, *dim]`: `flow_likelihood(self, x, ...).bits_per_dim`. Discrete
+        data (pixels) needs its `n_levels` (uniform dequantisation); without it `x` is continuous, and data that looks
+        discrete gets a warning. `divergence='auto'`: exact up to `max_exact_dim` dimensions, Hutchinson above."""
+        from torchebm.samplers.likelihood import flow_likelihood  # built on this module (17a)
+        return flow_likelihood(self, x, n_levels, value_range, n_dequantizations, divergence, max_exact_dim, n_steps,
+                               generator=generator, model_kwargs=model_kwargs).bits_per_dim
 
     def extra_repr(self) -> str:
         return (f"interpolant={self.interpolant!r}, prediction={self.prediction!r}, mode={self.mode!r}, "

@@ -7,6 +7,7 @@ __all__ = ['DIVERGENCES', 'Likelihood', 'resolve_divergence', 'level_bin_width',
 
 # %% ../../nbs/17a_likelihood.ipynb #e299e346
 import math
+import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -46,6 +47,17 @@ def _check_on_levels(x: torch.Tensor, n_levels: int, value_range: Tuple[float, f
                          f"(e.g. ImageDataset.get_data()); it is up to {float(off):.3g} bins off a level or outside "
                          f"the range. For continuous data pass n_levels=None")
 
+def _grid_of(x: torch.Tensor, max_levels: int = 256) -> Optional[Tuple[int, float]]:
+    "`(levels, spacing)` when the values of `x` repeat and sit on an evenly spaced grid of at most `max_levels` levels (discrete data), else None."
+    values = x.detach().flatten().unique()  # sorted
+    if not 2 <= values.numel() <= max_levels or 2 * values.numel() > x.numel(): return None
+    values = values.double()
+    spacing = values.diff().min()
+    steps = (values - values[0]) / spacing
+    levels = int(steps[-1].round()) + 1
+    if levels > max_levels or not bool((steps - steps.round()).abs().max() < 1e-3): return None
+    return levels, float(spacing)
+
 # %% ../../nbs/17a_likelihood.ipynb #cbfaa5e0
 def flow_likelihood(sampler: FlowSampler,  # a `FlowSampler` around the trained model
                     x: torch.Tensor,  # data `[batch, *dim]`: continuous, or discrete levels in `value_range` units
@@ -58,7 +70,7 @@ def flow_likelihood(sampler: FlowSampler,  # a `FlowSampler` around the trained 
                     *, generator: Optional[torch.Generator] = None,  # draws the dequantisation noise and Hutchinson's probes
                     model_kwargs: Optional[Dict[str, Any]] = None) -> Likelihood:  # extra model arguments, e.g. labels `y`
     "Log-likelihood (nats) and bits/dim `[batch]` of `x` under the flow: exact for continuous data, the dequantisation bound for discrete data."
-    if not isinstance(sampler, FlowSampler):
+    if not callable(getattr(sampler, 'log_likelihood', None)):  # duck-typed: also a FlowSampler whose class a notebook redefines
         raise TypeError(f"sampler must be a FlowSampler, got {type(sampler).__name__}")
     x = check_batch(x, 'x', model=sampler.model)
     check_nonnegative_int('n_dequantizations', n_dequantizations, minimum=1)
@@ -69,6 +81,12 @@ def flow_likelihood(sampler: FlowSampler,  # a `FlowSampler` around the trained 
         return sampler.log_likelihood(points, n_steps, method, generator=generator, model_kwargs=model_kwargs)
 
     if n_levels is None:
+        grid = _grid_of(x)
+        if grid is not None:
+            warnings.warn(f"x looks discrete: its values repeat on a grid of {grid[0]} levels spaced {grid[1]:.4g} apart, "
+                          "where a density is not a probability (bits/dim come out near 0 or below). Pass n_levels= "
+                          "(the data's number of levels, e.g. 17 for the digits: dataset.n_levels) and value_range= for "
+                          "the dequantised bits/dim; with n_levels=None x is treated as continuous", stacklevel=2)
         ll = log_density(x)
     else:
         value_range = _check_value_range(value_range)
