@@ -304,6 +304,15 @@ def test_cd_buffer_on_cpu_device(dtype):
     assert negatives.dtype == loss.dtype == dtype
 
 
+def test_cd_dtype_argument_does_not_cast_the_buffer():
+    "`dtype=` does not cast the buffer: it is made in the data's dtype (as documented since this test was added)."
+    model = make_model('gaussian', 'cpu', torch.float32)
+    pcd = ContrastiveDivergence(model, LangevinDynamics(model, step_size=0.05, use_kernels=False), persistent=True,
+                                buffer_size=32, dtype=torch.float64)
+    loss, negatives = pcd(start(8, 'cpu', torch.float32), generator=torch.Generator().manual_seed(0))
+    assert pcd.replay_buffer.dtype == negatives.dtype == loss.dtype == torch.float32
+
+
 def test_cd_buffer_follows_to_and_refuses_a_mismatched_dtype():
     "`.to()` moves the buffer with the loss; data in another dtype than the buffer's is a ValueError naming the fix."
     model = make_model('gaussian', 'cpu', torch.float32)  # any_input_dtype: the model itself takes either dtype

@@ -39,7 +39,7 @@ class ContrastiveDivergence(EnergyModelLoss):
                  energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
                  init_std: float = 1.0,  # standard deviation of 'gaussian' starts
                  n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
-                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` while the loss holds no float tensor; the buffer is made in the data's dtype
                  device: Union[str, torch.device, None] = None,  # device of the replay buffer (default: the data's)
                  *,
                  buffer_init: str = 'gaussian',  # where new PCD chains start: 'gaussian', 'uniform' or 'data' (data plus noise)
@@ -191,7 +191,7 @@ class PersistentContrastiveDivergence(ContrastiveDivergence):
                  energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
                  init_std: float = 1.0,  # standard deviation of 'gaussian' starts
                  n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
-                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` while the loss holds no float tensor; the buffer is made in the data's dtype
                  device: Union[str, torch.device, None] = None,  # device of the replay buffer (default: the data's)
                  *,
                  buffer_init: str = 'gaussian',  # where new chains start: 'gaussian', 'uniform' or 'data' (data plus noise)
