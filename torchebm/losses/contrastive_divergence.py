@@ -12,12 +12,16 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ..core.base import (BaseSampler, check_batch, check_choice, check_nonnegative_int, check_positive,
-                                eval_mode, randn_like, warn_deprecated)
+                                eval_mode, warn_deprecated)
 from .loss_utils import (ConditionedModel, EnergyModelLoss, check_loss_finite, is_per_sample,
                                         merge_model_kwargs, model_energy, tile_model_kwargs)
 
 # %% ../../nbs/20_contrastive_divergence.ipynb #815cfdca
 BUFFER_INITS = ('gaussian', 'uniform', 'data')
+
+def _rng_device(generator: Optional[torch.Generator], device) -> torch.device:
+    "Where random numbers for `device` are drawn: on `generator`'s device if one is given (it can draw nowhere else), else on `device`."
+    return generator.device if generator is not None else torch.device(device)
 
 def run_sampler(sampler, model, start: torch.Tensor, n_steps: int, generator: Optional[torch.Generator] = None):
     "`sampler` run on `model` for this call only, through `sample(..., model=)`: no attribute of the sampler changes."
@@ -39,7 +43,7 @@ class ContrastiveDivergence(EnergyModelLoss):
                  energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
                  init_std: float = 1.0,  # standard deviation of 'gaussian' starts
                  n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
-                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` while the loss holds no float tensor; the buffer is made in the data's dtype
                  device: Union[str, torch.device, None] = None,  # device of the replay buffer (default: the data's)
                  *,
                  buffer_init: str = 'gaussian',  # where new PCD chains start: 'gaussian', 'uniform' or 'data' (data plus noise)
@@ -136,23 +140,26 @@ class ContrastiveDivergence(EnergyModelLoss):
         if n > self.buffer_size:
             raise ValueError(f"buffer_size={self.buffer_size} is smaller than the {n} negatives drawn per step; "
                              "use buffer_size >= the batch size (or n_negatives)")
-        index = torch.randperm(self.buffer_size, generator=generator, device=buffer.device)[:n]
+        draws = _rng_device(generator, buffer.device)  # a CPU buffer can serve chains on the GPU and their generator
+        index = torch.randperm(self.buffer_size, generator=generator, device=draws)[:n].to(buffer.device)
         start = buffer[index]
         if self.reinit_prob > 0:
-            fresh = torch.rand(n, generator=generator, device=start.device, dtype=start.dtype) < self.reinit_prob
+            fresh = (torch.rand(n, generator=generator, device=draws, dtype=start.dtype) < self.reinit_prob).to(start.device)
             start = torch.where(fresh.reshape(-1, *[1] * (start.ndim - 1)), self.new_chains(x, n, start.device, generator), start)
         return index, start
 
     def new_chains(self, x: torch.Tensor, n: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         "`n` fresh chains shaped like the rows of `x`, on `device`: N(0, init_std^2), U(init_range) or data rows plus noise."
         shape, device = (n, *x.shape[1:]), device or x.device
+        draws = _rng_device(generator, device)
         if self.buffer_init == 'data':
             rows = x.detach()[torch.randint(x.shape[0], (n,), generator=generator, device=x.device)].to(device)
-            return rows + self.data_noise * randn_like(rows, generator) if self.data_noise > 0 else rows
+            if self.data_noise == 0: return rows
+            return rows + self.data_noise * torch.randn(shape, generator=generator, dtype=rows.dtype, device=draws).to(device)
         if self.buffer_init == 'uniform':
             low, high = self.init_range
-            return low + (high - low) * torch.rand(shape, generator=generator, dtype=x.dtype, device=device)
-        return self.init_std * torch.randn(shape, generator=generator, dtype=x.dtype, device=device)
+            return low + (high - low) * torch.rand(shape, generator=generator, dtype=x.dtype, device=draws).to(device)
+        return self.init_std * torch.randn(shape, generator=generator, dtype=x.dtype, device=draws).to(device)
 
     def buffer_device(self, x: torch.Tensor) -> torch.device:
         "Where the replay buffer lives: the loss's `device=` (or `.to()` target) if given, else the data's device."
@@ -191,7 +198,7 @@ class PersistentContrastiveDivergence(ContrastiveDivergence):
                  energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies
                  init_std: float = 1.0,  # standard deviation of 'gaussian' starts
                  n_negatives: Optional[int] = None,  # negatives per call (default: the batch size)
-                 dtype: Optional[torch.dtype] = None,  # dtype of the buffer (default: the model's)
+                 dtype: Optional[torch.dtype] = None,  # `.dtype` while the loss holds no float tensor; the buffer is made in the data's dtype
                  device: Union[str, torch.device, None] = None,  # device of the replay buffer (default: the data's)
                  *,
                  buffer_init: str = 'gaussian',  # where new chains start: 'gaussian', 'uniform' or 'data' (data plus noise)
