@@ -149,9 +149,12 @@ def test_acceptance_rates_are_sane():
     model = Gaussian(mean, cov)
     x0 = start_at_target(mean, cov, 500, 3)
     rates = {}
-    for h in (0.001, 0.05, 1.0):
+    for h in (0.001, 0.05):
         _, d = run(LangevinDynamics(model, step_size=h, metropolis=True), x0, 40, 0, return_diagnostics=True)
         rates[h] = d['acceptance_rate'].mean().item()
+    with pytest.warns(RuntimeWarning, match='acceptance below 0.01 over all 40 steps'):  # a step too large strands chains
+        _, d = run(LangevinDynamics(model, step_size=1.0, metropolis=True), x0, 40, 0, return_diagnostics=True)
+    rates[1.0] = d['acceptance_rate'].mean().item()
     assert rates[0.001] > 0.97 and rates[0.001] > rates[0.05] > rates[1.0] and rates[1.0] < 0.2
     _, d = run(HamiltonianMonteCarlo(model, step_size=0.1, n_leapfrog_steps=5), x0, 30, 0, return_diagnostics=True)
     assert 0.5 < d['acceptance_rate'].mean() <= 1.0
@@ -420,6 +423,137 @@ def test_fused_path_is_used_and_agrees_with_the_reference(kind, monkeypatch):
     assert set(d_fused) == set(d_ref)
     assert_moments(fused, mean, cov)
     assert_moments(reference, mean, cov)
+
+
+@pytest.mark.parametrize('kind', ['mala', 'hmc'])
+def test_fused_runs_warn_about_stuck_chains_and_healthy_ones_do_not(kind, monkeypatch):
+    """The fused kernels report no per-chain acceptance; a Metropolis chain that never left its start accepted
+    nothing, and the warning names it (it used to say nothing at acceptance 0.00)."""
+    pytest.importorskip('torchebm.core.energies')
+    from torchebm.core import GaussianModel
+    model = GaussianModel(mean=torch.zeros(2, dtype=F64), cov=torch.eye(2, dtype=F64)).double()
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    kernels = _kernels_or_skip(model, x0)
+    name = 'fused_hmc' if kind == 'hmc' else 'fused_langevin'
+    used, original = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: (used.append(1), original(*a, **k))[1])
+    make = {'mala': lambda h: LangevinDynamics(model, step_size=h, metropolis=True),
+            'hmc': lambda h: HamiltonianMonteCarlo(model, step_size=h, n_leapfrog_steps=5)}[kind]
+    with pytest.warns(RuntimeWarning, match=r'50 of 50 chains \(chains \[0, 1, 2.*no accepted proposal in 50 steps'):
+        run(make(50.0), x0, 50, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        run(make(0.3), x0, 50, 0)
+    assert used == [1, 1]
+
+
+# --- warnings that name chains -------------------------------------------------------------------------------
+
+def _stuck_mala(d=50):
+    "MALA at step 1.8 on a 50-D standard Gaussian: acceptance below 1e-5 on every chain, and no divergences."
+    return LangevinDynamics(Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64)), step_size=1.8, metropolis=True)
+
+
+def test_collapse_is_warned_about_in_runs_shorter_than_the_window():
+    "CD-k runs 20 steps: the 100-step window never filled, so acceptance ~1e-35 passed silently."
+    sampler, x0 = _stuck_mala(), torch.randn(40, 50, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r'40 of 40 chains .*acceptance below 0.01 over all 20 steps') as record:
+        result = run(sampler, x0, 20, 0, return_result=True)
+    assert len(record) == 1 and (result.accept_rate < 1e-5).all() and (result.n_divergent == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        run(_stuck_mala(), x0, mcmc.MIN_WINDOW - 1, 0)  # too few steps to tell
+
+
+def test_a_persisting_problem_is_warned_about_once_per_sampler_until_it_clears():
+    """A training loop calls the sampler every step; Python's own de-duplication keys on the message, which names
+    different chains each time, so without this every call would warn again."""
+    from torchebm.losses import ContrastiveDivergence
+    sampler, g = _stuck_mala(), torch.Generator().manual_seed(0)
+    model = Gaussian(torch.zeros(50, dtype=F64), torch.eye(50, dtype=F64))
+    cd = ContrastiveDivergence(model, sampler, k_steps=20)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        for _ in range(4): cd(torch.randn(16, 50, generator=g, dtype=F64), generator=g)
+        assert [str(w.message).count('not warned again') for w in record] == [1]
+        wide = Gaussian(torch.zeros(50, dtype=F64), 100 * torch.eye(50, dtype=F64))
+        sampler.sample(x=torch.randn(16, 50, generator=g, dtype=F64), n_steps=20, model=wide, generator=g)  # healthy
+        assert len(record) == 1
+        cd(torch.randn(16, 50, generator=g, dtype=F64), generator=g)
+    assert len(record) == 2 and 'acceptance below 0.01' in str(record[1].message)
+
+
+class Repelling(BaseModel):
+    "E(x) = -|x|^2: Langevin runs away exponentially, finite for a long time."
+    def forward(self, x): return -(x ** 2).sum(-1)
+
+
+def test_energies_that_explode_while_finite_are_warned_about():
+    "Noise-free ULA on -|x|^2 from 0 stays at 0; the other chains grow 1.2-fold a step and are named."
+    x0 = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x0[0] = 0.0
+    sampler = LangevinDynamics(Repelling(), step_size=0.1, noise_scale=0.0)
+    with pytest.warns(RuntimeWarning) as record:
+        out = run(sampler, x0, 100, 0)
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and '9 of 10 chains (chains [1, 2, 3, 4, 5, 6, 7, 8, 9])' in messages[0], messages
+    assert 'running away' in messages[0]
+
+
+@pytest.mark.parametrize('kind', ['mala', 'hmc'])
+def test_step_size_jitter_changes_draws_after_warmup_only(kind):
+    """Jitter multiplies each chain's step size by U(1 - j, 1 + j) after warm-up: the warm-up (draws and adapted step
+    size) is the same as without it, the draws after it are not."""
+    mean, cov = torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([[1.0, 0.6], [0.6, 2.0]], dtype=F64)
+    make = {'mala': lambda j: LangevinDynamics(Gaussian(mean, cov), step_size=0.3, metropolis=True, jitter=j,
+                                               adapt_step_size=True, n_adapt_steps=20),
+            'hmc': lambda j: HamiltonianMonteCarlo(Gaussian(mean, cov), step_size=0.2, n_leapfrog_steps=5, jitter=j,
+                                                   adapt_step_size=True, n_adapt_steps=20)}[kind]
+    x0 = start_at_target(mean, cov, 30, 0)
+    plain, jittered = (run(make(j), x0, 40, 0, return_trajectory=True, return_result=True) for j in (0.0, 0.5))
+    assert torch.equal(plain.warmup, jittered.warmup)
+    assert torch.equal(plain.adapted.step_size, jittered.adapted.step_size)
+    assert not torch.equal(plain.samples[:, 0], jittered.samples[:, 0])
+
+
+@pytest.mark.parametrize('kind', ['mala', 'hmc'])
+def test_step_size_jitter_is_applied_on_models_with_fused_kernels(kind):
+    "Without warm-up every step is jittered, also where the fused kernels (one step size per step) could run."
+    pytest.importorskip('torchebm.core.energies')
+    from torchebm.core import GaussianModel
+    model = GaussianModel(mean=torch.zeros(2, dtype=F64), cov=torch.eye(2, dtype=F64)).double()
+    make = {'mala': lambda j: LangevinDynamics(model, step_size=0.3, metropolis=True, jitter=j),
+            'hmc': lambda j: HamiltonianMonteCarlo(model, step_size=0.2, n_leapfrog_steps=5, jitter=j)}[kind]
+    x0 = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    _, diagnostics = run(make(0.5), x0, 10, 0, return_diagnostics=True)
+    steps = diagnostics['step_size']
+    assert ((steps - steps.mean()).abs() > 1e-3).any() and ((steps - 0.3).abs() < 0.3 * 0.5 + 1e-12).all(), steps
+
+
+class RecordsMode(BaseModel):
+    "A quadratic energy behind dropout that records the mode it was called in."
+    def __init__(self):
+        super().__init__()
+        self.dropout, self.modes = torch.nn.Dropout(0.5), []
+
+    def forward(self, x):
+        self.modes.append((self.training, self.dropout.training))
+        return 0.5 * (self.dropout(x) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize('make', [lambda m: LangevinDynamics(m, step_size=0.1),
+                                  lambda m: HamiltonianMonteCarlo(m, step_size=0.1, n_leapfrog_steps=2)])
+def test_sampling_runs_the_model_in_eval_mode_and_restores_its_mode(make):
+    model = RecordsMode()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    for training in (True, False):
+        model.train(training)
+        model.dropout.train(True)  # a sub-module in another mode than its parent keeps it too
+        model.modes.clear()
+        run(make(model), x0, 3, 0)
+        assert model.modes and set(model.modes) == {(False, False)}
+        assert (model.training, model.dropout.training) == (training, True)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class LangevinDynamics(MCMCSampler):
         "The whole chain in one compiled call (analytic energies, no adaptation, Euler-Maruyama), else `None`."
         if not self.use_kernels or n_steps == 0 or self.adapt_step_size or self.transition is None: return None
         if self.mass is not None or self.grad_clip is not None or self.box is not None or self.adaptation.metric: return None
+        if self.adaptation.jitter: return None  # the kernels take one step size per step, not one per chain
         kernels = fused_kernels()
         if kernels is None or not kernels.fused_langevin_supported(self.model, x, metropolis=self.metropolis): return None
         check_schedule('step_size', values['step_size'])
