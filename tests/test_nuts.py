@@ -259,3 +259,61 @@ def test_step_size_of_wrong_shape():
     model = GaussianModel(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match=r'\[n_chains\]'):
         NoUTurnSampler(model, step_size=torch.ones(3), n_warmup=0).sample(x=torch.zeros(4, 2), n_steps=1)
+
+
+class ModeRecorder(torch.nn.Module):
+    "A standard Gaussian energy that records its `training` flag on every call."
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return 0.5 * (x ** 2).sum(-1)
+
+
+def test_sample_runs_the_model_in_eval_mode_and_restores_it():
+    model = ModeRecorder().train()
+    NoUTurnSampler(model, n_warmup=5, max_tree_depth=3).sample(x=torch.zeros(4, 2, dtype=DT), n_steps=3,
+                                                              generator=torch.Generator().manual_seed(0))
+    assert model.modes and not any(model.modes) and model.training
+    model.eval()
+    NoUTurnSampler(model, n_warmup=0, step_size=0.5).sample(x=torch.zeros(4, 2, dtype=DT), n_steps=1)
+    assert not model.training
+
+
+def test_model_argument_samples_another_model_for_one_run():
+    first = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    other = GaussianModel(torch.tensor([3.0, -3.0], dtype=DT), torch.diag(torch.tensor([1.0, 4.0], dtype=DT)))
+    x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    sample = lambda sampler, **kw: sampler.sample(x=x0, n_steps=20, n_warmup=100, return_result=True,
+                                                  return_trajectory=True, generator=torch.Generator().manual_seed(1), **kw)
+    sampler = NoUTurnSampler(first)
+    got, expected = sample(sampler, model=other), sample(NoUTurnSampler(other))
+    assert torch.equal(got.samples, expected.samples) and torch.equal(got.adapted.step_size, expected.adapted.step_size)
+    assert sampler.model is first
+    assert torch.equal(sample(sampler).samples, sample(NoUTurnSampler(first)).samples)  # the constructor's model again
+    assert torch.equal(sample(NoUTurnSampler(), model=other).samples, expected.samples)  # no model in the constructor
+    with pytest.raises(ValueError, match='model='):
+        NoUTurnSampler().sample(x=x0, n_steps=1)
+
+
+def test_stuck_chain_is_named_once_and_a_healthy_run_does_not_warn():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    x0 = torch.randn(4, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a healthy run, from the same sampler class and start, says nothing
+        NoUTurnSampler(model, n_warmup=0, step_size=0.5).sample(x=x0, n_steps=30, generator=torch.Generator().manual_seed(1))
+    # chain 1 leapfrogs with an absurd step size and no warm-up to adapt it: every tree diverges at its first leaf
+    sampler = NoUTurnSampler(model, n_warmup=0, step_size=torch.tensor([0.5, 1e3, 0.5, 0.5], dtype=DT))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = sampler.sample(x=x0, n_steps=30, return_result=True, generator=torch.Generator().manual_seed(1))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2, messages  # one per problem: acceptance collapse and divergences
+    assert sum('chains [1]) had acceptance below 0.01' in m for m in messages) == 1, messages
+    assert sum('chains [1]) had divergent transitions' in m for m in messages) == 1, messages
+    assert result.n_divergent.tolist() == [0, 30, 0, 0] and float(result.accept_rate[1]) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the same problems in the next run of this sampler are not warned again
+        sampler.sample(x=x0, n_steps=30, generator=torch.Generator().manual_seed(2))

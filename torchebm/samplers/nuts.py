@@ -5,20 +5,18 @@
 # %% auto #0
 __all__ = ['NUTS', 'METRICS', 'NoUTurnSampler', 'Leaf', 'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic',
            'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'build_subtree', 'NUTSParams', 'NUTSInfo',
-           'per_chain_step_size', 'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size',
-           'warn_divergences']
+           'per_chain_step_size', 'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
 import math
-import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..core.base import check_choice, check_nonnegative_int, check_positive
+from ..core.base import check_choice, check_nonnegative_int, check_positive, eval_mode
 from ..integrators import MassMatrix
-from .mcmc import (ADAPT_METRICS, AdaptedParameters, MCMCSampler, SamplingResult, Warmup,
-                                    adaptation_options, check_chains_finite, jittered, run_chain)
+from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, MCMCSampler, SamplingResult,
+                                    Warmup, adaptation_options, check_chains_finite, jittered, run_chain)
 from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
@@ -83,24 +81,30 @@ class NoUTurnSampler(MCMCSampler):
     def sample(self, x: Optional[torch.Tensor] = None, dim=None, n_steps: Optional[int] = None, n_samples: int = 1,
                thin: int = 1, return_trajectory: bool = False, return_diagnostics: bool = False, *,
                n_warmup: Optional[int] = None, return_result: bool = False, generator: Optional[torch.Generator] = None,
-               progress: bool = False, warm_start: Optional[AdaptedParameters] = None):
+               progress: bool = False, warm_start: Optional[AdaptedParameters] = None, model=None):
         """Warm up, then draw `n_steps` states per chain from `x: [n_chains, *dim]`. Returns `x`, or the trajectory
         `[n_chains, n_steps // thin, *dim]` (warm-up not included), paired with the per-draw diagnostics if
         `return_diagnostics`; `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric).
-        `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric."""
+        `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric; `model=`
+        samples another model for this run. The model runs in eval mode (its modes are restored afterwards); warnings
+        about stuck (acceptance collapsed), divergent or runaway chains after warm-up name them, once while a problem
+        persists over consecutive runs of this sampler."""
         owner = type(self).__name__
-        if self.model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor")
+        run_model = model if model is not None else self.model
+        if run_model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor or to sample")
         if warm_start is not None and not isinstance(warm_start, AdaptedParameters):
             raise TypeError(f"warm_start must be an AdaptedParameters (e.g. result.adapted), got {type(warm_start).__name__}")
         n_steps = self.resolve_n_steps(n_steps)
         n_warmup = 0 if warm_start is not None else (self.n_warmup if n_warmup is None else n_warmup)
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('thin', thin, minimum=1)
-        x = self.start_points(x, dim, n_samples, generator)
-        model = self.step_model
-        with torch.no_grad():
-            state = self.transition.init(model, x)
+        x = self.start_points(x, dim, n_samples, generator, run_model)
+        monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
+        with torch.no_grad(), eval_mode(run_model):
+            evaluation = self.evaluation_model(run_model)
+            state = self.transition.init(evaluation, x)
             record = thin if return_result and return_trajectory else 0
-            state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(model, state, n_warmup, generator, record)
+            state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(evaluation, state, n_warmup, generator,
+                                                                                 record)
             if warm_start is not None:
                 metric = warm_start.metric if warm_start.metric is not None else adapted.metric
                 adapted = AdaptedParameters(per_chain_step_size(warm_start.step_size, x), metric_like(metric, x))
@@ -108,24 +112,25 @@ class NoUTurnSampler(MCMCSampler):
             infos = []
             def step(state, i):
                 params = self.params(jittered(step_size, self.jitter, n, generator), metric)
-                state, info = self.transition.step(model, state, params, generator)
+                state, info = self.transition.step(evaluation, state, params, generator)
                 infos.append(info)
-                return state, {}
+                return state, {'info': info}
             state, trajectory, _ = run_chain(step, state, n_steps, thin=thin, return_trajectory=return_trajectory,
-                                             progress=progress, owner=owner, nan_policy=self.nan_policy)
-        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos else torch.empty(0, n)
+                                             progress=progress, owner=owner, nan_policy=self.nan_policy, monitor=monitor)
+        self._reported = monitor.found
+        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos else torch.empty(0, n, device=x.device)
                        for k in ('accept_prob', 'is_divergent', 'energy_error', 'tree_depth', 'n_leapfrog', 'hit_max_depth')}
-        diagnostics.update(step_size=step_size.expand(n), n_grad_evals=torch.tensor(sum(info.n_grad_evals for info in infos)),
-                           warmup_n_grad_evals=torch.tensor(warm_evals), warmup_n_divergent=warm_divergent)
-        n_divergent = diagnostics['is_divergent'].sum(0, dtype=torch.long) if infos else warm_divergent.new_zeros(n)
-        warn_divergences(owner, n_divergent)
+        diagnostics.update(step_size=step_size.expand(n),
+                           n_grad_evals=torch.tensor(sum(info.n_grad_evals for info in infos), device=x.device),
+                           warmup_n_grad_evals=torch.tensor(warm_evals, device=x.device), warmup_n_divergent=warm_divergent)
         out = trajectory if return_trajectory else state.x
         if return_result:
             warmup = torch.stack(warm_draws, 1) if warm_draws else None
             accept_rate = diagnostics['accept_prob'].mean(0) if infos else x.new_full((n,), math.nan)
-            return SamplingResult(out, warmup, adapted, accept_rate, n_divergent,
+            return SamplingResult(out, warmup, adapted, accept_rate, monitor.n_divergent,
                                   diagnostics if return_diagnostics else None)
         return (out, diagnostics) if return_diagnostics else out
+
 
 # %% ../../nbs/18_nuts.ipynb #716c803c
 NUTS = NoUTurnSampler
@@ -358,13 +363,3 @@ def find_reasonable_step_size(model, state: ChainState, step_size: torch.Tensor,
 
 # %% ../../nbs/18_nuts.ipynb #f5426c9c
 METRICS = ('unit', 'diagonal', 'dense')
-
-# %% ../../nbs/18_nuts.ipynb #fe92eeae
-def warn_divergences(owner: str, n_divergent: torch.Tensor) -> None:
-    "One `RuntimeWarning` naming the chains with divergent transitions (`n_divergent: [n_chains]`), if any."
-    if not bool(n_divergent.any()): return
-    chains = n_divergent.nonzero().flatten().tolist()
-    shown = ', '.join(map(str, chains[:20])) + (', ...' if len(chains) > 20 else '')
-    warnings.warn(f"{owner}: {int(n_divergent.sum())} divergent transitions after warm-up in {len(chains)} of "
-                  f"{n_divergent.shape[0]} chains (chains [{shown}]); raise target_accept or reparametrise the model",
-                  RuntimeWarning, stacklevel=3)
