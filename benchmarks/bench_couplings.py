@@ -193,9 +193,11 @@ def render(result):
                       f"{PUBLISHED[name] if setup == 'c2ot' else '-'} |")
     for setup, runs in result['one_step'].items():
         for name, r in runs.items():
+            if r.get('note'): md += ['', f"{setup}, {name}: {r['note']}."]
+            if r.get('history'): md += ['', f"{setup}, {name}, earlier runs of the same setup (1024 points): {r['history']}."]
             if r.get('checks'):
-                md += ['', f"{setup}, {name}: W2^2 during training ({r['n_check']} points): " +
-                       ', '.join(f"{k} steps {v ** 2:.3f}" for k, v in r['checks'].items()) + '.']
+                md += ['', f"{setup}, {name}: W2^2 during training ({r['n_check']} fresh points each): " +
+                       ', '.join(f"{k} steps {v ** 2:.2f}" for k, v in r['checks'].items()) + '.']
     c = result['collapse_w2']
     md += ['', f'A perfect independent-coupling field collapses every point onto the target mean at t = 0: W2 = '
            f'sqrt(tr Cov(target)) = {c:.3f} (W2^2 = {c ** 2:.3f}), the same in the torchcfm and c2ot setups (same data).']
