@@ -1,27 +1,27 @@
 """Minibatch couplings (issue 15): one-Euler-step generation quality and time per batch.
 
-1. Quality, in the torchcfm toy setup as its code writes it (`--setup torchcfm`, the default):
-   source `sample_8gaussians`: radius 5, covariance sqrt(0.1) I (torchcfm passes sqrt(var) as the COVARIANCE, so the
-   per-coordinate std is 0.1**0.25 = 0.56, not sqrt(0.1)); target `sample_moons`: torchdyn's `generate_moons`
-   (evenly spaced points on the two arcs, plus ONE uniform U(0, 0.2) offset added to both coordinates), times 3
-   minus 1; torchcfm's MLP (3-64-64-64-2, SELU); its conditional flow matcher with path noise sigma = 0.1
-   (x_t = t x1 + (1 - t) x0 + sigma eps, target x1 - x0); Adam 1e-3, batch 256 (torchcfm trains 20000 steps).
-   `--setup ours` keeps the previous variant (variance 0.1, sklearn's Gaussian-noise moons, MLP 3-64-64-2 SiLU,
-   sigma = 0, torchebm's FlowMatchingLoss). Generation is ONE Euler step x1 = x0 + v(x0, 0); the score is
-   W2 = sqrt(mean squared distance of the exact assignment) between `--eval` generated and fresh target points
-   (POT's emd2 returns the squared cost; torchcfm's `wasserstein` takes its square root), printed together with W2^2.
-   Published figure (arXiv 2503.10636): 6.23 (independent) vs 0.072 (OT). Reference: a perfect independent-coupling
-   field sends every x0 to E[x1] at t = 0, so its one-step W2 is sqrt(tr Cov(target)), printed as `collapse`.
-   Findings (single seed, 1024 points; two independent target samples are W2 = 0.108 apart): the independent score
-   rises with training toward the collapse value 3.00 (W2 1.60 / 1.74 / 1.97 / 2.14 / 2.11 / 2.32 / 2.20 after
-   1k / 2k / 4k / 8k / 12k / 16k / 20k steps), so a W2 of 6.23 is out of reach of this setup; as W2^2 (POT's emd2
-   without the square root) it sits between our 20k-step 4.84 and the limit 9.01. The exact-OT score is 0.58 / 0.62 /
-   0.45 / 0.48 / 0.43 after 1k / 2k / 4k / 8k / 12k steps (W2^2 0.34 / 0.39 / 0.20 / 0.23 / 0.19), against 0.072.
+1. Quality: train a velocity field from 8 Gaussians to two moons with independent or exact-OT pairs, generate with ONE
+   Euler step x1 = x0 + v(x0, 0) and score it by W2 = sqrt(mean squared distance of the exact assignment) between the
+   generated and as many fresh target points (reported with W2^2). A perfect independent-coupling field sends every
+   x0 to E[x1] at t = 0, so its one-step W2^2 tends to tr Cov(target) = 9.01 (`collapse`).
+   `--setup c2ot` (default): the published figure's setup (arXiv 2503.10636, Fig. 1, Euler-1: 6.232 +- 0.186 (FM)
+   vs 0.072 +- 0.025 (OT), 10 seeds), as its public code (hkchengrex/C2OT, `moons.py`) does it: data as torchcfm's
+   (below); a width-128 residual MLP (3 GELU blocks, expansion 4, time by a linear embedding); path noise 0; Adam 3e-4;
+   20000 steps of batch 256, cut from fresh draws of 1024 pairs coupled as a whole (OT batch 1024), kept in the
+   source's order, so an independent batch's data are one quarter of torchdyn's arc-ordered moons; score on 10000
+   points by POT's `emd2` of the squared-distance cost, which is W2^2 (no square root).
+   `--setup torchcfm`: torchcfm's toy setup: source `sample_8gaussians`, radius 5, covariance sqrt(0.1) I (torchcfm
+   passes sqrt(var) as the COVARIANCE: per-coordinate std 0.1**0.25 = 0.56); target torchdyn's `generate_moons` (evenly
+   spaced arc points plus ONE U(0, 0.2) offset added to both coordinates) times 3 minus 1; MLP 3-64-64-64-2 SELU; path
+   noise sigma = 0.1; Adam 1e-3, batch 256 drawn from 50000-point pools, OT on the 256-batch; 1024 evaluation points.
+   `--setup ours`: variance 0.1, sklearn's Gaussian-noise moons, MLP 3-64-64-2 SiLU, sigma = 0, FlowMatchingLoss.
+   Results and findings: results/couplings.md.
 2. Time per 1k-pair batch of every coupling on this machine's CPU (one thread unless --threads). No GPU here.
 
-    python benchmarks/bench_couplings.py [--steps 4000] [--threads 1]
+    python benchmarks/bench_couplings.py [--setup c2ot] [--couplings independent exact] [--steps N] [--eval N]
+    python benchmarks/bench_couplings.py --timing-only
 
-Writes benchmarks/results/couplings.{json,md}.
+Updates benchmarks/results/couplings.{json,md} (runs of other setups and couplings are kept).
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from scipy.optimize import linear_sum_assignment
 
-from torchebm.couplings import get_coupling
+from torchebm.couplings import get_coupling, squared_distance_cost
 from torchebm.datasets import EightGaussiansDataset, TwoMoonsDataset
 from torchebm.losses import FlowMatchingLoss
 
@@ -45,7 +45,7 @@ SETUP = 'torchcfm'
 
 
 def source(n, seed):
-    std = 0.1 ** 0.25 if SETUP == 'torchcfm' else 0.1 ** 0.5
+    std = 0.1 ** 0.5 if SETUP == 'ours' else 0.1 ** 0.25
     return EightGaussiansDataset(n_samples=n, scale=5.0, std=std, seed=seed).get_data()
 
 
@@ -58,7 +58,7 @@ def torchdyn_moons(n, seed, noise=0.2):
 
 
 def target(n, seed):
-    x = torchdyn_moons(n, seed) if SETUP == 'torchcfm' else TwoMoonsDataset(n_samples=n, noise=0.2, seed=seed).get_data()
+    x = TwoMoonsDataset(n_samples=n, noise=0.2, seed=seed).get_data() if SETUP == 'ours' else torchdyn_moons(n, seed)
     return 3 * x - 1
 
 
@@ -88,7 +88,59 @@ def w2(a, b):
     return float(cost[r, c].mean().sqrt())
 
 
-def one_step_w2(coupling, steps, batch, n_eval, seed=0):
+class ResidualVelocity(nn.Module):
+    "The C2OT playground network: width-128 residual MLP (3 GELU blocks of expansion 4), time added by a linear embedding."
+    def __init__(self, width=128, depth=3):
+        super().__init__()
+        self.embed_x, self.embed_t, self.head = nn.Linear(2, width), nn.Linear(1, width), nn.Linear(width, 2)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+                                    for _ in range(depth))
+
+    def forward(self, x, t):
+        h = self.embed_x(x) + self.embed_t(t[:, None])
+        for block in self.blocks: h = h + block(h)
+        return self.head(h)
+
+
+def one_step_sample(model, n, seed):
+    "One Euler step x0 + v(x0, 0) from `n` fresh source points, and `n` fresh target points."
+    with torch.no_grad():
+        x0 = source(n, seed)
+        return x0 + model(x0, torch.zeros(len(x0))), target(n, seed + 1)
+
+
+def train_c2ot(coupling, steps, batch, ot_batch, seed, check_every, n_check):
+    """The C2OT playground's training (arXiv 2503.10636, `moons.py`): fresh draws of `ot_batch` pairs, coupled as a whole,
+    kept in the source's order (the data of an independent batch stay in torchdyn's arc order, so each `batch` slice
+    is a quarter of the moons) and cut into consecutive slices; path noise 0; Adam 3e-4. Every `check_every` steps
+    the one-step W2 on `n_check` points is recorded."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model, pair = ResidualVelocity(), get_coupling(coupling)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    checks, step = {}, 0
+    while step < steps:
+        draw = step // (ot_batch // batch)
+        x0, x1 = source(ot_batch, 2 * (seed * 10**6 + draw)), target(ot_batch, 2 * (seed * 10**6 + draw) + 1)
+        x1 = x1[torch.argsort(pair.pair(x0, x1, generator=g))]  # x1[k] is now x0[k]'s partner
+        for i in range(0, ot_batch, batch):
+            a, b = x0[i:i + batch], x1[i:i + batch]
+            t = torch.rand(len(a), generator=g)
+            loss = (model(t[:, None] * b + (1 - t[:, None]) * a, t) - (b - a)).square().mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+            step += 1
+            if step % check_every == 0 and step < steps:
+                checks[step] = w2(*one_step_sample(model, n_check, 10**8 + 2 * step))
+                print(coupling, step, f'W2 {checks[step]:.3f} W2^2 {checks[step] ** 2:.3f}', flush=True)
+            if step == steps: break
+    return model, checks
+
+
+def one_step_w2(coupling, steps, batch, n_eval, seed=0, ot_batch=1024, check_every=1000, n_check=2048):
+    "One-step W2 after training, and for the c2ot setup the W2 on `n_check` points every `check_every` steps."
+    if SETUP == 'c2ot':
+        model, checks = train_c2ot(coupling, steps, batch, ot_batch, seed, check_every, n_check)
+        return w2(*one_step_sample(model, n_eval, 10**9 + 2 * seed)), checks
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = Velocity()
@@ -104,62 +156,103 @@ def one_step_w2(coupling, steps, batch, n_eval, seed=0):
     with torch.no_grad():
         x0 = source(n_eval, 3)
         x1 = x0 + model(x0, torch.zeros(len(x0)))
-    return w2(x1, target(n_eval, 4))
+    return w2(x1, target(n_eval, 4)), {}
 
 
 def time_per_batch(name, n=1000, repeats=3, **kwargs):
+    "Median wall and CPU seconds of one coupling call on a 1000-pair batch; `name` 'unreduced' times SciPy on the raw cost."
     g = torch.Generator().manual_seed(0)
     x0, x1 = source(n, 5), target(n, 6)
     y = torch.randint(0, 10, (n,), generator=g)
-    coupling = get_coupling(name, **kwargs)
+    if name == 'unreduced':  # what linear_assignment's row and column reduction saves
+        call = lambda: linear_sum_assignment(squared_distance_cost(x1, x0, torch.float64).numpy())
+    else:
+        coupling = get_coupling(name, **kwargs)
+        call = lambda: coupling(x0, x1, y=y if coupling.uses_labels else None, generator=g)
     wall, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        coupling(x0, x1, y=y if coupling.uses_labels else None, generator=g)
+        call()
         wall.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
     return dict(wall=statistics.median(wall), cpu=statistics.median(cpu))
 
 
+PUBLISHED = {'independent': 6.232, 'exact': 0.072}  # arXiv 2503.10636 Fig. 1, Euler-1, mean of 10 seeds (POT emd2: W2^2)
+
+
+def render(result):
+    md = ['# Couplings: one-Euler-step W2, 8 Gaussians -> two moons', '',
+          'W2 = sqrt(mean squared distance of the exact assignment) between the one-step samples and fresh target points; '
+          'the paper reports POT\'s `emd2` of the squared-distance cost, which is W2^2 (no square root). '
+          'Single seed here; the paper averages 10 seeds.', '',
+          '| setup | coupling | Adam steps | eval points | W2 | W2^2 | published W2^2 (arXiv 2503.10636) |',
+          '|---|---|---|---|---|---|---|']
+    for setup, runs in result['one_step'].items():
+        for name, r in runs.items():
+            md.append(f"| {setup} | {name} | {r['steps']} | {r['eval']} | {r['w2']:.3f} | {r['w2'] ** 2:.3f} | "
+                      f"{PUBLISHED[name] if setup == 'c2ot' else '-'} |")
+    for setup, runs in result['one_step'].items():
+        for name, r in runs.items():
+            if r.get('note'): md += ['', f"{setup}, {name}: {r['note']}."]
+            if r.get('history'): md += ['', f"{setup}, {name}, earlier runs of the same setup (1024 points): {r['history']}."]
+            if r.get('checks'):
+                md += ['', f"{setup}, {name}: W2^2 during training ({r['n_check']} fresh points each): " +
+                       ', '.join(f"{k} steps {v ** 2:.2f}" for k, v in r['checks'].items()) + '.']
+    c = result['collapse_w2']
+    md += ['', f'A perfect independent-coupling field collapses every point onto the target mean at t = 0: W2 = '
+           f'sqrt(tr Cov(target)) = {c:.3f} (W2^2 = {c ** 2:.3f}), the same in the torchcfm and c2ot setups (same data).']
+    md += result.get('notes', [])
+    t = result['seconds_per_1k_batch_cpu']
+    md += ['', f"Time per 1000-pair batch on CPU ({result['threads']} thread(s); sinkhorn: 100 iterations, conditional: 10 "
+           'labels, exact inside). Wall time on a shared machine includes waiting for a core; CPU time is the process\'s own. '
+           'GPU: not measured (no GPU on this machine).', '',
+           '| coupling | wall s | CPU s |', '|---|---|---|'] + [f"| {k} | {v['wall']:.4f} | {v['cpu']:.4f} |" for k, v in t.items()]
+    return '\n'.join(md) + '\n'
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument('--steps', type=int, default=4000)
+    p.add_argument('--setup', default='c2ot', choices=('c2ot', 'torchcfm', 'ours'))
+    p.add_argument('--couplings', nargs='+', default=['independent', 'exact'], choices=('independent', 'exact'))
+    p.add_argument('--steps', type=int, default=None, help='Adam steps (default: 20000 for c2ot, 4000 otherwise)')
     p.add_argument('--batch', type=int, default=256)
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--eval', type=int, default=1024, help='generated and target points in the W2 score')
-    p.add_argument('--setup', default='torchcfm', choices=('torchcfm', 'ours'))
-    p.add_argument('--timing-only', action='store_true', help='keep the W2 numbers of the last run (results/couplings.json)')
+    p.add_argument('--eval', type=int, default=None, help='points in the final W2 (default: 10000 for c2ot, 1024 otherwise)')
+    p.add_argument('--check-every', type=int, default=1000, help='c2ot: steps between W2 checks during training')
+    p.add_argument('--skip-timing', action='store_true', help='keep the timing table of results/couplings.json')
+    p.add_argument('--timing-only', action='store_true', help='keep the W2 numbers of results/couplings.json')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     global SETUP
     SETUP = args.setup
-    out = ROOT / 'benchmarks' / 'results'
-    if args.timing_only:
-        previous = json.loads((out / 'couplings.json').read_text())
-        quality, args.steps, args.batch = previous['one_step_w2'], previous['steps'], previous['batch']
-        args.eval, args.setup, collapse = previous['eval'], previous['setup'], previous['collapse_w2']
-    else:
-        quality = {name: one_step_w2(name, args.steps, args.batch, args.eval) for name in ('independent', 'exact')}
-        collapse = float(torch.cov(target(100_000, 7).double().T).trace().sqrt())
-    rows = [('independent', {}), ('exact', dict(solver='scipy')), ('exact', dict(solver='auction')),
-            ('sinkhorn', {}), ('unbalanced_sinkhorn', {}), ('conditional', {})]
-    timing = {f"{name}{'(' + kw['solver'] + ')' if kw else ''}": time_per_batch(name, repeats=1 if kw.get('solver') == 'auction' else 3, **kw)
-              for name, kw in rows}
-    result = dict(setup=args.setup, steps=args.steps, batch=args.batch, eval=args.eval, threads=args.threads,
-                  one_step_w2=quality, collapse_w2=collapse,
-                  seconds_per_1k_batch_cpu=timing, published_one_step_w2={'independent': 6.23, 'exact': 0.072})
-    (out / 'couplings.json').write_text(json.dumps(result, indent=1))
-    md = [f"# Couplings: one-Euler-step W2, 8 Gaussians -> two moons ({args.setup} setup, {args.steps} Adam steps, "
-          f"batch {args.batch}, {args.eval} evaluation points)", '',
-          '| coupling | W2 (this run) | W2^2 (this run) | published (arXiv 2503.10636) |', '|---|---|---|---|']
-    md += [f"| {k} | {v:.3f} | {v * v:.3f} | {result['published_one_step_w2'][k]} |" for k, v in quality.items()]
-    md += ['', f'A perfect independent-coupling field collapses every point onto the target mean at t = 0: W2 = '
-           f'sqrt(tr Cov(target)) = {collapse:.3f} (W2^2 = {collapse ** 2:.3f}).']
-    md += ['', f'Time per 1000-pair batch on CPU ({args.threads} thread(s); sinkhorn: 100 iterations, conditional: 10 labels, '
-           'exact inside). Wall time on a shared machine includes waiting for a core; CPU time is the process\'s own. '
-           'No GPU on this machine.', '',
-           '| coupling | wall s | CPU s |', '|---|---|---|'] + [f"| {k} | {v['wall']:.4f} | {v['cpu']:.4f} |" for k, v in timing.items()]
-    (out / 'couplings.md').write_text('\n'.join(md) + '\n')
-    print('\n'.join(md))
+    steps = args.steps or (20000 if SETUP == 'c2ot' else 4000)
+    n_eval = args.eval or (10000 if SETUP == 'c2ot' else 1024)
+    path = ROOT / 'benchmarks' / 'results' / 'couplings.json'
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.setdefault('one_step', {})
+    if not args.timing_only:
+        for name in args.couplings:
+            w, checks = one_step_w2(name, steps, args.batch, n_eval, check_every=args.check_every)
+            print(name, f'W2 {w:.3f} W2^2 {w * w:.3f}', flush=True)
+            result = json.loads(path.read_text()) if path.exists() else result  # another process may have written meanwhile
+            result.setdefault('one_step', {}).setdefault(SETUP, {})[name] = dict(
+                steps=steps, batch=args.batch, eval=n_eval, w2=w, checks=checks, n_check=2048)
+            result['collapse_w2'] = float(torch.cov(target(100_000, 7).double().T).trace().sqrt())
+            path.write_text(json.dumps(result, indent=1))
+    if not args.skip_timing:
+        rows = [('independent', {}), ('exact', dict(solver='scipy')), ('unreduced', {}), ('exact', dict(solver='auction')),
+                ('sinkhorn', {}), ('unbalanced_sinkhorn', {}), ('conditional', {})]
+        labels = {'unreduced': 'exact(scipy on the unreduced cost)'}
+        result['seconds_per_1k_batch_cpu'] = {
+            labels.get(name, f"{name}{'(' + kw['solver'] + ')' if kw else ''}"): time_per_batch(name, repeats=1 if kw.get('solver') == 'auction' else 3, **kw)
+            for name, kw in rows}
+        result['threads'] = args.threads
+        result = {**json.loads(path.read_text()), **{k: result[k] for k in ('seconds_per_1k_batch_cpu', 'threads')}} \
+            if path.exists() else result
+    path.write_text(json.dumps(result, indent=1))
+    md = render(result)
+    (path.parent / 'couplings.md').write_text(md)
+    print(md)
 
 
 if __name__ == '__main__':

@@ -55,6 +55,21 @@ def test_auction_with_ties_reaches_the_optimal_cost():
         assert cost[torch.arange(n), cols].sum().item() == pytest.approx(_optimal_cost(cost), abs=1e-9)
 
 
+def test_scipy_path_reaches_the_optimum_of_the_unreduced_cost():
+    """linear_assignment reduces rows and columns before SciPy: the optimum of the raw cost, forbidden (inf) pairs kept,
+    and an infeasible cost still refused."""
+    g = torch.Generator().manual_seed(4)
+    for n in (3, 40, 200):
+        x0, x1 = torch.randn(n, 2, generator=g, dtype=torch.float64) * 5, torch.randn(n, 2, generator=g, dtype=torch.float64)
+        cost = squared_distance_cost(x1, x0) + torch.rand(n, 1, generator=g, dtype=torch.float64) * 100
+        cost[torch.rand(n, n, generator=g) < 0.2] = float('inf')
+        cost.fill_diagonal_(1.0)  # keeps a feasible permutation
+        cols = linear_assignment(cost, 'scipy')
+        assert sorted(cols.tolist()) == list(range(n))
+        assert cost[torch.arange(n), cols].sum().item() == pytest.approx(_optimal_cost(cost), rel=1e-12)
+    with pytest.raises(ValueError): linear_assignment(torch.full((3, 3), float('inf')), 'scipy')
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('solver', ['scipy', 'auction'])
 def test_exact_coupling_minimises_the_transport_cost(dtype, solver):
