@@ -197,6 +197,13 @@ def test_divergences_are_counted_and_warned():
     assert bool((result.n_divergent == 3).all())
 
 
+def test_divergence_warning_states_the_samplers_own_limit():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 1e-4], dtype=DT)))
+    sampler = NoUTurnSampler(model, step_size=1.0, metric='unit', n_warmup=0, max_energy_error=50.0)
+    with pytest.warns(RuntimeWarning, match=r'energy error above 50 or not finite'):
+        sampler.sample(x=torch.zeros(4, 2, dtype=DT), n_steps=3, generator=torch.Generator().manual_seed(0))
+
+
 def test_result_returns_adapted_parameters_and_warmup():
     model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 9.0], dtype=DT)))
     sampler = NoUTurnSampler(model, n_warmup=120)

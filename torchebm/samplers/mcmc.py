@@ -26,7 +26,7 @@ from ..core.base import (BaseModel, BaseSampler, BaseScheduler, check_batch, che
                                 check_nonnegative_int, check_positive, eval_mode, resolve_model, run_steps,
                                 warn_deprecated)
 from ..integrators import MassMatrix
-from .transitions import (ChainState, Transition, acceptance_probability, checked_energy, evaluated,
+from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, acceptance_probability, checked_energy, evaluated,
                                            model_energy, model_energy_and_gradient, model_gradient)
 
 # %% ../../nbs/12_mcmc.ipynb #90a1ac22
@@ -116,10 +116,11 @@ class ChainMonitor:
                  owner: str = 'sampler',  # name used in the warnings
                  collapse_below: float = 0.01,  # a window's mean acceptance below this counts as collapsed
                  collapse_advice: str = COLLAPSE_ADVICE,  # what the collapse warning advises
+                 divergence_limit: float = MAX_ENERGY_ERROR,  # the energy error the sampler calls divergent (for the warning)
                  quiet: Optional[frozenset] = None):  # problems not warned again (those the previous run found); None: warn all
         n = x.shape[0]
         self.start, self.window, self.owner, self.collapse_below = start, window, owner, collapse_below
-        self.collapse_advice, self.quiet, self.found = collapse_advice, quiet, frozenset()
+        self.collapse_advice, self.divergence_limit, self.quiet, self.found = collapse_advice, divergence_limit, quiet, frozenset()
         self._collapse_what = f"acceptance below {collapse_below} over a window of {window} steps (stuck chains)"
         self.accept_sum = torch.zeros(n, dtype=x.dtype, device=x.device)
         self.n_divergent = torch.zeros(n, dtype=torch.int64, device=x.device)
@@ -170,7 +171,7 @@ class ChainMonitor:
             self._collapse_what = f"acceptance below {self.collapse_below} over all {self.n_counted} steps (stuck chains)"
         problems = [('collapsed', self.collapsed if self.metropolis else None,
                      f"{self._collapse_what}: {self.collapse_advice}"),
-                    ('divergent', self.n_divergent > 0, "divergent transitions (energy error above 1000 or not finite): "
+                    ('divergent', self.n_divergent > 0, f"divergent transitions (energy error above {self.divergence_limit:g} or not finite): "
                      "lower the step size or reparametrise the model"),
                     ('exploded', self.exploded, f"energies above {ENERGY_LIMIT:g} or grown {ENERGY_GROWTH:g}-fold while "
                      "still finite (the chains are running away): lower the step size or check the model's energy")]

@@ -98,7 +98,7 @@ class NoUTurnSampler(MCMCSampler):
         n_warmup = 0 if warm_start is not None else (self.n_warmup if n_warmup is None else n_warmup)
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator, run_model)
-        monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
+        monitor = ChainMonitor(x, owner=owner, quiet=self._reported, divergence_limit=self.max_energy_error)
         with torch.no_grad(), eval_mode(run_model):
             evaluation = self.evaluation_model(run_model)
             state = self.transition.init(evaluation, x)
