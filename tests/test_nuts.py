@@ -204,6 +204,15 @@ def test_divergence_warning_states_the_samplers_own_limit():
         sampler.sample(x=torch.zeros(4, 2, dtype=DT), n_steps=3, generator=torch.Generator().manual_seed(0))
 
 
+def test_warmup_runs_through_the_shared_loop_with_its_own_progress_bar(capsys):
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    sampler = NoUTurnSampler(model, step_size=0.5, n_warmup=30)
+    result = sampler.sample(x=torch.zeros(4, 2, dtype=DT), n_steps=5, thin=10, return_trajectory=True,
+                            return_result=True, progress=True, generator=torch.Generator().manual_seed(0))
+    assert 'NoUTurnSampler warm-up' in capsys.readouterr().err
+    assert result.warmup.shape == (4, 3, 2) and result.samples.shape == (4, 0, 2)
+
+
 def test_result_returns_adapted_parameters_and_warmup():
     model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 9.0], dtype=DT)))
     sampler = NoUTurnSampler(model, n_warmup=120)

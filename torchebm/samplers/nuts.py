@@ -16,7 +16,7 @@ import torch
 from ..core.base import check_choice, check_nonnegative_int, check_positive, eval_mode
 from ..integrators import MassMatrix
 from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, MCMCSampler, SamplingResult,
-                                    Warmup, adaptation_options, check_chains_finite, jittered, run_chain)
+                                    Warmup, adaptation_options, jittered, run_chain)
 from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
@@ -56,26 +56,30 @@ class NoUTurnSampler(MCMCSampler):
     def params(self, step_size, metric) -> 'NUTSParams':
         return NUTSParams(step_size, metric, self.max_tree_depth, self.max_energy_error)
 
-    def warmup(self, model, state: ChainState, n_warmup: int, generator=None, record_every: int = 0):
-        """Stan's warm-up from `state` with the engine's `Warmup`: returns the last state, the `AdaptedParameters`, the
-        divergences per chain, the gradient evaluations and (with `record_every > 0`) the thinned warm-up draws."""
+    def warmup(self, model, state: ChainState, n_warmup: int, generator=None, record_every: int = 0,
+               progress: bool = False):
+        """Stan's warm-up from `state` with the engine's `Warmup`, run by the shared loop `run_chain` (progress bar,
+        periodic NaN guard): returns the last state, the `AdaptedParameters`, the divergences per chain, the gradient
+        evaluations and (with `record_every > 0`) the warm-up draws thinned by it, `[n_chains, k, *dim]` or `None`."""
         x, options = state.x, self.adaptation
         metric = metric_like(self.metric, x)
         step_size = per_chain_step_size(self.step_size if self.step_size is not None else 1.0, x)
-        n_divergent, n_grad_evals, draws = torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 0, []
-        if n_warmup == 0: return state, AdaptedParameters(step_size, metric), n_divergent, n_grad_evals, draws
+        n_divergent, n_grad_evals = torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 0
+        if n_warmup == 0: return state, AdaptedParameters(step_size, metric), n_divergent, n_grad_evals, None
         if self.step_size is None: step_size = find_reasonable_step_size(model, state, step_size, metric, generator)
         warmup = Warmup(n_warmup, options.target_accept, True, options.metric, options.per_chain, self.restart_every,
                         gamma=0.05)  # Stan's shrinkage also per chain: a tree's mean acceptance is a steady signal
         find = lambda chains, h, m: find_reasonable_step_size(model, chains, h, m, generator)
         adaptation = warmup.init(x, step_size, metric)
-        for i in range(n_warmup):
+        def step(state, i):
+            nonlocal adaptation, n_divergent, n_grad_evals
             state, info = self.transition.step(model, state, self.params(adaptation.step_size, adaptation.metric), generator)
-            n_grad_evals += info.n_grad_evals
-            n_divergent += info.is_divergent
+            n_grad_evals, n_divergent = n_grad_evals + info.n_grad_evals, n_divergent + info.is_divergent
             adaptation, state = warmup.update(i, adaptation, state, info.accept_prob, generator, find_step_size=find)
-            if record_every and (i + 1) % record_every == 0: draws.append(state.x)
-        check_chains_finite(state.x, 1, n_warmup, type(self).__name__, self.nan_policy)
+            return state, {}
+        state, draws, _ = run_chain(step, state, n_warmup, thin=max(record_every, 1), return_trajectory=record_every > 0,
+                                    progress=progress, owner=f'{type(self).__name__} warm-up', nan_policy=self.nan_policy)
+        draws = draws if draws is not None and draws.shape[1] > 0 else None
         return state, warmup.final(adaptation), n_divergent, n_grad_evals, draws
 
     def sample(self, x: Optional[torch.Tensor] = None, dim=None, n_steps: Optional[int] = None, n_samples: int = 1,
@@ -104,7 +108,7 @@ class NoUTurnSampler(MCMCSampler):
             state = self.transition.init(evaluation, x)
             record = thin if return_result and return_trajectory else 0
             state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(evaluation, state, n_warmup, generator,
-                                                                                 record)
+                                                                                 record, progress)
             if warm_start is not None:
                 metric = warm_start.metric if warm_start.metric is not None else adapted.metric
                 adapted = AdaptedParameters(per_chain_step_size(warm_start.step_size, x), metric_like(metric, x))
@@ -125,9 +129,8 @@ class NoUTurnSampler(MCMCSampler):
                            warmup_n_grad_evals=torch.tensor(warm_evals, device=x.device), warmup_n_divergent=warm_divergent)
         out = trajectory if return_trajectory else state.x
         if return_result:
-            warmup = torch.stack(warm_draws, 1) if warm_draws else None
             accept_rate = diagnostics['accept_prob'].mean(0) if infos else x.new_full((n,), math.nan)
-            return SamplingResult(out, warmup, adapted, accept_rate, monitor.n_divergent,
+            return SamplingResult(out, warm_draws, adapted, accept_rate, monitor.n_divergent,
                                   diagnostics if return_diagnostics else None)
         return (out, diagnostics) if return_diagnostics else out
 
