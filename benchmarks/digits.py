@@ -3,6 +3,7 @@ write the scored samples for anyone to re-score.
 
     python benchmarks/digits.py --model flow            # flow matching (UNetVelocity), about 10 min of CPU
     python benchmarks/digits.py --model ebm             # conv EBM (short-run CD from noise, pixel box): fresh chains
+    python benchmarks/digits.py --model ebm_pcd         # the same conv EBM by persistent CD with a replay buffer
     python benchmarks/digits.py --model jem             # JEM: test accuracy, class-conditional fresh chains
     python benchmarks/digits.py --model ebm --score-only  # score the stored samples again (no training)
 
@@ -48,14 +49,14 @@ def independent_classifier(train):
     return classifier, accuracy
 
 
-def score_and_save(model: str, samples: torch.Tensor, train, test, extra: Dict) -> Dict:
-    """Clip `samples` (in [-1, 1] units) to the data's range, score them, write them at pixel scale 0..16 and the
-    numbers as JSON; returns the numbers."""
+def score_and_save(model: str, samples: torch.Tensor, train, test, extra: Dict, judge=None) -> Dict:
+    """Clip `samples` (in [-1, 1] units) to the data's range, score them (by `judge`, an `independent_classifier(train)`
+    result, trained here when not given), write them at pixel scale 0..16 and the numbers as JSON; returns the numbers."""
     if samples.ndim != 4 or samples.shape[1:] != (1, 8, 8) or samples.shape[0] < 1000:
         raise ValueError(f"expected at least 1000 samples [n, 1, 8, 8], got {tuple(samples.shape)}")
     n_outside = int(((samples < -1) | (samples > 1)).sum())
     samples = samples.detach().clamp(*train.value_range)
-    classifier, accuracy = independent_classifier(train)
+    classifier, accuracy = judge or independent_classifier(train)
     quality = sample_quality(classifier, samples, reference=test.images)
     real = sample_quality(classifier, test.images, reference=train.images)
     RESULTS.mkdir(exist_ok=True)
@@ -151,6 +152,10 @@ EBM_CONFIG = dict(channels=(16, 32, 64), batch_size=64, k_steps=40, final_steps=
 # negative starts from noise and descends E(x, y) = -f(x)[y] for the label of its data row); scored samples are drawn
 # the same way, 100 per class. Without the energy penalty (`energy_reg`, on E(x, y)^2 of data and negatives) the
 # contrastive term ran away (loss -229 after 200 steps at lr 5e-4).
+# The same conv EBM by persistent CD (IGEBM-style): a replay buffer of 10,000 chains, each call restarts 5% of the
+# batch from uniform noise and continues the rest for `k_steps`. Scored twice: fresh chains (noise + `k_steps` +
+# `final_steps`, the issue's target) and the buffer's chains (what PCD trains on). Results: `digits_ebm_pcd.json`.
+EBM_PCD_CONFIG = dict(EBM_CONFIG, buffer_size=10000, reinit_prob=0.05)
 JEM_CONFIG = dict(channels=(16, 32), batch_size=64, k_steps=40, final_steps=0, step_size=1.0, noise=0.01, data_noise=0.03,
                   generative_weight=1.0, energy_reg=0.1, classifier_steps=0, classifier_lr=2e-3, lr=1e-3,
                   betas=(0.9, 0.999), steps=1400)
@@ -164,10 +169,12 @@ def sgld(model, config):
 
 
 def short_run_cd(model, config):
-    "Contrastive divergence whose negatives are fresh short-run chains: a one-batch buffer that restarts every chain."
+    """Contrastive divergence whose negatives are fresh short-run chains: a one-batch buffer that restarts every chain
+    (the default), or persistent CD when the config names a `buffer_size` and a `reinit_prob` below 1."""
     from torchebm.losses import PersistentContrastiveDivergence
     return PersistentContrastiveDivergence(model, sgld(model, config), k_steps=config['k_steps'],
-                                           buffer_size=config['batch_size'], reinit_prob=1.0, buffer_init='uniform',
+                                           buffer_size=config.get('buffer_size', config['batch_size']),
+                                           reinit_prob=config.get('reinit_prob', 1.0), buffer_init='uniform',
                                            energy_reg=config['energy_reg'])
 
 
@@ -248,9 +255,11 @@ def train_ebm(train, c, n_samples, generator, args):
     ema = EMA(model, decay=c['ema']) if c['ema'] else None
     weights = torch.nn.ModuleDict(dict(model=model, **({'ema': ema} if ema else {})))
 
+    loss_fn = short_run_cd(model, c)
+
     def train_fn():
         start = time.time()
-        history = fit(short_run_cd(model, c), model.parameters(), train, c['steps'], c['lr'], c['betas'],
+        history = fit(loss_fn, model.parameters(), train, c['steps'], c['lr'], c['betas'],
                       c['batch_size'], generator, data_noise=c['data_noise'], cosine=c['cosine'],
                       after_step=(lambda: ema.update(model)) if ema else None)
         return dict(config=c, train_seconds=round(time.time() - start), loss_history=history)
@@ -261,16 +270,28 @@ def train_ebm(train, c, n_samples, generator, args):
                               'k_steps SGLD steps (the training sampler), then '
                               f"{c.get('final_steps', 0)} noise-free steps of the same step size")
     samples = sgld(sampled, c).sample(x=uniform_chains(n_samples, generator), n_steps=c['k_steps'], generator=generator)
+    if c.get('reinit_prob', 1.0) < 1 and loss_fn.replay_buffer is not None:  # persistent CD: score its chains too
+        report['buffer_samples'] = loss_fn.replay_buffer[:n_samples].clone()
     return finish(sampled, c, samples, generator), report
 
 
-def run_ebm(args) -> Dict:
-    train, test = digits()
-    if args.score_only: samples, report = stored_run('ebm', train)
-    else: samples, report = train_ebm(train, model_config(EBM_CONFIG, args), args.n_samples,
-                                      torch.Generator().manual_seed(args.seed), args)
-    return score_and_save('ebm', samples, train, test, {k: v for k, v in report.items() if k in
-                                                         ('config', 'train_seconds', 'loss_history', 'samples_from', 'loaded_checkpoint')})
+def ebm_runner(name, config):
+    "The runner of a conv EBM recipe: train (or load), draw fresh chains, score them; a replay buffer is scored as well."
+    def run(args) -> Dict:
+        train, test = digits()
+        if args.score_only: samples, report = stored_run(name, train)
+        else: samples, report = train_ebm(train, model_config(config, args), args.n_samples,
+                                          torch.Generator().manual_seed(args.seed), args)
+        extra = {k: v for k, v in report.items() if k in ('config', 'train_seconds', 'loss_history', 'samples_from',
+                                                          'loaded_checkpoint', 'buffer')}
+        judge = independent_classifier(train)
+        if 'buffer_samples' in report:
+            buffer = sample_quality(judge[0], report['buffer_samples'].clamp(*train.value_range), reference=test.images)
+            extra['buffer'] = {'n_samples': len(report['buffer_samples']), 'confidence': buffer.confidence,
+                               'min_class_share': buffer.min_coverage, 'frechet_distance_to_test': buffer.frechet_distance}
+            print(f"{name}: replay-buffer chains {buffer}", flush=True)
+        return score_and_save(name, samples, train, test, extra, judge)
+    return run
 
 
 def train_jem(train, test, c, n_samples, generator, args):
@@ -324,8 +345,9 @@ def run_jem(args) -> Dict:
     return score_and_save('jem', samples, train, test, extra)
 
 
-# -- registry: one runner per model (imagesB adds 'ebm' and 'jem') -------------------------------------------------
-MODELS: Dict[str, Callable] = {'flow': run_flow, 'ebm': run_ebm, 'jem': run_jem}
+# -- registry: one runner per model ----------------------------------------------------------------------------------
+MODELS: Dict[str, Callable] = {'flow': run_flow, 'ebm': ebm_runner('ebm', EBM_CONFIG),
+                               'ebm_pcd': ebm_runner('ebm_pcd', EBM_PCD_CONFIG), 'jem': run_jem}
 
 
 def main(argv=None):
