@@ -16,10 +16,10 @@
    noise sigma = 0.1; Adam 1e-3, batch 256 drawn from 50000-point pools, OT on the 256-batch; 1024 evaluation points.
    `--setup ours`: variance 0.1, sklearn's Gaussian-noise moons, MLP 3-64-64-2 SiLU, sigma = 0, FlowMatchingLoss.
    Results and findings: results/couplings.md.
-2. Time per 1k-pair batch of every coupling on this machine's CPU (one thread unless --threads). No GPU here.
+2. Time per 1k-pair batch of every coupling on the CPU (one thread unless --threads) or, with `--device cuda`, the GPU.
 
     python benchmarks/bench_couplings.py [--setup c2ot] [--couplings independent exact] [--steps N] [--eval N]
-    python benchmarks/bench_couplings.py --timing-only
+    python benchmarks/bench_couplings.py --timing-only [--device cuda]
 
 Updates benchmarks/results/couplings.{json,md} (runs of other setups and couplings are kept).
 """
@@ -159,20 +159,23 @@ def one_step_w2(coupling, steps, batch, n_eval, seed=0, ot_batch=1024, check_eve
     return w2(x1, target(n_eval, 4)), {}
 
 
-def time_per_batch(name, n=1000, repeats=3, **kwargs):
-    "Median wall and CPU seconds of one coupling call on a 1000-pair batch; `name` 'unreduced' times SciPy on the raw cost."
-    g = torch.Generator().manual_seed(0)
-    x0, x1 = source(n, 5), target(n, 6)
-    y = torch.randint(0, 10, (n,), generator=g)
+def time_per_batch(name, n=1000, repeats=3, device='cpu', **kwargs):
+    """Median wall and CPU seconds of one coupling call on a 1000-pair batch on `device` (CUDA: synchronised before the
+    clock stops, after one untimed warm-up call); `name` 'unreduced' times SciPy on the raw cost."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x0, x1 = source(n, 5).to(device), target(n, 6).to(device)
+    y = torch.randint(0, 10, (n,), generator=g, device=device)
     if name == 'unreduced':  # what linear_assignment's row and column reduction saves
-        call = lambda: linear_sum_assignment(squared_distance_cost(x1, x0, torch.float64).numpy())
+        call = lambda: linear_sum_assignment(squared_distance_cost(x1, x0, torch.float64).cpu().numpy())
     else:
         coupling = get_coupling(name, **kwargs)
         call = lambda: coupling(x0, x1, y=y if coupling.uses_labels else None, generator=g)
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    if torch.device(device).type == 'cuda': call(); sync()
     wall, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        call()
+        call(); sync()
         wall.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
     return dict(wall=statistics.median(wall), cpu=statistics.median(cpu))
 
@@ -204,9 +207,12 @@ def render(result):
     md += result.get('notes', [])
     t = result['seconds_per_1k_batch_cpu']
     md += ['', f"Time per 1000-pair batch on CPU ({result['threads']} thread(s); sinkhorn: 100 iterations, conditional: 10 "
-           'labels, exact inside). Wall time on a shared machine includes waiting for a core; CPU time is the process\'s own. '
-           'GPU: not measured (no GPU on this machine).', '',
-           '| coupling | wall s | CPU s |', '|---|---|---|'] + [f"| {k} | {v['wall']:.4f} | {v['cpu']:.4f} |" for k, v in t.items()]
+           'labels, exact inside). Wall time on a shared machine includes waiting for a core; CPU time is the process\'s own.',
+           '', '| coupling | wall s | CPU s |', '|---|---|---|'] + [f"| {k} | {v['wall']:.4f} | {v['cpu']:.4f} |" for k, v in t.items()]
+    gpu = result.get('seconds_per_1k_batch_cuda')
+    md += ['', 'GPU: not measured (`--device cuda` on a machine with a GPU fills this table).'] if gpu is None else \
+          ['', f"Time per 1000-pair batch on {result['gpu']} (synchronised; exact(scipy) copies the cost to the CPU):", '',
+           '| coupling | wall s |', '|---|---|'] + [f"| {k} | {v['wall']:.4f} |" for k, v in gpu.items()]
     return '\n'.join(md) + '\n'
 
 
@@ -221,6 +227,7 @@ def main():
     p.add_argument('--check-every', type=int, default=1000, help='c2ot: steps between W2 checks during training')
     p.add_argument('--skip-timing', action='store_true', help='keep the timing table of results/couplings.json')
     p.add_argument('--timing-only', action='store_true', help='keep the W2 numbers of results/couplings.json')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='where the coupling calls are timed')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     global SETUP
@@ -243,12 +250,13 @@ def main():
         rows = [('independent', {}), ('exact', dict(solver='scipy')), ('unreduced', {}), ('exact', dict(solver='auction')),
                 ('sinkhorn', {}), ('unbalanced_sinkhorn', {}), ('conditional', {})]
         labels = {'unreduced': 'exact(scipy on the unreduced cost)'}
-        result['seconds_per_1k_batch_cpu'] = {
-            labels.get(name, f"{name}{'(' + kw['solver'] + ')' if kw else ''}"): time_per_batch(name, repeats=1 if kw.get('solver') == 'auction' else 3, **kw)
+        key, cuda = f'seconds_per_1k_batch_{args.device}', args.device == 'cuda'
+        result[key] = {
+            labels.get(name, f"{name}{'(' + kw['solver'] + ')' if kw else ''}"):
+                time_per_batch(name, repeats=3 if cuda or kw.get('solver') != 'auction' else 1, device=args.device, **kw)
             for name, kw in rows}
-        result['threads'] = args.threads
-        result = {**json.loads(path.read_text()), **{k: result[k] for k in ('seconds_per_1k_batch_cpu', 'threads')}} \
-            if path.exists() else result
+        timing = {key: result[key], **({'gpu': torch.cuda.get_device_name()} if cuda else {'threads': args.threads})}
+        result = {**(json.loads(path.read_text()) if path.exists() else result), **timing}
     path.write_text(json.dumps(result, indent=1))
     md = render(result)
     (path.parent / 'couplings.md').write_text(md)
