@@ -59,6 +59,8 @@ def _schedule(name: str, values, n: Optional[int], positive: bool) -> torch.Tens
     t = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1).contiguous()
     if n is not None and t.numel() != n:
         raise ValueError(f"{name} must have one value per step ({n}), got {t.numel()}")
+    lowest = float(t.min()) if t.numel() else 1.0  # a NaN or inf makes the sum non-finite: two reductions check all
+    if (lowest > 0 if positive else lowest >= 0) and math.isfinite(float(t.sum())): return t
     bad = ~torch.isfinite(t) | ((t <= 0) if positive else (t < 0))
     if bool(bad.any()):
         first = int(bad.nonzero()[0])

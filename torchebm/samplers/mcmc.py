@@ -58,8 +58,8 @@ def schedule_values(schedulers: Dict[str, BaseScheduler], n_steps: int) -> Dict[
 
 def check_schedule(name: str, values: List[float], allow_zero: bool = False) -> None:
     "Raise `ValueError` naming the first step where a scheduled value is not finite and positive (or >= 0)."
-    lowest = min(values, default=1.0)
-    if all(map(math.isfinite, values)) and (lowest >= 0 if allow_zero else lowest > 0): return  # the common case, at C speed
+    lowest = min(values, default=1.0)  # a NaN or inf makes the sum non-finite, so both lines together check every value
+    if (lowest >= 0 if allow_zero else lowest > 0) and math.isfinite(sum(values)): return  # the common case, at C speed
     for i, v in enumerate(values):
         if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
             need = 'finite and >= 0' if allow_zero else 'finite and > 0'
@@ -509,6 +509,7 @@ def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
 def per_step_tensor(values: List[float]) -> torch.Tensor:
     "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
     if not values: return torch.empty(0, dtype=torch.float64)
+    if values.count(values[0]) == len(values): return torch.full((len(values),), values[0], dtype=torch.float64)  # constant
     return torch.frombuffer(array.array("d", values), dtype=torch.float64).clone()  # 10x faster than torch.tensor(list)
 
 # %% ../../nbs/12_mcmc.ipynb #cee51acc
