@@ -170,8 +170,9 @@ def time_per_batch(name, n=1000, repeats=3, device='cpu', **kwargs):
     else:
         coupling = get_coupling(name, **kwargs)
         call = lambda: coupling(x0, x1, y=y if coupling.uses_labels else None, generator=g)
-    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
-    if torch.device(device).type == 'cuda': call(); sync()
+    cuda = torch.device(device).type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda: call(); sync()  # warm-up: CUDA context and kernels load on the first call
     wall, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
