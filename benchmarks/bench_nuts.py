@@ -8,7 +8,8 @@ coordinates):
 - ESS per gradient evaluation: min ESS / (leapfrog steps the chains used while drawing). Load-independent.
   For torchebm the chains advance in lockstep, so the batch computes `max over chains` steps per draw; that
   lockstep cost is reported as a separate column (`grads_lockstep`).
-- ESS per second: min ESS / wall time of warm-up + draws (NumPyro: the second run, after jit compilation).
+- ESS per second: min ESS / wall time of warm-up + draws (NumPyro and `torchebm-compile`: the second run, after
+  jit compilation / `torch.compile` tracing; the first run's time of `torchebm-compile` is reported beside it).
   Pyro runs its chains one after another in one process (its multi-chain mode forks one process per chain,
   which on one core is no faster), so its ESS/s is per core and does not depend on the chain count; it is
   measured on `--pyro-chains` chains. On a shared machine the ESS/s numbers move with the load.
@@ -87,7 +88,10 @@ def initial_points(n_chains: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-2, 2, size=(n_chains, dim))
 
 
-def run_torchebm(name, n_chains, n_warmup, n_draws, seed):
+def run_torchebm(name, n_chains, n_warmup, n_draws, seed, compile=False):
+    """torchebm's NUTS on one target. With `compile=True` (library `torchebm-compile`) each leaf of the trees is one
+    program traced by `torch.compile`; the first run traces it (its wall time is kept as `first_seconds`) and the
+    second, timed run reuses it, as NumPyro's timed run reuses its jit-compiled program."""
     import torch
     torch.set_num_threads(1)
     from torchebm.samplers.nuts import NoUTurnSampler
@@ -97,18 +101,22 @@ def run_torchebm(name, n_chains, n_warmup, n_draws, seed):
         def forward(self, x): return energy(name, data, x, torch)
 
     x0 = torch.tensor(initial_points(n_chains, data['dim'], seed))
-    sampler = NoUTurnSampler(Target(), n_warmup=n_warmup, metric='diagonal')
-    start = time.perf_counter()
+    sampler = NoUTurnSampler(Target(), n_warmup=n_warmup, metric='diagonal', compile=compile)
     import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        result = sampler.sample(x=x0, n_steps=n_draws, return_trajectory=True, return_diagnostics=True,
-                                return_result=True, generator=torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - start
+    def sample(run_seed):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)
+            result = sampler.sample(x=x0, n_steps=n_draws, return_trajectory=True, return_diagnostics=True,
+                                    return_result=True, generator=torch.Generator().manual_seed(run_seed))
+        return result, time.perf_counter() - start
+    first_seconds = None
+    if compile: _, first_seconds = sample(seed + 1000)  # traces the programs
+    result, seconds = sample(seed)
     diag = result.diagnostics
-    return dict(draws=result.samples.numpy(), seconds=seconds, grads=int(diag['n_leapfrog'].sum()),
-                grads_lockstep=int(diag['n_grad_evals']) * n_chains, divergent=int(result.n_divergent.sum()),
-                mean_depth=float(diag['tree_depth'].double().mean()))
+    return dict(draws=result.samples.numpy(), seconds=seconds, first_seconds=first_seconds,
+                grads=int(diag['n_leapfrog'].sum()), grads_lockstep=int(diag['n_grad_evals']) * n_chains,
+                divergent=int(result.n_divergent.sum()), mean_depth=float(diag['tree_depth'].double().mean()))
 
 
 PEER_WORKER = r'''
@@ -204,16 +212,17 @@ def markdown(rows, settings):
             vs_grad = f"{r['ess_per_grad'] / ref_grad:.2f}x" if r['ess_per_grad'] and ref_grad else ''
             vs_s = f"{r['ess_per_s'] / ref_s:.1f}x" if ref_s else ''
             grads = r['grads'] if r['grads'] is not None else 'n/a'
-            if lib == 'torchebm': grads = f"{grads} ({r['grads_lockstep']} lockstep)"
+            seconds = f"{r['seconds']:.1f}" + (f" (first run {r['first_seconds']:.1f})" if r.get('first_seconds') else '')
+            if lib.startswith('torchebm'): grads = f"{grads} ({r['grads_lockstep']} lockstep)"
             lines.append(f"| {name} | {lib} | {r['n_chains']} | {r['ess_min']:.0f} | {grads} | {per_grad} | {vs_grad} | "
-                         f"{r['seconds']:.1f} | {r['ess_per_s']:.1f} | {vs_s} | {r['divergent'] if r['divergent'] is not None else 'n/a'} |")
+                         f"{seconds} | {r['ess_per_s']:.1f} | {vs_s} | {r['divergent'] if r['divergent'] is not None else 'n/a'} |")
     return '\n'.join(lines) + '\n'
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--targets', default=','.join(TARGETS))
-    parser.add_argument('--libraries', default='torchebm,numpyro,pyro')
+    parser.add_argument('--libraries', default='torchebm,torchebm-compile,numpyro,pyro')
     parser.add_argument('--chains', type=int, default=64)
     parser.add_argument('--pyro-chains', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=500)
@@ -228,8 +237,9 @@ def main():
     for name in args.targets.split(','):
         for library in args.libraries.split(','):
             n_chains = args.pyro_chains if library == 'pyro' else args.chains
-            if library == 'torchebm':
-                result = run_torchebm(name, n_chains, args.warmup, args.draws, args.seed)
+            if library.startswith('torchebm'):
+                result = run_torchebm(name, n_chains, args.warmup, args.draws, args.seed,
+                                      compile=library == 'torchebm-compile')
             else:
                 result = run_peer(library, name, n_chains, args.warmup, args.draws, args.seed, args.peers)
             row = dict(target=name, library=library, **score(result))

@@ -6,13 +6,13 @@
 __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLAPSE_ADVICE', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA',
            'ADAPT_METRICS', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
-           'compiled_energy_and_gradient', 'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'AdaptationOptions',
-           'adaptation_options', 'MCMCSampler', 'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
-           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
-           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
-           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
-           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
-           'acceptance_probability']
+           'traced_energy_and_gradient', 'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel',
+           'AdaptedParameters', 'SamplingResult', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
+           'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState', 'dual_averaging_init',
+           'dual_averaging_update', 'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState',
+           'welford_init', 'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance',
+           'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy',
+           'model_gradient', 'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
@@ -231,8 +231,8 @@ def compile_options(compile: Union[bool, Dict[str, Any]]) -> Optional[Dict[str, 
     if isinstance(compile, dict) and all(isinstance(k, str) for k in compile): return dict(compile)
     raise TypeError(f"compile must be True, False or a dict of torch.compile keyword arguments, got {compile!r}")
 
-def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
-    "`x -> (energy [batch], grad [batch, *dim])` for `model`, traced by `torch.compile(**options)` on first call."
+def traced_energy_and_gradient(model) -> Callable:
+    "`x -> (energy [batch], grad [batch, *dim])` for `model`, written so `torch.compile` can trace it (`torch.func.grad`)."
     if isinstance(model, BaseModel) and model.has_analytic_gradient:
         def evaluate(x): return model(x), model.analytic_gradient(x)
     else:
@@ -243,14 +243,38 @@ def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
         def evaluate(x):
             grad, energy = grad_and_energy(x)
             return energy, grad
-    return torch.compile(evaluate, **options)
+    return evaluate
+
+def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
+    "`traced_energy_and_gradient(model)` through `torch.compile(**options)`, traced on first call."
+    return torch.compile(traced_energy_and_gradient(model), **options)
+
+class TracedModel(BaseModel):
+    "`model` whose energy and gradient are `traced_energy_and_gradient`: what a compiled step calls inside its program."
+    def __init__(self, model):
+        super().__init__()
+        object.__setattr__(self, 'wrapped', model)
+        self._evaluate = traced_energy_and_gradient(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.wrapped(x)
+    def energy_and_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: return self._evaluate(x)
+    def gradient(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor: return self._evaluate(x)[1]
 
 class CompiledModel(BaseModel):
     "`model` whose energy and gradient come from `compiled_energy_and_gradient`: what samplers step with under `compile=`."
     def __init__(self, model, options: Optional[Dict[str, Any]] = None):
         super().__init__()
         object.__setattr__(self, 'wrapped', model)  # not a sub-module: the sampler owns the model
-        self._evaluate = compiled_energy_and_gradient(model, options or {})
+        self.options, self._steps = dict(options or {}), {}
+        self._evaluate = compiled_energy_and_gradient(model, self.options)
+
+    def compiled(self, step: Callable) -> Callable:
+        """`step(model, *args)` with this model's energy and gradient inside, compiled as one program by `torch.compile`
+        (built on first use, one per `step`): `*args -> step(model, *args)`."""
+        if step not in self._steps:
+            traced = TracedModel(self.wrapped)
+            self._steps[step] = torch.compile(functools.partial(step, traced), **self.options)
+        return self._steps[step]
 
     @property
     def dim(self) -> Optional[int]: return getattr(self.wrapped, 'dim', None)

@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['NUTS', 'METRICS', 'NoUTurnSampler', 'Leaf', 'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic',
-           'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'build_subtree', 'NUTSParams', 'NUTSInfo',
+           'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'GrowingSubtree', 'LevelMasks', 'level_masks',
+           'levels_turning', 'grow_leaf', 'empty_subtree', 'build_subtree', 'NUTSParams', 'NUTSInfo',
            'per_chain_step_size', 'metric_like', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
+import functools
 import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
@@ -15,8 +17,8 @@ import torch
 
 from ..core.base import check_choice, check_nonnegative_int, check_positive, eval_mode
 from ..integrators import MassMatrix
-from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, MCMCSampler, SamplingResult,
-                                    Warmup, adaptation_options, jittered, run_chain)
+from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, CompiledModel, MCMCSampler,
+                                    SamplingResult, Warmup, adaptation_options, jittered, run_chain)
 from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
@@ -211,55 +213,105 @@ def _uniform_log(shape, like: torch.Tensor, generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype).log()
 
 
+class GrowingSubtree(NamedTuple):
+    "What `grow_leaf` carries from leaf to leaf of a sub-tree, per chain; `[L, ...]` fields hold one row per level."
+    log_weight: torch.Tensor  # [n_chains] log sum of the weights so far
+    sum_accept: torch.Tensor  # [n_chains]
+    n_leapfrog: torch.Tensor  # [n_chains] long
+    alive: torch.Tensor  # [n_chains] bool: no U-turn or divergence yet
+    is_turning: torch.Tensor  # [n_chains] bool
+    is_divergent: torch.Tensor  # [n_chains] bool
+    rho: torch.Tensor  # [n_chains, *dim] momentum sum so far
+    proposal: Draw
+    v_start: torch.Tensor  # [L, n_chains, *dim] velocity of the first leaf of the open block of 2**m leaves
+    p_start: torch.Tensor  # [L, n_chains, *dim] its momentum
+    rho_before: torch.Tensor  # [L, n_chains, *dim] the momentum sum before it
+    v_end: torch.Tensor  # [L, n_chains, *dim] velocity of the last leaf of the last closed block
+    p_end: torch.Tensor  # [L, n_chains, *dim] its momentum
+
+
+class LevelMasks(NamedTuple):
+    "Which levels `m` (rows of the `[L, ...]` fields) leaf `k` opens ($2^m \\mid k$) and closes ($2^m \\mid k + 1$)."
+    opens: torch.Tensor  # [L] bool
+    closes: torch.Tensor  # [L] bool
+
+
+@functools.lru_cache(maxsize=None)
+def level_masks(n_levels: int, device: torch.device) -> Tuple[LevelMasks, ...]:
+    "`LevelMasks` of leaves `k = 0 .. 2**(n_levels - 1) - 1`, made once per size and device (not traced)."
+    block = 2 ** torch.arange(n_levels)
+    return tuple(LevelMasks((k % block == 0).to(device), ((k + 1) % block == 0).to(device))
+                 for k in range(2 ** (n_levels - 1)))
+
+
+def levels_turning(v_a: torch.Tensor, v_b: torch.Tensor, rho: torch.Tensor, event_ndim: int) -> torch.Tensor:
+    "`is_turning` on every level at once: `[L, n_chains, *dim]` (or broadcastable) -> `[L, n_chains]` bool."
+    dot = lambda a, b: torch.linalg.vecdot(a.flatten(-event_ndim), b.flatten(-event_ndim))
+    return torch.minimum(dot(v_a, rho), dot(v_b, rho)) <= 0
+
+
+def grow_leaf(model, leaf: Leaf, h: torch.Tensor, metric: MassMatrix, h0: torch.Tensor, tree: GrowingSubtree,
+              log_u: torch.Tensor, masks: LevelMasks, max_energy_error: float) -> Tuple[Leaf, GrowingSubtree]:
+    """One leaf of a sub-tree: a leapfrog step from `leaf`, its weight $\\exp(H_0 - H)$ joined to the sub-tree's, the
+    progressive multinomial draw (`log_u < w - log_w`), and the U-turn checks of every block the leaf closes (with
+    Stan's two checks across the halves of blocks of 4 or more leaves), all levels at once under `masks`. A chain
+    that stopped keeps moving: only its acceptance sum, step count and flags are masked, since the caller discards
+    the rest of an invalid sub-tree. One function for both paths: `compile=` traces it, model included."""
+    leaf = leapfrog_leaf(model, leaf, h, metric)
+    delta = leaf.energy + kinetic(leaf) - h0
+    w = torch.nan_to_num(-delta, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: weight 0
+    diverged = w < -max_energy_error  # NaN counts as divergent
+    sum_accept = torch.addcmul(tree.sum_accept, tree.alive.to(h0.dtype), w.clamp(max=0.0).exp())
+    log_w = torch.logaddexp(tree.log_weight, w)
+    proposal = select(log_u < w - log_w, Draw(leaf.x, leaf.energy, leaf.grad, delta), tree.proposal)
+    rho, e = tree.rho + leaf.p, leaf.x.ndim - 1
+    opens, closes = (m.reshape(-1, *([1] * leaf.x.ndim)) for m in masks)
+    v_start, p_start = torch.where(opens, leaf.v, tree.v_start), torch.where(opens, leaf.p, tree.p_start)
+    rho_before = torch.where(opens, tree.rho, tree.rho_before)
+    # blocks of 2**m >= 2 leaves that this leaf closes, checked before it becomes their last leaf
+    turn = (levels_turning(v_start[1:], leaf.v, rho - rho_before[1:], e) & masks.closes[1:, None]).any(0)
+    if v_start.shape[0] > 2:  # across the halves of blocks of 4 or more
+        across = (levels_turning(v_start[2:], v_start[1:-1], rho_before[1:-1] - rho_before[2:] + p_start[1:-1], e)
+                  | levels_turning(tree.v_end[1:-1], leaf.v, rho - rho_before[1:-1] + tree.p_end[1:-1], e))
+        turn = turn | (across & masks.closes[2:, None]).any(0)
+    v_end, p_end = torch.where(closes, leaf.v, tree.v_end), torch.where(closes, leaf.p, tree.p_end)
+    alive = tree.alive
+    return leaf, GrowingSubtree(log_w, sum_accept, tree.n_leapfrog + alive, alive & ~(turn | diverged),
+                                tree.is_turning | turn, tree.is_divergent | (alive & diverged), rho, proposal,
+                                v_start, p_start, rho_before, v_end, p_end)
+
+
+def empty_subtree(start: Leaf, active: torch.Tensor, n_levels: int) -> GrowingSubtree:
+    "The `GrowingSubtree` before its first leaf (`n_levels` rows of checkpoints; no field aliases another)."
+    levels = lambda: start.x.new_zeros((n_levels, *start.x.shape))
+    zeros = torch.zeros_like(start.energy)
+    return GrowingSubtree(torch.full_like(zeros, -math.inf), zeros, torch.zeros_like(active, dtype=torch.long),
+                          active.clone(), torch.zeros_like(active), torch.zeros_like(active), torch.zeros_like(start.p),
+                          Draw(start.x.clone(), start.energy.clone(), start.grad.clone(), torch.zeros_like(zeros)),
+                          levels(), levels(), levels(), levels(), levels())
+
+
 def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth: int, h0: torch.Tensor,
-                  active: torch.Tensor, max_energy_error: float, generator=None) -> Subtree:
-    """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep; a chain stops at
-    its first U-turn (checked on every balanced sub-subtree, with Stan's extra checks across halves) or divergence.
-    A chain that stopped keeps moving: only its acceptance sum, step count and divergence are masked, since
-    the caller discards the rest of an invalid sub-tree (fewer tensor operations per leaf)."""
+                  active: torch.Tensor, max_energy_error: float, generator=None,
+                  n_levels: Optional[int] = None) -> Subtree:
+    """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep, one `grow_leaf`
+    per leaf; a chain stops at its first U-turn (checked on every balanced sub-subtree) or divergence. `n_levels`
+    (default `depth + 1`) rows of level checkpoints are kept; a compiled model keeps `max_tree_depth` rows for every
+    depth, so one traced program serves every sub-tree. The batch stops early only at powers of two (one host sync)."""
     n, n_leaves = start.x.shape[0], 1 << depth
-    alive, live = active.clone(), active.to(h0.dtype)
-    rho, log_w = torch.zeros_like(start.p), torch.full_like(h0, -math.inf)
-    turning, divergent = torch.zeros_like(alive), torch.zeros_like(alive)
-    sum_accept, n_leapfrog = torch.zeros_like(h0), torch.zeros(n, dtype=torch.long, device=h0.device)
+    n_levels = depth + 1 if n_levels is None else n_levels
+    if n_levels < depth + 1: raise ValueError(f"n_levels must be at least depth + 1 = {depth + 1}, got {n_levels}")
+    tree = empty_subtree(start, active, n_levels)
     log_u = _uniform_log((n_leaves, n), h0, generator)  # the progressive draws of every leaf, made at once
-    # per level m: the first leaf of the current 2**m block, the rho before it, and the last leaf of the block before
-    v_start, p_start, rho_before = [None] * (depth + 1), [None] * (depth + 1), [None] * (depth + 1)
-    v_end, p_end = [None] * (depth + 1), [None] * (depth + 1)
+    masks = level_masks(n_levels, h0.device)
+    grow = model.compiled(grow_leaf) if isinstance(model, CompiledModel) else functools.partial(grow_leaf, model)
     leaf = start
-    proposal = Draw(start.x, start.energy, start.grad, h0)
     for k in range(n_leaves):
-        leaf = leapfrog_leaf(model, leaf, h, metric)
+        leaf, tree = grow(leaf, h, metric, h0, tree, log_u[k], masks[k], max_energy_error)
         if k == 0: first = leaf
-        delta = leaf.energy + kinetic(leaf) - h0
-        w = torch.nan_to_num(-delta, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: weight 0
-        diverged = w < -max_energy_error  # NaN counts as divergent
-        sum_accept = torch.addcmul(sum_accept, live, w.clamp(max=0.0).exp())
-        n_leapfrog = n_leapfrog + alive
-        log_w = torch.logaddexp(log_w, w)
-        take = log_u[k] < w - log_w  # progressive multinomial draw in the subtree
-        proposal = select(take, Draw(leaf.x, leaf.energy, leaf.grad, delta), proposal)
-        for m in range(depth + 1):
-            if k % (1 << m): break
-            v_start[m], p_start[m], rho_before[m] = leaf.v, leaf.p, rho
-        rho = rho + leaf.p
-        turn = None
-        for m in range(1, depth + 1):
-            if (k + 1) % (1 << m): break
-            t = is_turning(v_start[m], leaf.v, rho - rho_before[m])
-            if m > 1:  # for blocks of two leaves the checks across halves repeat the first
-                t = t | is_turning(v_start[m], v_start[m - 1], rho_before[m - 1] - rho_before[m] + p_start[m - 1])
-                t = t | is_turning(v_end[m - 1], leaf.v, rho - rho_before[m - 1] + p_end[m - 1])
-            turn = t if turn is None else turn | t
-        for m in range(depth + 1):
-            if (k + 1) % (1 << m): break
-            v_end[m], p_end[m] = leaf.v, leaf.p
-        divergent = divergent | (alive & diverged)
-        if turn is None: alive = alive & ~diverged
-        else: turning, alive = turning | turn, alive & ~(turn | diverged)
-        live = alive.to(h0.dtype)
-        if (k + 1) & k == 0 and k + 1 < n_leaves and not bool(alive.any()): break  # one sync per power of two
-    return Subtree(first, leaf, proposal, rho, log_w, turning & active, divergent, sum_accept, n_leapfrog, k + 1)
+        if (k + 1) & k == 0 and k + 1 < n_leaves and not bool(tree.alive.any()): break  # one sync per power of two
+    return Subtree(first, leaf, tree.proposal, tree.rho, tree.log_weight, tree.is_turning & active,
+                   tree.is_divergent, tree.sum_accept, tree.n_leapfrog, k + 1)
 
 # %% ../../nbs/18_nuts.ipynb #ef198dda
 class NUTSParams(NamedTuple):
@@ -319,12 +371,13 @@ class NoUTurnTransition(Transition):
         divergent, moved = torch.zeros_like(active), torch.zeros_like(active)
         depth = n_leapfrog = torch.zeros(n, dtype=torch.long, device=h0.device)
         sum_accept, n_evaluations = torch.zeros_like(h0), 0
+        n_levels = params.max_tree_depth if isinstance(model, CompiledModel) else None  # one shape for every depth
         for j in range(params.max_tree_depth):
             if j and not bool(active.any()): break  # one sync per doubling
             forward = torch.rand(n, generator=generator, device=h0.device, dtype=h0.dtype) < 0.5
             near, far = select(forward, right, left), select(forward, left, right)
             sub = build_subtree(model, near, torch.where(forward, eps, -eps), metric, j, h0, active,
-                                params.max_energy_error, generator)
+                                params.max_energy_error, generator, n_levels=n_levels)
             valid = active & ~(sub.is_turning | sub.is_divergent)
             take = valid & (_uniform_log(n, h0, generator) < merge_log_prob(log_w, sub.log_weight))
             proposal, moved = select(take, sub.proposal, proposal), moved | take
