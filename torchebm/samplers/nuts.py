@@ -39,7 +39,7 @@ class NoUTurnSampler(MCMCSampler):
                  jitter: float = 0.0,  # after warm-up, step sizes times U(1 - jitter, 1 + jitter) per chain and draw
                  restart_every: int = 50,  # warm-up steps between restarts of stuck chains (0: never)
                  nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
-                 compile: Union[bool, Dict[str, Any]] = False):  # evaluate energy and gradient through torch.compile
+                 compile: Union[bool, Dict[str, Any]] = False):  # trace each leaf of the trees, model included, as one torch.compile program
         super().__init__(model, dtype=dtype, device=device, nan_policy=nan_policy, compile=compile)
         if step_size is not None and not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
         check_nonnegative_int('max_tree_depth', max_tree_depth, minimum=1)
