@@ -112,7 +112,7 @@ def _diagnostics(x, eta, thin, energy, accepted, stats, trajectory, block) -> Di
     if stats is not None: mean, var = _combine_blocks(stats, n, block)
     else: mean, var = trajectory.mean(0), trajectory.var(0, correction=1 if n > 1 else 0)
     diag = dict(energy=energy, mean=mean.to(x.dtype), var=var.to(x.dtype),
-                step_size=eta[thin - 1::thin][:energy.shape[0]].to(dtype=x.dtype, device=x.device))
+                step_size=eta[thin - 1::thin][:energy.shape[0]].to(dtype=x.dtype, device=x.device, copy=True))
     if accepted is not None: diag['acceptance_rate'] = accepted.mean(1)
     return diag
 
