@@ -533,8 +533,8 @@ def test_mala_with_a_noise_scale_runs_in_the_kernel_and_agrees_with_the_python_p
     import torchebm.cuda.kernels as kernels
     gauss, mean, cov = gaussian3()
     x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
-    used, original = [], kernels.fused_langevin
-    monkeypatch.setattr(kernels, 'fused_langevin', lambda *a, **k: (used.append(1), original(*a, **k))[1])
+    used, original = [], kernels.langevin_kernel  # the unchecked entry the samplers call
+    monkeypatch.setattr(kernels, 'langevin_kernel', lambda *a, **k: (used.append(1), original(*a, **k))[1])
     run = lambda k: samplers.LangevinDynamics(gauss, step_size=0.1, noise_scale=0.7, metropolis=True,
                                               use_kernels=k).sample(x=x, n_steps=300,
                                                                     generator=torch.Generator().manual_seed(1))
@@ -544,6 +544,53 @@ def test_mala_with_a_noise_scale_runs_in_the_kernel_and_agrees_with_the_python_p
     assert used == [1] and _z(fused, ref) < 4.5
     assert (torch.cov(fused.T) - 0.49 * cov).abs().max() < 0.06  # cov s^2 Sigma, not Sigma
 
+
+
+def test_sampler_one_call_path_matches_the_general_path_and_still_reports_problems(ext, monkeypatch):
+    """`LangevinDynamics.sample` with constant schedules on the CPU runs one unchecked kernel call that screens the
+    chains; a run the screen flags gets the general path's checks. Same numbers as the general fused path, and the
+    NaN guard, the runaway-energy check, the stuck-chain check and the start-point check all still fire."""
+    import warnings
+    samplers = pytest.importorskip('torchebm.samplers')
+    from torchebm.core.base import ConstantScheduler
+    import torchebm.cuda.kernels as kernels
+
+    class Same(ConstantScheduler):  # not a plain ConstantScheduler: takes the general path, same values
+        pass
+
+    dw, gauss = DoubleWellModel(), gaussian3()[0]  # float32, float64
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    screened = []
+    original = kernels.langevin_kernel
+    monkeypatch.setattr(kernels, 'langevin_kernel',
+                        lambda *a, **k: (screened.append(k.get('screen') is not None), original(*a, **k))[1])
+    for model, y, metropolis, h in ((dw, x, False, 0.01), (DoubleWellModel().double(), x.double(), False, 0.01),
+                                    (gauss, x.double().repeat(1, 2)[:, :3], True, 0.3)):
+        for kw in (dict(), dict(return_trajectory=True, thin=3), dict(return_diagnostics=True, thin=2)):
+            with warnings.catch_warnings():
+                warnings.simplefilter('error', RuntimeWarning)
+                a = samplers.LangevinDynamics(model, step_size=h, metropolis=metropolis).sample(
+                    x=y, n_steps=30, generator=torch.Generator().manual_seed(1), **kw)
+                b = samplers.LangevinDynamics(model, step_size=Same(h), metropolis=metropolis).sample(
+                    x=y, n_steps=30, generator=torch.Generator().manual_seed(1), **kw)
+            for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                if isinstance(u, dict): assert all(torch.equal(u[k], v[k]) for k in u)
+                else: assert torch.equal(u, v)
+    assert screened == [True, False] * 9  # the one-call path screens; the general path checks as before
+    with pytest.warns(RuntimeWarning, match='NaN or inf appeared in'):
+        samplers.LangevinDynamics(dw, step_size=1.0).sample(x=x * 10, n_steps=50)
+    with pytest.raises(ValueError, match='NaN or inf appeared in'):
+        samplers.LangevinDynamics(dw, step_size=1.0, nan_policy='raise').sample(x=x * 10, n_steps=50)
+    with pytest.warns(RuntimeWarning, match='running away'):  # finite but huge energies at the start
+        samplers.LangevinDynamics(HarmonicModel(), step_size=0.01).sample(x=x * 1e6, n_steps=20)
+    with pytest.warns(RuntimeWarning, match='no accepted proposal in 50 steps'):
+        samplers.LangevinDynamics(gauss, step_size=50.0, metropolis=True).sample(x=x.double().repeat(1, 2)[:, :3],
+                                                                                 n_steps=50)
+    bad = x.clone(); bad[3, 1] = float('inf')
+    with pytest.raises(ValueError, match='x contains NaN or inf'):
+        samplers.LangevinDynamics(dw, step_size=0.01).sample(x=bad, n_steps=5)
+    with pytest.raises(ValueError, match=r'step_size must be finite and > 0 at every step, but .* nan at step 0'):
+        samplers.LangevinDynamics(dw, step_size=ConstantScheduler(float('nan'))).sample(x=x, n_steps=5)
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
 

@@ -413,7 +413,7 @@ def test_fused_path_is_used_and_agrees_with_the_reference(kind, monkeypatch):
             'mala': lambda k: LangevinDynamics(model, step_size=0.3, metropolis=True, use_kernels=k),
             'hmc': lambda k: HamiltonianMonteCarlo(model, step_size=0.2, n_leapfrog_steps=5, use_kernels=k)}[kind]
     used = []
-    name = 'fused_hmc' if kind == 'hmc' else 'fused_langevin'
+    name = 'fused_hmc' if kind == 'hmc' else 'langevin_kernel'  # the entry the samplers call
     original = getattr(kernels, name)
     monkeypatch.setattr(kernels, name, lambda *a, **k: (used.append(1), original(*a, **k))[1])
     fused, d_fused = run(make(True), x0, 60, 1, return_diagnostics=True)
@@ -434,7 +434,7 @@ def test_fused_runs_warn_about_stuck_chains_and_healthy_ones_do_not(kind, monkey
     model = GaussianModel(mean=torch.zeros(2, dtype=F64), cov=torch.eye(2, dtype=F64)).double()
     x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     kernels = _kernels_or_skip(model, x0)
-    name = 'fused_hmc' if kind == 'hmc' else 'fused_langevin'
+    name = 'fused_hmc' if kind == 'hmc' else 'langevin_kernel'  # the entry the samplers call
     used, original = [], getattr(kernels, name)
     monkeypatch.setattr(kernels, name, lambda *a, **k: (used.append(1), original(*a, **k))[1])
     make = {'mala': lambda h: LangevinDynamics(model, step_size=h, metropolis=True),

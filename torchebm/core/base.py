@@ -82,8 +82,11 @@ def rademacher_like(x: torch.Tensor, generator: Optional[torch.Generator] = None
 
 # %% ../../nbs/00_base.ipynb #4acfd975
 def _first_float_tensor(module: nn.Module) -> Optional[torch.Tensor]:
-    for t in (*module.parameters(), *module.buffers()):
-        if t.is_floating_point(): return t
+    "The first floating-point parameter, else buffer, of `module` or its sub-modules (`None` if none)."
+    if module._modules: tensors = (*module.parameters(), *module.buffers())
+    else: tensors = (*module._parameters.values(), *module._buffers.values())  # a leaf: the same order, without two generators
+    for t in tensors:
+        if t is not None and t.is_floating_point(): return t
     return None
 
 class DeviceMixin(nn.Module):

@@ -1,7 +1,7 @@
 
 // torchebm fused samplers, CPU build: OpenMP over blocks of chains. The random streams and the energies'
 // formulas come from tebm_common.h (shared with kernels.cu); this file holds the lane-vectorised loops and
-// the entry points `langevin_chain`, `hmc_chain`, `energy_and_gradient`, `standard_normal`, `max_threads`.
+// the entry points `langevin_chain`, `hmc_chain`, `energy_and_gradient`, `all_finite`, `standard_normal`, `max_threads`.
 #include <torch/extension.h>
 #include <algorithm>
 #include <cmath>
@@ -257,16 +257,50 @@ inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad)
   }
 }
 
+// What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
+// only on a run with a flag set): the final state is not finite; the energy at the start or the end is not finite
+// or within a factor 2 of the runaway limits (`limit`, `growth` times the start's magnitude floored at 1); the final
+// state equals the start (a Metropolis chain that never accepted).
+enum Screen : uint8_t { NOT_FINITE = 1, RUNAWAY = 2, NOT_MOVED = 4 };
+
+struct ScreenSpec {
+  uint8_t *flags;  // [n], or null: no screening
+  double limit, growth;
+};
+
+template <typename T, int L>
+inline void screen_block(const ScreenSpec &s, int64_t c0, int nv, int64_t d, const T *xb, const T *x0, const T *e0,
+                         const T *e1) {
+  for (int j = 0; j < nv; ++j) {
+    uint8_t f = 0;
+    bool finite = true, same = x0 != nullptr;
+    for (int64_t i = 0; i < d; ++i) {
+      const T v = xb[i * L + j];
+      finite = finite && std::isfinite(v);
+      same = same && v == x0[i * L + j];
+    }
+    if (!finite) f |= NOT_FINITE;
+    if (same) f |= NOT_MOVED;
+    const double a0 = std::fabs((double)e0[j]), a1 = std::fabs((double)e1[j]);
+    if (!std::isfinite(a0) || !std::isfinite(a1) || a0 > 0.5 * s.limit || a1 > 0.5 * s.limit ||
+        a1 > 0.5 * s.growth * std::max(a0, 1.0))
+      f |= RUNAWAY;
+    s.flags[c0 + j] = f;
+  }
+}
+
 // Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
 template <typename T, int L>
 void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
-                  bool metropolis, const Recorder<T> &rec, uint64_t seed) {
+                  bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
   const int64_t d = E.d, n_blocks = (n + L - 1) / L;
+  const bool screening = screen.flags != nullptr;
 #pragma omp parallel
   {
-    std::vector<T> buf(6 * d * L);
+    std::vector<T> buf((screening ? 7 : 6) * d * L);
     T *xb = buf.data(), *gb = xb + d * L, *z = gb + d * L, *y = z + d * L, *gy = y + d * L, *work = gy + d * L;
-    T e[L], ey[L];
+    T *x0 = screening ? work + d * L : nullptr;  // the start, kept for the screen
+    T e[L], ey[L], e0[L];
     float lu[L];
     bool acc[L];
     Rng<L> rng;
@@ -276,7 +310,11 @@ void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, con
       const int nv = (int)std::min<int64_t>(L, n - c0);
       load_block<L>(x, c0, nv, d, xb);
       rng.seed(seed, c0);
-      E.eval(xb, gb, metropolis ? e : nullptr, work);
+      E.eval(xb, gb, (metropolis || screening) ? e : nullptr, work);
+      if (screening) {
+        std::copy(xb, xb + d * L, x0);
+        std::copy(e, e + L, e0);
+      }
       for (int j = 0; j < L; ++j) acc[j] = true;
       for (int64_t t = 0; t < n_steps; ++t) {
         const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
@@ -320,6 +358,10 @@ void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, con
           for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
         }
         rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+      }
+      if (screening) {
+        if (!metropolis) E.eval(xb, gb, e, work);  // ULA's e is stale unless this last step recorded it
+        screen_block<T, L>(screen, c0, nv, d, xb, metropolis ? x0 : nullptr, e0, e);
       }
       store_block<L>(x, c0, nv, d, xb);
     }
@@ -454,11 +496,13 @@ bool one_pass_ula(int64_t kind, bool metropolis) { return !metropolis && (kind =
 
 }  // namespace
 
-// Returns [x_final, trajectory, energy, block_stats, accepted, block_size] (undefined tensors where not asked for;
-// block_stats holds each block's mean and sum of squared deviations, block_size chains per block).
+// Returns [x_final, trajectory, energy, block_stats, accepted, block_size, screen] (undefined tensors where not asked
+// for; block_stats holds each block's mean and sum of squared deviations, block_size chains per block; screen [n]
+// uint8 holds each chain's `Screen` flags when `energy_limit` > 0 and some chain has one, see screen_block).
 std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                           torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
-                                          bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+                                          bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
+                                          double energy_limit, double energy_growth) {
   check_inputs(x, kind, mean, prec);
   pybind11::gil_scoped_release no_gil;  // long pure C++ work: let other Python threads run
   TORCH_CHECK(step_sizes.scalar_type() == torch::kFloat64 && noise_scales.scalar_type() == torch::kFloat64,
@@ -470,18 +514,28 @@ std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::ve
   auto out = x.clone();
   auto eta = step_sizes.contiguous(), scale = noise_scales.contiguous();
   Outputs o = make_outputs(x, n_records, block, record_traj, record_diag, metropolis);
+  torch::Tensor flags = energy_limit > 0 ? torch::empty({n}, x.options().dtype(torch::kUInt8)) : torch::Tensor();
+  const ScreenSpec screen{flags.defined() ? flags.data_ptr<uint8_t>() : nullptr, energy_limit, energy_growth};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain", [&] {
     auto rec = o.recorder<scalar_t>(n, d, n_records, thin);
     if (block == WIDE)
       langevin_run<scalar_t, WIDE>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, WIDE>(kind, params, mean, prec, d),
                                    eta.data_ptr<double>(), scale.data_ptr<double>(), n_steps, metropolis, rec,
-                                   (uint64_t)seed);
+                                   (uint64_t)seed, screen);
     else
       langevin_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n,
                                      make_energy<scalar_t, NARROW>(kind, params, mean, prec, d), eta.data_ptr<double>(),
-                                     scale.data_ptr<double>(), n_steps, metropolis, rec, (uint64_t)seed);
+                                     scale.data_ptr<double>(), n_steps, metropolis, rec, (uint64_t)seed, screen);
   });
-  return pack(out, o, block);
+  if (flags.defined()) {  // undefined (None) when no chain is flagged: the common case costs the caller nothing
+    const uint8_t *f = flags.data_ptr<uint8_t>();
+    uint8_t any = 0;
+    for (int64_t i = 0; i < n; ++i) any |= f[i];
+    if (!any) flags = torch::Tensor();
+  }
+  auto packed = pack(out, o, block);
+  packed.push_back(flags);
+  return packed;
 }
 
 std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
@@ -524,6 +578,20 @@ std::vector<torch::Tensor> energy_and_gradient(torch::Tensor x, int64_t kind, st
     }
   });
   return {energy, grad};
+}
+
+// Whether every element of x is finite (one pass, no temporaries: the samplers' check of the start points).
+bool all_finite(torch::Tensor x) {
+  if (!x.device().is_cpu() || !x.is_contiguous() ||
+      (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kFloat64))
+    return torch::isfinite(x).all().item<bool>();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "all_finite", [&] {
+    const scalar_t *p = x.data_ptr<scalar_t>();
+    const int64_t m = x.numel();
+    for (int64_t i = 0; i < m; ++i) ok &= (bool)std::isfinite(p[i]);
+  });
+  return ok;
 }
 
 // The first n normals of each chain's stream, [n_chains, n] (for testing the generator).

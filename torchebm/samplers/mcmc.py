@@ -384,6 +384,10 @@ class MCMCSampler(BaseSampler):
         "An accelerated run `(x, trajectory, diagnostics)`, or `None` when it does not apply."
         return None
 
+    def lean_sample(self, x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        "`sample`'s result by a shorter route with the same checks and numbers (e.g. one kernel call), or `None`."
+        return None
+
     def initial_state(self, x: torch.Tensor) -> ChainState:
         "The chain state at the start (nothing evaluated: steps evaluate what they need)."
         return ChainState(x)
@@ -456,6 +460,9 @@ class MCMCSampler(BaseSampler):
         `return_result=True`. `model=` samples another model for this run; `warm_start=` reuses adapted parameters.
         The model runs in eval mode (its modes are restored afterwards); warnings about stuck, divergent or runaway
         chains name them, once while a problem persists over consecutive runs of this sampler."""
+        if (model is None or model is self.model) and warm_start is None and not (progress or return_result):
+            lean = self.lean_sample(x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator)
+            if lean is not None: return lean
         owner = type(self).__name__
         run_model = model if model is not None else self.model
         if run_model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor or to sample")
