@@ -101,9 +101,9 @@ def test_flow_sampler_runs_a_compiled_network():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-def nuts_leaf_inputs(model, n=16, dim=3, seed=6):
-    "What `grow_leaf` takes at the second leaf of a sub-tree of depth 2, `n` chains in float64."
-    from torchebm.samplers.nuts import empty_subtree, kinetic, level_masks, start_leaf
+def nuts_leaves_inputs(model, n=16, dim=3, seed=6):
+    "What `grow_leaves` takes for the two leaves of a sub-tree of depth 1 (one run), `n` chains in float64."
+    from torchebm.samplers.nuts import empty_subtree, kinetic, leaf_chunks, start_leaf
     from torchebm.samplers.transitions import ChainState
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, dtype=torch.float64, generator=gen)
@@ -111,20 +111,30 @@ def nuts_leaf_inputs(model, n=16, dim=3, seed=6):
     metric = MassMatrix(torch.rand(dim, dtype=torch.float64, generator=gen) + 0.5)
     leaf = start_leaf(ChainState(x, energy, grad), metric, gen)
     h0 = leaf.energy + kinetic(leaf)
-    h = torch.where(torch.rand(n, generator=gen) < 0.5, 0.1, -0.1).to(torch.float64)
+    h = torch.where(torch.rand(n, generator=gen) < 0.5, 1.2, -1.2).to(torch.float64)
     tree = empty_subtree(leaf, torch.rand(n, generator=gen) < 0.8, 3)
-    tree = tree._replace(v_start=torch.randn(tree.v_start.shape, dtype=torch.float64, generator=gen))
-    log_u = torch.rand(n, dtype=torch.float64, generator=gen).log()
-    return leaf, h, metric, h0, tree, log_u, level_masks(3, x.device)[1], 1000.0
+    log_u = torch.rand(2, n, dtype=torch.float64, generator=gen).log()
+    (_, _, masks), = leaf_chunks(3, 1, 2, x.device)
+    return leaf, h, metric, h0, tree, log_u, masks, 1000.0
 
 
-def test_compiled_nuts_leaf_is_the_eager_leaf():
-    "Under `compile=`, NUTS traces the same `grow_leaf` (leapfrog, weights, multinomial draw, U-turn checks)."
-    from torchebm.samplers.nuts import grow_leaf
-    model = mlp_energy(torch.float64)
-    args = nuts_leaf_inputs(model)
-    compiled = CompiledModel(model).compiled(grow_leaf)
-    torch.testing.assert_close(compiled(*args), grow_leaf(model, *args))
+class BowlWithMLP(torch.nn.Module):
+    "A quadratic bowl plus a seeded MLP: trajectories turn within a few leapfrog steps, and the gradient is traced."
+    def __init__(self):
+        super().__init__()
+        self.mlp = mlp_energy(torch.float64)
+    def forward(self, x): return 0.5 * (x ** 2).sum(-1) + 0.1 * self.mlp(x)
+
+
+def test_compiled_nuts_leaves_are_the_eager_leaves():
+    "Under `compile=`, NUTS traces a run of `grow_leaf` (leapfrog, weights, multinomial draw, U-turn checks) as one program."
+    from torchebm.samplers.nuts import grow_leaves
+    model = BowlWithMLP()
+    args = nuts_leaves_inputs(model)
+    first, last, tree = grow_leaves(model, *args)
+    assert bool(tree.is_turning.any()) and bool(tree.alive.any())  # the run reaches the U-turn checks both ways
+    compiled = CompiledModel(model).compiled(grow_leaves)
+    torch.testing.assert_close(compiled(*args), (first, last, tree))
 
 
 def test_compiled_nuts_samples_a_correlated_gaussian():

@@ -268,13 +268,16 @@ class CompiledModel(BaseModel):
         self.options, self._steps = dict(options or {}), {}
         self._evaluate = compiled_energy_and_gradient(model, self.options)
 
-    def compiled(self, step: Callable) -> Callable:
+    def compiled(self, step: Callable, vectorize: bool = True) -> Callable:
         """`step(model, *args)` with this model's energy and gradient inside, compiled as one program by `torch.compile`
-        (built on first use, one per `step`): `*args -> step(model, *args)`."""
-        if step not in self._steps:
-            traced = TracedModel(self.wrapped)
-            self._steps[step] = torch.compile(functools.partial(step, traced), **self.options)
-        return self._steps[step]
+        (built on first use, one per `step`): `*args -> step(model, *args)`. Shapes are static unless the options say
+        `dynamic=`: a step is traced once per input shape (NUTS traces one per run length of leaves). `vectorize=False`
+        makes inductor write plain loops on the CPU, faster when the innermost dimension is shorter than a SIMD vector."""
+        if (step, vectorize) not in self._steps:
+            options = {'dynamic': False, **self.options}
+            if not vectorize: options['options'] = {**options.get('options', {}), 'cpp.vec_isa_ok': False}
+            self._steps[step, vectorize] = torch.compile(functools.partial(step, TracedModel(self.wrapped)), **options)
+        return self._steps[step, vectorize]
 
     @property
     def dim(self) -> Optional[int]: return getattr(self.wrapped, 'dim', None)
