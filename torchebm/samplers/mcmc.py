@@ -384,9 +384,20 @@ class MCMCSampler(BaseSampler):
         "An accelerated run `(x, trajectory, diagnostics)`, or `None` when it does not apply."
         return None
 
-    def lean_sample(self, x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator):
-        "`sample`'s result by a shorter route with the same checks and numbers (e.g. one kernel call), or `None`."
+    def lean_sample(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        """A run from checked start points `x` by a shorter route with the same numbers (e.g. one kernel call that
+        screens the chains): `(x_final, trajectory, diagnostics, flags)`, with `flags` `None` when the run needs none
+        of the checks of a fused run (`check_fused_run`); or `None` when it does not apply."""
         return None
+
+    def check_fused_run(self, monitor: ChainMonitor, x, final, n_steps, model, nan_guard: bool = False) -> None:
+        """The checks of a fused run from `x` to `final` (warnings point at the caller of `sample`): the NaN guard
+        (unless the run made it), stuck chains (Metropolis samplers) and runaway energies at both ends."""
+        with torch.no_grad(), eval_mode(model):
+            if nan_guard: check_chains_finite(final, 1, n_steps, monitor.owner, self.nan_policy)
+            if 'acceptance_rate' in self.diagnostic_keys: monitor.check_moved(x, final, n_steps)
+            monitor.check_energy(ChainState(x), model); monitor.check_energy(ChainState(final), model)
+            monitor.report(stacklevel=4)
 
     def initial_state(self, x: torch.Tensor) -> ChainState:
         "The chain state at the start (nothing evaluated: steps evaluate what they need)."
@@ -460,9 +471,6 @@ class MCMCSampler(BaseSampler):
         `return_result=True`. `model=` samples another model for this run; `warm_start=` reuses adapted parameters.
         The model runs in eval mode (its modes are restored afterwards); warnings about stuck, divergent or runaway
         chains name them, once while a problem persists over consecutive runs of this sampler."""
-        if (model is None or model is self.model) and warm_start is None and not (progress or return_result):
-            lean = self.lean_sample(x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator)
-            if lean is not None: return lean
         owner = type(self).__name__
         run_model = model if model is not None else self.model
         if run_model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor or to sample")
@@ -473,18 +481,28 @@ class MCMCSampler(BaseSampler):
         n_steps = self.resolve_n_steps(n_steps)
         check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator, run_model)
+        shortcut = not (progress or return_result or warm_start is not None or run_model is not self.model)
+        if shortcut:
+            lean = self.lean_sample(x, n_steps, thin, return_trajectory, return_diagnostics, generator)
+            if lean is not None:  # (nn.Module's __setattr__ is slow: `_reported` is only set when it changes)
+                final_x, trajectory, diagnostics, flags = lean
+                if flags is not None:
+                    monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
+                    self.check_fused_run(monitor, x, final_x, n_steps, run_model, nan_guard=True)
+                    self._reported = monitor.found
+                elif self._reported: self._reported = frozenset()
+                out = trajectory if return_trajectory else final_x
+                return (out, diagnostics) if return_diagnostics else out
         values = schedule_values(self.schedulers, n_steps)
         n_warmup, adapted = 0, None
         monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
         with torch.no_grad(), eval_mode(run_model):
             fused = None
-            if not (progress or return_result or warm_start is not None or run_model is not self.model):
+            if shortcut:
                 fused = self.fused_sample(x, values, n_steps, thin, return_trajectory, return_diagnostics, generator)
             if fused is not None:
                 final_x, trajectory, diagnostics = fused
-                if 'acceptance_rate' in self.diagnostic_keys: monitor.check_moved(x, final_x, n_steps)
-                monitor.check_energy(ChainState(x), run_model); monitor.check_energy(ChainState(final_x), run_model)
-                monitor.report(stacklevel=3)
+                self.check_fused_run(monitor, x, final_x, n_steps, run_model)
             else:
                 evaluation = self.evaluation_model(run_model)
                 if self.transition is not None:
