@@ -8,11 +8,12 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
            'traced_energy_and_gradient', 'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel',
            'AdaptedParameters', 'SamplingResult', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
-           'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState', 'dual_averaging_init',
-           'dual_averaging_update', 'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState',
-           'welford_init', 'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance',
-           'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy',
-           'model_gradient', 'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
+           'fused_kernels', 'check_start_finite', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
+           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
+           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
+           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
+           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
+           'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
@@ -423,8 +424,8 @@ class MCMCSampler(BaseSampler):
                             f"{owner}.sample(x=torch.randn(n_samples, *dim))", stacklevel=4)
         elif dim is None:
             dim = getattr(model, 'dim', None)
-        if x is not None and model is not self.model: return check_finite(check_batch(x, 'x', model=model, dim=dim), 'x')
-        return check_finite(self.initial_chains(x, dim, n_samples, generator), 'x')
+        if x is not None and model is not self.model: return check_start_finite(check_batch(x, 'x', model=model, dim=dim))
+        return check_start_finite(self.initial_chains(x, dim, n_samples, generator))
 
     def resolve_n_steps(self, n_steps: Optional[int]) -> int:
         n_steps = n_steps if n_steps is not None else (self.n_steps if self.n_steps is not None else DEFAULT_N_STEPS)
@@ -549,6 +550,12 @@ def fused_kernels():
     except ImportError:
         return None
     return kernels
+
+def check_start_finite(x: torch.Tensor) -> torch.Tensor:
+    "`check_finite(x, 'x')`, in one C++ pass where the CPU kernels are loaded (`torchebm.cuda.kernels.all_finite`)."
+    kernels = fused_kernels()
+    if kernels is not None and kernels.all_finite(x): return x
+    return check_finite(x, 'x')
 
 def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
     "One 62-bit seed for a fused kernel, drawn from `generator` (or the global RNG)."
