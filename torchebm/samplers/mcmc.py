@@ -7,8 +7,8 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'ADAPT_METRICS', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
            'traced_energy_and_gradient', 'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel',
-           'AdaptedParameters', 'SamplingResult', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
-           'fused_kernels', 'check_start_finite', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
+           'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite', 'AdaptationOptions',
+           'adaptation_options', 'MCMCSampler', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
            'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
            'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
            'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
@@ -308,6 +308,21 @@ class SamplingResult(NamedTuple):
 # %% ../../nbs/12_mcmc.ipynb #ee55b8b1
 DEFAULT_N_STEPS = 100
 
+@functools.lru_cache(maxsize=None)  # one import attempt per process, also when it fails
+def fused_kernels():
+    "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
+    try:
+        from torchebm.cuda import kernels
+    except ImportError:
+        return None
+    return kernels
+
+def check_start_finite(x: torch.Tensor) -> torch.Tensor:
+    "`check_finite(x, 'x')`, in one C++ pass where the CPU kernels are loaded (`torchebm.cuda.kernels.all_finite`)."
+    kernels = fused_kernels()
+    if kernels is not None and kernels.all_finite(x): return x
+    return check_finite(x, 'x')
+
 class AdaptationOptions(NamedTuple):
     "How a transition-based sampler warms up (see `Warmup`) and jitters its step size afterwards."
     step_size: bool = False  # dual averaging of the step size
@@ -542,21 +557,6 @@ def _warm_step_size(step_size, x: torch.Tensor) -> torch.Tensor:
     return h
 
 # %% ../../nbs/12_mcmc.ipynb #f0736b29
-@functools.lru_cache(maxsize=None)  # one import attempt per process, also when it fails
-def fused_kernels():
-    "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
-    try:
-        from torchebm.cuda import kernels
-    except ImportError:
-        return None
-    return kernels
-
-def check_start_finite(x: torch.Tensor) -> torch.Tensor:
-    "`check_finite(x, 'x')`, in one C++ pass where the CPU kernels are loaded (`torchebm.cuda.kernels.all_finite`)."
-    kernels = fused_kernels()
-    if kernels is not None and kernels.all_finite(x): return x
-    return check_finite(x, 'x')
-
 def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
     "One 62-bit seed for a fused kernel, drawn from `generator` (or the global RNG)."
     device = generator.device if generator is not None else 'cpu'
