@@ -96,6 +96,50 @@ def test_ackley_gradient_at_origin_is_zero(ext):
     assert torch.allclose(e, torch.zeros(3, dtype=F64), atol=1e-12) and torch.equal(grad, torch.zeros(3, 4, dtype=F64))
 
 
+def test_kernel_form_is_made_once_and_never_stale(ext):
+    """The kernel form of a model with number parameters is made once per dtype and device and remade when a number
+    changes; tensor parameters are read on every call, also after a write through `.data` (which leaves no version)."""
+    samplers = pytest.importorskip('torchebm.samplers')
+    dw = DoubleWellModel(barrier_height=2.0, b=1.0)
+    form = analytic_energy(dw, torch.float32, 'cpu')
+    assert analytic_energy(dw, torch.float32, 'cpu') is form and analytic_energy(dw, F64, 'cpu') is not form
+    dw.b = 1.5
+    assert analytic_energy(dw, torch.float32, 'cpu').params == (2.0, 2.25)
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
+    run = lambda model, s=None: (s or samplers.LangevinDynamics(model, step_size=0.01)).sample(
+        x=x, n_steps=20, generator=torch.Generator().manual_seed(1))
+    sampler = samplers.LangevinDynamics(dw, step_size=0.01)
+    assert torch.equal(run(dw, sampler), run(DoubleWellModel(barrier_height=2.0, b=1.5)))
+    dw.barrier_height = 3.0  # the same sampler and model, a new energy
+    assert torch.equal(run(dw, sampler), run(DoubleWellModel(barrier_height=3.0, b=1.5)))
+    dw.b = torch.tensor(0.5)  # a tensor parameter: read afresh, also after an untracked in-place write
+    assert analytic_energy(dw, F64, 'cpu').params == (3.0, 0.25)
+    dw.b.data.fill_(2.0)
+    assert analytic_energy(dw, F64, 'cpu').params == (3.0, 4.0)
+    gauss = gaussian3()[0]
+    gauss.mean.data.add_(1.0)
+    assert torch.equal(analytic_energy(gauss, F64, 'cpu').mean, gauss.mean)
+    rastrigin = RastriginModel(a=1.0)
+    analytic_energy(rastrigin, F64, 'cpu')
+    rastrigin.a = float('nan')  # NaN equals nothing, itself included: remade on every call, never served stale
+    assert math.isnan(analytic_energy(rastrigin, F64, 'cpu').params[0])
+
+
+def test_all_finite_uses_the_loaded_extension_and_never_builds(ext, monkeypatch):
+    import torchebm.cuda.kernels as kernels
+    x = torch.randn(7, 3, dtype=F64)
+    assert kernels.all_finite(x) is True and kernels.all_finite(x.float()) is True
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        y = x.clone(); y[6, 2] = bad
+        assert kernels.all_finite(y) is False and kernels.all_finite(y.t()) is False  # also non-contiguous
+    loader.disable_kernels()
+    try: assert kernels.all_finite(x) is None
+    finally: loader.enable_kernels()
+    monkeypatch.setattr(kernels, '_LOADED', {})  # not loaded yet: no answer, and nothing is built
+    monkeypatch.setattr(kernels, 'load_extension', lambda name: pytest.fail('all_finite built the extension'))
+    assert kernels.all_finite(x) is None
+
+
 def test_noise_is_standard_normal(ext):
     z = ext.standard_normal(256, 4000, 11).flatten()
     n = z.numel()

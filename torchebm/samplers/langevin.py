@@ -12,10 +12,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..core.base import (BaseIntegrator, BaseScheduler, ConstantScheduler, check_batch, check_finite,
-                                check_nonnegative_int, check_positive, eval_mode)
+from ..core.base import BaseIntegrator, BaseScheduler, ConstantScheduler, check_positive
 from ..integrators import Dopri5, EulerMaruyama, Leapfrog, MassMatrix, RK4, get_integrator
-from .mcmc import (ENERGY_GROWTH, ENERGY_LIMIT, ChainMonitor, ChainState, MCMCSampler,
+from .mcmc import (ENERGY_GROWTH, ENERGY_LIMIT, ChainState, MCMCSampler,
                                     adaptation_options, check_chains_finite, check_schedule, fused_kernels, kernel_seed,
                                     model_gradient, per_step_tensor)
 from .transitions import MALA, ULA, LangevinParams, as_box, check_grad_clip
@@ -145,39 +144,20 @@ class LangevinDynamics(MCMCSampler):
         check_chains_finite(out[0], 1, n_steps, type(self).__name__, self.nan_policy)
         return out[:3]
 
-    def lean_sample(self, x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator):
-        """`sample` in one kernel call with every check made once, for constant step size and noise scale on the CPU;
-        `None` where that does not apply (the general path runs). The two constants are checked as two numbers, and
-        the kernel screens every chain for what the NaN guard, the runaway-energy check and (MALA) the stuck-chain
-        check look at, so a healthy run evaluates the model nowhere; a run with a flagged chain makes those checks
-        exactly as the general path does."""
-        model, step_size, noise_scale = self.model, self.schedulers['step_size'], self.schedulers['noise_scale']
-        if (model is None or not isinstance(x, torch.Tensor) or x.device.type != 'cpu' or not self.fusable()
-                or type(step_size) is not ConstantScheduler or type(noise_scale) is not ConstantScheduler): return None
+    def lean_sample(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        """The run from checked start points `x` in one screening kernel call, for constant step size and noise scale
+        on the CPU: `(x_final, trajectory, diagnostics, flags)`, or `None` where that does not apply (the general
+        path runs). The two constants are checked as two numbers; `flags` is `None` when the kernel's screen found
+        nothing for the NaN guard, the runaway-energy check and (MALA) the stuck-chain check to look at."""
+        step_size, noise_scale = self.schedulers['step_size'], self.schedulers['noise_scale']
+        if (n_steps == 0 or x.device.type != 'cpu' or type(step_size) is not ConstantScheduler
+                or type(noise_scale) is not ConstantScheduler or not self.fusable()): return None
         kernels = fused_kernels()
-        if kernels is None: return None
-        n_steps = self.resolve_n_steps(n_steps)  # the checks of `sample`, in its order
-        check_nonnegative_int('thin', thin, minimum=1)
-        x = check_batch(x, 'x', model=model, dim=dim if dim is not None else getattr(model, 'dim', None))
-        setup = kernels.fused_setup(model, x) if n_steps else None
+        setup = kernels.fused_setup(self.model, x) if kernels is not None else None
         if setup is None: return None
-        if not setup[1].all_finite(x): check_finite(x, 'x')  # the kernel's one-pass test, then the usual error
         step_size.reset(); noise_scale.reset()  # as `schedule_values` leaves them
         h, s = step_size.start_value, noise_scale.start_value
         check_schedule('step_size', [h]); check_schedule('noise_scale', [s], allow_zero=not self.metropolis)
-        final, trajectory, diagnostics, flags = kernels.langevin_kernel(
-            *setup, x, constant_steps(n_steps, h), constant_steps(n_steps, s),
-            self.metropolis, int(thin), bool(return_trajectory), bool(return_diagnostics), kernel_seed(generator),
-            screen=(ENERGY_LIMIT, ENERGY_GROWTH))
-        if flags is not None:  # a flagged chain: the general path's checks (warnings point at the caller of `sample`)
-            owner = type(self).__name__
-            with torch.no_grad(), eval_mode(model):
-                check_chains_finite(final, 1, n_steps, owner, self.nan_policy)
-                monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
-                if self.metropolis: monitor.check_moved(x, final, n_steps)
-                monitor.check_energy(ChainState(x), model); monitor.check_energy(ChainState(final), model)
-                monitor.report(stacklevel=4)
-            self._reported = monitor.found
-        elif self._reported: self._reported = frozenset()  # (nn.Module's __setattr__ is slow: skip a no-op)
-        out = trajectory if return_trajectory else final
-        return (out, diagnostics) if return_diagnostics else out
+        return kernels.langevin_kernel(*setup, x, constant_steps(n_steps, h), constant_steps(n_steps, s), self.metropolis,
+                                       int(thin), bool(return_trajectory), bool(return_diagnostics),
+                                       kernel_seed(generator), screen=(ENERGY_LIMIT, ENERGY_GROWTH))

@@ -7,12 +7,13 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'ADAPT_METRICS', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
            'traced_energy_and_gradient', 'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel',
-           'AdaptedParameters', 'SamplingResult', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
-           'fused_kernels', 'kernel_seed', 'per_step_tensor', 'DualAveragingState', 'dual_averaging_init',
-           'dual_averaging_update', 'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState',
-           'welford_init', 'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance',
-           'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy',
-           'model_gradient', 'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
+           'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite', 'AdaptationOptions',
+           'adaptation_options', 'MCMCSampler', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
+           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
+           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
+           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
+           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
+           'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
@@ -310,6 +311,21 @@ class SamplingResult(NamedTuple):
 # %% ../../nbs/12_mcmc.ipynb #ee55b8b1
 DEFAULT_N_STEPS = 100
 
+@functools.lru_cache(maxsize=None)  # one import attempt per process, also when it fails
+def fused_kernels():
+    "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
+    try:
+        from torchebm.cuda import kernels
+    except ImportError:
+        return None
+    return kernels
+
+def check_start_finite(x: torch.Tensor) -> torch.Tensor:
+    "`check_finite(x, 'x')`, in one C++ pass where the CPU kernels are loaded (`torchebm.cuda.kernels.all_finite`)."
+    kernels = fused_kernels()
+    if kernels is not None and kernels.all_finite(x): return x
+    return check_finite(x, 'x')
+
 class AdaptationOptions(NamedTuple):
     "How a transition-based sampler warms up (see `Warmup`) and jitters its step size afterwards."
     step_size: bool = False  # dual averaging of the step size
@@ -387,9 +403,20 @@ class MCMCSampler(BaseSampler):
         "An accelerated run `(x, trajectory, diagnostics)`, or `None` when it does not apply."
         return None
 
-    def lean_sample(self, x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator):
-        "`sample`'s result by a shorter route with the same checks and numbers (e.g. one kernel call), or `None`."
+    def lean_sample(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator):
+        """A run from checked start points `x` by a shorter route with the same numbers (e.g. one kernel call that
+        screens the chains): `(x_final, trajectory, diagnostics, flags)`, with `flags` `None` when the run needs none
+        of the checks of a fused run (`check_fused_run`); or `None` when it does not apply."""
         return None
+
+    def check_fused_run(self, monitor: ChainMonitor, x, final, n_steps, model, nan_guard: bool = False) -> None:
+        """The checks of a fused run from `x` to `final` (warnings point at the caller of `sample`): the NaN guard
+        (unless the run made it), stuck chains (Metropolis samplers) and runaway energies at both ends."""
+        with torch.no_grad(), eval_mode(model):
+            if nan_guard: check_chains_finite(final, 1, n_steps, monitor.owner, self.nan_policy)
+            if 'acceptance_rate' in self.diagnostic_keys: monitor.check_moved(x, final, n_steps)
+            monitor.check_energy(ChainState(x), model); monitor.check_energy(ChainState(final), model)
+            monitor.report(stacklevel=4)
 
     def initial_state(self, x: torch.Tensor) -> ChainState:
         "The chain state at the start (nothing evaluated: steps evaluate what they need)."
@@ -415,8 +442,8 @@ class MCMCSampler(BaseSampler):
                             f"{owner}.sample(x=torch.randn(n_samples, *dim))", stacklevel=4)
         elif dim is None:
             dim = getattr(model, 'dim', None)
-        if x is not None and model is not self.model: return check_finite(check_batch(x, 'x', model=model, dim=dim), 'x')
-        return check_finite(self.initial_chains(x, dim, n_samples, generator), 'x')
+        if x is not None and model is not self.model: return check_start_finite(check_batch(x, 'x', model=model, dim=dim))
+        return check_start_finite(self.initial_chains(x, dim, n_samples, generator))
 
     def resolve_n_steps(self, n_steps: Optional[int]) -> int:
         n_steps = n_steps if n_steps is not None else (self.n_steps if self.n_steps is not None else DEFAULT_N_STEPS)
@@ -463,9 +490,6 @@ class MCMCSampler(BaseSampler):
         `return_result=True`. `model=` samples another model for this run; `warm_start=` reuses adapted parameters.
         The model runs in eval mode (its modes are restored afterwards); warnings about stuck, divergent or runaway
         chains name them, once while a problem persists over consecutive runs of this sampler."""
-        if (model is None or model is self.model) and warm_start is None and not (progress or return_result):
-            lean = self.lean_sample(x, dim, n_steps, thin, return_trajectory, return_diagnostics, generator)
-            if lean is not None: return lean
         owner = type(self).__name__
         run_model = model if model is not None else self.model
         if run_model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor or to sample")
@@ -476,18 +500,28 @@ class MCMCSampler(BaseSampler):
         n_steps = self.resolve_n_steps(n_steps)
         check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator, run_model)
+        shortcut = not (progress or return_result or warm_start is not None or run_model is not self.model)
+        if shortcut:
+            lean = self.lean_sample(x, n_steps, thin, return_trajectory, return_diagnostics, generator)
+            if lean is not None:  # (nn.Module's __setattr__ is slow: `_reported` is only set when it changes)
+                final_x, trajectory, diagnostics, flags = lean
+                if flags is not None:
+                    monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
+                    self.check_fused_run(monitor, x, final_x, n_steps, run_model, nan_guard=True)
+                    self._reported = monitor.found
+                elif self._reported: self._reported = frozenset()
+                out = trajectory if return_trajectory else final_x
+                return (out, diagnostics) if return_diagnostics else out
         values = schedule_values(self.schedulers, n_steps)
         n_warmup, adapted = 0, None
         monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
         with torch.no_grad(), eval_mode(run_model):
             fused = None
-            if not (progress or return_result or warm_start is not None or run_model is not self.model):
+            if shortcut:
                 fused = self.fused_sample(x, values, n_steps, thin, return_trajectory, return_diagnostics, generator)
             if fused is not None:
                 final_x, trajectory, diagnostics = fused
-                if 'acceptance_rate' in self.diagnostic_keys: monitor.check_moved(x, final_x, n_steps)
-                monitor.check_energy(ChainState(x), run_model); monitor.check_energy(ChainState(final_x), run_model)
-                monitor.report(stacklevel=3)
+                self.check_fused_run(monitor, x, final_x, n_steps, run_model)
             else:
                 evaluation = self.evaluation_model(run_model)
                 if self.transition is not None:
@@ -526,15 +560,6 @@ def _warm_step_size(step_size, x: torch.Tensor) -> torch.Tensor:
     return h
 
 # %% ../../nbs/12_mcmc.ipynb #f0736b29
-@functools.lru_cache(maxsize=None)  # one import attempt per process, also when it fails
-def fused_kernels():
-    "The `torchebm.cuda.kernels` module, or `None` when it cannot be imported."
-    try:
-        from torchebm.cuda import kernels
-    except ImportError:
-        return None
-    return kernels
-
 def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
     "One 62-bit seed for a fused kernel, drawn from `generator` (or the global RNG)."
     device = generator.device if generator is not None else 'cpu'
