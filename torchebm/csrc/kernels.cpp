@@ -257,134 +257,136 @@ inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad)
   }
 }
 
-// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+// One thread's block of L chains and its scratch, each [d][L]: the state x with g = grad E(x) and energy e,
+// z (the noise, or HMC's momentum), the proposal y with gy = grad E(y) and energy ey, and the energy's workspace.
 template <typename T, int L>
-void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
-                  bool metropolis, const Recorder<T> &rec, uint64_t seed) {
+struct Block {
+  std::vector<T> buf;
+  T *x, *g, *z, *y, *gy, *work;
+  T e[L], ey[L];
+  bool acc[L];
+
+  explicit Block(int64_t d) : buf(6 * d * L) {
+    x = buf.data(); g = x + d * L; z = g + d * L; y = z + d * L; gy = y + d * L; work = gy + d * L;
+  }
+
+  // The Metropolis test, log u < log_alpha(j) for lane j: accepted lanes take the proposal (y, gy, ey).
+  template <typename LogAlpha>
+  void metropolis(Rng<L> &rng, int64_t d, LogAlpha log_alpha) {
+    float lu[L];
+    fill_log_uniform(rng, lu);
+    for (int j = 0; j < L; ++j) acc[j] = (T)lu[j] < log_alpha(j);
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j)
+        if (acc[j]) { x[i * L + j] = y[i * L + j]; g[i * L + j] = gy[i * L + j]; }
+    for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
+  }
+};
+
+// The chains x [n, d] (updated in place) in blocks of L, OpenMP over blocks: each block is loaded, seeded from
+// (seed, its first chain), evaluated (energy too if `with_energy`), then takes `step(block, rng, t)` for
+// t < n_steps, each step recorded. The generator stays a local of its own, outside Block: inside it (whose
+// address reaches the energy calls) GCC leaves scalar copies of the noise loop in HMC, twice as slow.
+template <typename T, int L, typename Step>
+void run_blocks(T *x, int64_t n, const Energy<T, L> &E, bool with_energy, int64_t n_steps, const Recorder<T> &rec,
+                uint64_t seed, Step step) {
   const int64_t d = E.d, n_blocks = (n + L - 1) / L;
 #pragma omp parallel
   {
-    std::vector<T> buf(6 * d * L);
-    T *xb = buf.data(), *gb = xb + d * L, *z = gb + d * L, *y = z + d * L, *gy = y + d * L, *work = gy + d * L;
-    T e[L], ey[L];
-    float lu[L];
-    bool acc[L];
+    Block<T, L> b(d);
     Rng<L> rng;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t c0 = blk * L;
       const int nv = (int)std::min<int64_t>(L, n - c0);
-      load_block<L>(x, c0, nv, d, xb);
+      load_block<L>(x, c0, nv, d, b.x);
       rng.seed(seed, c0);
-      E.eval(xb, gb, metropolis ? e : nullptr, work);
-      for (int j = 0; j < L; ++j) acc[j] = true;
+      E.eval(b.x, b.g, with_energy ? b.e : nullptr, b.work);
+      for (int j = 0; j < L; ++j) b.acc[j] = true;
       for (int64_t t = 0; t < n_steps; ++t) {
-        const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
-        if (!metropolis && E.kind == DOUBLE_WELL) {
-          const T hw = E.p0, cc = E.p1;
-          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
-          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
-        } else if (!metropolis && E.kind == HARMONIC) {
-          const T k = E.p0;
-          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
-          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
-        } else if (!metropolis) {
-          fill_normal(rng, z, d);
-          for (int64_t i = 0; i < d * L; ++i) xb[i] += -h * gb[i] + c * z[i];
-          E.eval(xb, gb, rec.wants_energy(t) ? e : nullptr, work);
-        } else {
-          fill_normal(rng, z, d);
-          for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
-          E.eval(y, gy, ey, work);
-          // Target e^{-E / s^2} (transitions.MALA's): log q(y | x) = -|z|^2 / 2 and
-          // log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
-          T fwd[L] = {}, bwd[L] = {};
-          const T inv_temp = (T)(1.0 / (scale[t] * scale[t])), inv = T(0.25) * inv_temp / h;
-          for (int64_t i = 0; i < d; ++i) {
-#pragma omp simd
-            for (int j = 0; j < L; ++j) {
-              const int64_t k = i * L + j;
-              const T r = xb[k] - y[k] + h * gy[k];
-              fwd[j] += z[k] * z[k];
-              bwd[j] += r * r;
-            }
-          }
-          fill_log_uniform(rng, lu);
-          for (int j = 0; j < L; ++j) {
-            const T log_alpha = (e[j] - ey[j]) * inv_temp - bwd[j] * inv + T(0.5) * fwd[j];
-            acc[j] = (T)lu[j] < log_alpha;
-          }
-          for (int64_t i = 0; i < d; ++i)
-            for (int j = 0; j < L; ++j)
-              if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
-          for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
-        }
-        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+        step(b, rng, t);
+        rec.template write<L>(t, blk, c0, nv, b.x, b.e, b.acc);
       }
-      store_block<L>(x, c0, nv, d, xb);
+      store_block<L>(x, c0, nv, d, b.x);
     }
   }
+}
+
+// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+template <typename T, int L>
+void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
+                  bool metropolis, const Recorder<T> &rec, uint64_t seed) {
+  const int64_t d = E.d;
+  run_blocks(x, n, E, metropolis, n_steps, rec, seed, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) {
+    // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
+    T *xb = b.x, *gb = b.g, *z = b.z, *y = b.y, *gy = b.gy;
+    const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
+    if (!metropolis && E.kind == DOUBLE_WELL) {
+      const T hw = E.p0, cc = E.p1;
+      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
+      if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
+    } else if (!metropolis && E.kind == HARMONIC) {
+      const T k = E.p0;
+      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
+      if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
+    } else if (!metropolis) {
+      fill_normal(rng, z, d);
+      for (int64_t i = 0; i < d * L; ++i) xb[i] += -h * gb[i] + c * z[i];
+      E.eval(xb, gb, rec.wants_energy(t) ? b.e : nullptr, b.work);
+    } else {
+      fill_normal(rng, z, d);
+      for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
+      E.eval(y, gy, b.ey, b.work);
+      // Target e^{-E / s^2} (transitions.MALA's): log q(y | x) = -|z|^2 / 2 and
+      // log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
+      T fwd[L] = {}, bwd[L] = {};
+      const T inv_temp = (T)(1.0 / (scale[t] * scale[t])), inv = T(0.25) * inv_temp / h;
+      for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+        for (int j = 0; j < L; ++j) {
+          const int64_t k = i * L + j;
+          const T r = xb[k] - y[k] + h * gy[k];
+          fwd[j] += z[k] * z[k];
+          bwd[j] += r * r;
+        }
+      }
+      b.metropolis(rng, d, [&](int j) { return (b.e[j] - b.ey[j]) * inv_temp - bwd[j] * inv + T(0.5) * fwd[j]; });
+    }
+  });
 }
 
 // HMC with unit-diagonal mass times `mass`: per step, fresh momentum, n_leapfrog leapfrog steps, Metropolis test.
 template <typename T, int L>
 void hmc_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
              double mass, const Recorder<T> &rec, uint64_t seed) {
-  const int64_t d = E.d, n_blocks = (n + L - 1) / L;
-  const T m = (T)mass, sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
-#pragma omp parallel
-  {
-    std::vector<T> buf(6 * d * L);
-    T *xb = buf.data(), *gb = xb + d * L, *p = gb + d * L, *y = p + d * L, *gy = y + d * L, *work = gy + d * L;
-    T e[L], ey[L];
-    float lu[L];
-    bool acc[L];
-    Rng<L> rng;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t c0 = blk * L;
-      const int nv = (int)std::min<int64_t>(L, n - c0);
-      load_block<L>(x, c0, nv, d, xb);
-      rng.seed(seed, c0);
-      E.eval(xb, gb, e, work);
-      for (int64_t t = 0; t < n_steps; ++t) {
-        const T h = (T)eta[t];
-        fill_normal(rng, p, d);
-        T k0[L] = {}, k1[L] = {};
-        for (int64_t i = 0; i < d; ++i) {
+  const int64_t d = E.d;
+  run_blocks(x, n, E, true, n_steps, rec, seed, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) {
+    // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
+    T *xb = b.x, *gb = b.g, *p = b.z, *y = b.y, *gy = b.gy;
+    const T h = (T)eta[t], sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
+    fill_normal(rng, p, d);
+    T k0[L] = {}, k1[L] = {};
+    for (int64_t i = 0; i < d; ++i) {
 #pragma omp simd
-          for (int j = 0; j < L; ++j) {
-            const int64_t k = i * L + j;
-            p[k] *= sqrt_m;
-            k0[j] += p[k] * p[k];
-            y[k] = xb[k];
-            p[k] -= T(0.5) * h * gb[k];
-          }
-        }
-        for (int64_t l = 0; l < n_leapfrog; ++l) {
-          for (int64_t i = 0; i < d * L; ++i) y[i] += h * inv_m * p[i];
-          const bool last = l + 1 == n_leapfrog;
-          E.eval(y, gy, last ? ey : nullptr, work);
-          const T kick = last ? T(0.5) * h : h;
-          for (int64_t i = 0; i < d * L; ++i) p[i] -= kick * gy[i];
-        }
-        for (int64_t i = 0; i < d; ++i)
-          for (int j = 0; j < L; ++j) k1[j] += p[i * L + j] * p[i * L + j];
-        fill_log_uniform(rng, lu);
-        for (int j = 0; j < L; ++j) {
-          const T log_alpha = e[j] + T(0.5) * inv_m * k0[j] - ey[j] - T(0.5) * inv_m * k1[j];
-          acc[j] = (T)lu[j] < log_alpha;
-        }
-        for (int64_t i = 0; i < d; ++i)
-          for (int j = 0; j < L; ++j)
-            if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
-        for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
-        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+      for (int j = 0; j < L; ++j) {
+        const int64_t k = i * L + j;
+        p[k] *= sqrt_m;
+        k0[j] += p[k] * p[k];
+        y[k] = xb[k];
+        p[k] -= T(0.5) * h * gb[k];
       }
-      store_block<L>(x, c0, nv, d, xb);
     }
-  }
-  (void)m;
+    for (int64_t l = 0; l < n_leapfrog; ++l) {
+      for (int64_t i = 0; i < d * L; ++i) y[i] += h * inv_m * p[i];
+      const bool last = l + 1 == n_leapfrog;
+      E.eval(y, gy, last ? b.ey : nullptr, b.work);
+      const T kick = last ? T(0.5) * h : h;
+      for (int64_t i = 0; i < d * L; ++i) p[i] -= kick * gy[i];
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j) k1[j] += p[i * L + j] * p[i * L + j];
+    b.metropolis(rng, d, [&](int j) { return b.e[j] + T(0.5) * inv_m * k0[j] - b.ey[j] - T(0.5) * inv_m * k1[j]; });
+  });
 }
 
 }  // namespace tebm
