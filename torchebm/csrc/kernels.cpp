@@ -30,13 +30,15 @@ struct Rng {  // one xoshiro128+ state per lane
   }
 };
 
-// z[i * L + j] ~ N(0, 1) for i < d; each lane draws ceil(d / 2) pairs in coordinate order.
-template <int L, typename T>
-inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
-  T spare[L];  // the unused second normal of an odd last coordinate
+// Walks a [d][L] array v in coordinate pairs (i, i + 1), drawing one pair of N(0, 1) per lane for each:
+// visit(v[i][j], v[i + 1][j], n0, n1), a zeroed spare standing in for the partner of an odd last coordinate.
+// Each lane thus draws ceil(d / 2) pairs in coordinate order.
+template <int L, typename T, typename Visit>
+inline void normal_pairs(Rng<L> &g, T *v, int64_t d, Visit visit) {
+  T spare[L] = {};
   for (int64_t i = 0; i < d; i += 2) {
-    T *za = z + i * L;
-    T *zb = (i + 1 < d) ? z + (i + 1) * L : spare;
+    T *va = v + i * L;
+    T *vb = (i + 1 < d) ? v + (i + 1) * L : spare;
 #pragma omp simd
     for (int j = 0; j < L; ++j) {
       uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
@@ -44,10 +46,15 @@ inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
       g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
       float n0, n1;
       box_muller(r1, r2, n0, n1);
-      za[j] = (T)n0;
-      zb[j] = (T)n1;
+      visit(va[j], vb[j], n0, n1);
     }
   }
+}
+
+// z[i * L + j] ~ N(0, 1) for i < d.
+template <int L, typename T>
+inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
+  normal_pairs(g, z, d, [](T &a, T &b, float n0, float n1) { a = (T)n0; b = (T)n1; });
 }
 
 // log(u), u ~ U(0, 1], one per lane (the Metropolis test).
@@ -239,22 +246,11 @@ inline void store_block(T *x, int64_t c0, int nv, int64_t d, const T *xb) {
 // noise, gradient and update in a single pass over the lanes, with nothing stored in between.
 template <int L, typename T, typename Grad>
 inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad) {
-  T spare[L] = {};  // stands in for the missing partner of an odd last coordinate
-  for (int64_t i = 0; i < d; i += 2) {
-    T *xa = xb + i * L;
-    T *xc = (i + 1 < d) ? xb + (i + 1) * L : spare;
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
-      const uint32_t r1 = next_u32(a0, a1, a2, a3), r2 = next_u32(a0, a1, a2, a3);
-      g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
-      float n0, n1;
-      box_muller(r1, r2, n0, n1);
-      const T u = xa[j], v = xc[j];
-      xa[j] = u - h * grad(u) + c * (T)n0;
-      xc[j] = v - h * grad(v) + c * (T)n1;
-    }
-  }
+  normal_pairs(g, xb, d, [=](T &a, T &b, float n0, float n1) {
+    const T u = a, v = b;
+    a = u - h * grad(u) + c * (T)n0;
+    b = v - h * grad(v) + c * (T)n1;
+  });
 }
 
 // One thread's block of L chains and its scratch, each [d][L]: the state x with g = grad E(x) and energy e,
