@@ -55,9 +55,13 @@ SAMPLERS = [lambda m: GibbsSampler(m, scan='random'), lambda m: GibbsSampler(m, 
             lambda m: DiscreteLangevinSampler(m, step_size=2.0)]
 
 
+MODELS = pytest.mark.parametrize('strong_model', [strong_ising, strong_potts], ids=['ising', 'potts'])
+
+
+@MODELS
 @pytest.mark.parametrize('make', SAMPLERS, ids=['gibbs-random', 'gibbs-systematic', 'gwg', 'dmala-0.3', 'dmala-2'])
-def test_sampler_matches_exact_distribution(make):
-    model = strong_ising()
+def test_sampler_matches_exact_distribution(strong_model, make):
+    model = strong_model()
     tv, tol = tv_and_tolerance(make(model), model)
     assert tv < tol, f"TV {tv:.4f} >= tolerance {tol:.4f}"
 
@@ -66,35 +70,17 @@ def _accept_all(current, proposal, log_ratio, generator=None):
     return proposal, torch.ones_like(log_ratio, dtype=torch.bool)
 
 
-def test_gwg_without_metropolis_correction_fails(monkeypatch):
+@MODELS
+def test_gwg_without_metropolis_correction_fails(strong_model, monkeypatch):
     monkeypatch.setattr(discrete, 'metropolis_select', _accept_all)
-    model = strong_ising()
+    model = strong_model()
     tv, tol = tv_and_tolerance(GibbsWithGradientsSampler(model), model)
     assert tv > 2 * tol, f"the broken sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
 
 
-def test_unadjusted_dula_fails():
-    model = strong_ising()
-    tv, tol = tv_and_tolerance(DiscreteLangevinSampler(model, step_size=2.0, metropolis=False), model)
-    assert tv > 2 * tol, f"the biased sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
-
-
-@pytest.mark.parametrize('make', SAMPLERS, ids=['gibbs-random', 'gibbs-systematic', 'gwg', 'dmala-0.3', 'dmala-2'])
-def test_sampler_matches_exact_potts_distribution(make):
-    model = strong_potts()
-    tv, tol = tv_and_tolerance(make(model), model)
-    assert tv < tol, f"TV {tv:.4f} >= tolerance {tol:.4f}"
-
-
-def test_potts_gwg_without_metropolis_correction_fails(monkeypatch):
-    monkeypatch.setattr(discrete, 'metropolis_select', _accept_all)
-    model = strong_potts()
-    tv, tol = tv_and_tolerance(GibbsWithGradientsSampler(model), model)
-    assert tv > 2 * tol, f"the broken sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
-
-
-def test_potts_unadjusted_dula_fails():
-    model = strong_potts()
+@MODELS
+def test_unadjusted_dula_fails(strong_model):
+    model = strong_model()
     tv, tol = tv_and_tolerance(DiscreteLangevinSampler(model, step_size=2.0, metropolis=False), model)
     assert tv > 2 * tol, f"the biased sampler went undetected: TV {tv:.4f}, tolerance {tol:.4f}"
 
@@ -125,6 +111,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match='one-hot'): potts.analytic_gradient(torch.zeros(2, D).double())
     with pytest.raises(ValueError, match='n_states'): PottsModel(potts.coupling, n_states=1)
     with pytest.raises(ValueError, match=r'\[d, q\]'): PottsModel(potts.coupling, n_states=3, field=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r'field must be a number or of shape \[d\] = \(4,\)'): IsingModel(model.coupling, torch.zeros(3))
     with pytest.raises(ValueError, match='symmetric'): PottsModel(torch.tensor([[0., 1.], [2., 0.]]), n_states=3)
 
 

@@ -101,6 +101,16 @@ def _coupling_matrix(coupling, dtype, device):
         raise ValueError("coupling must have a zero diagonal (self-couplings only add a constant)")
     return coupling.to(dtype=dtype, device=device), dtype, device
 
+def _site_field(field, sizes: dict, dtype, device) -> torch.Tensor:
+    """The field as a tensor of shape `sizes.values()` (`{'d': d}` for Ising, `{'d': d, 'q': q}` for Potts), given
+    as a number or with only the trailing dimensions (`[q]` for Potts: the same at every site)."""
+    field = torch.as_tensor(field, dtype=dtype, device=device)
+    names, shape = list(sizes), tuple(sizes.values())
+    if not any(field.shape == shape[k:] for k in range(len(shape) + 1)):
+        forms = ' or '.join(f"[{', '.join(names[k:])}] = {shape[k:]}" for k in range(len(shape)))
+        raise ValueError(f"field must be a number or of shape {forms}, got shape {tuple(field.shape)}")
+    return field.expand(shape).clone()
+
 def lattice_coupling(rows: int,  # grid height
                      cols: int,  # grid width
                      coupling: float = 1.0,  # J between nearest neighbours
@@ -128,13 +138,8 @@ class IsingModel(BaseModel):
                  device=None):  # device of the parameters (default: coupling's)
         coupling, dtype, device = _coupling_matrix(coupling, dtype, device)
         super().__init__(dtype=dtype, device=device)
-        d = coupling.shape[0]
-        field = torch.as_tensor(field, dtype=dtype, device=device)
-        if field.ndim == 0: field = field.expand(d)
-        if field.shape != (d,):
-            raise ValueError(f"field must be a number or of shape [d] = ({d},), got shape {tuple(field.shape)}")
         self.register_buffer('coupling', coupling)
-        self.register_buffer('field', field.clone())
+        self.register_buffer('field', _site_field(field, {'d': coupling.shape[0]}, dtype, device))
 
     @classmethod
     def lattice(cls,
@@ -220,15 +225,9 @@ class PottsModel(BaseModel):
         check_nonnegative_int('n_states', n_states, minimum=2)
         coupling, dtype, device = _coupling_matrix(coupling, dtype, device)
         super().__init__(dtype=dtype, device=device)
-        d, q = coupling.shape[0], n_states
-        field = torch.as_tensor(field, dtype=dtype, device=device)
-        if field.ndim == 0 or field.shape == (q,): field = field.expand(d, q)
-        if field.shape != (d, q):
-            raise ValueError(f"field must be a number, of shape [q] = ({q},) or [d, q] = ({d}, {q}), "
-                             f"got shape {tuple(field.shape)}")
-        self.n_states = q
+        self.n_states = n_states
         self.register_buffer('coupling', coupling)
-        self.register_buffer('field', field.clone())
+        self.register_buffer('field', _site_field(field, {'d': coupling.shape[0], 'q': n_states}, dtype, device))
 
     @classmethod
     def lattice(cls,
