@@ -99,10 +99,11 @@ class RiemannianMetric:
         return 1
 
 # %% ../../nbs/14a_rmhmc.ipynb #881d871f
-def _leaf_and_energy(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    "Flattened chains `[n, d]` requiring grad and their energies `[n]` (call under `torch.enable_grad()`)."
+def _leaf_energy_and_grad(model, x: torch.Tensor, create_graph: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Flattened chains `leaf: [n, d]` requiring grad, their energies `[n]` and gradients `[n, d]` (call under `torch.enable_grad()`)."
     leaf = x.detach().reshape(x.shape[0], -1).requires_grad_(True)
-    return leaf, checked_energy(model(leaf.reshape(x.shape)), x)
+    e = checked_energy(model(leaf.reshape(x.shape)), x)
+    return leaf, e, _grad_or_zeros(e, leaf, create_graph)
 
 def _grad_or_zeros(output: torch.Tensor, leaf: torch.Tensor, create_graph: bool) -> torch.Tensor:
     "d(output.sum()) / d leaf, zeros where `output` does not depend on `leaf`."
@@ -139,9 +140,8 @@ class SoftAbsMetric(RiemannianMetric):
     def at(self, model, x, differentiable=True):
         "The SoftAbs metric at `x: [n, *dim]` from the Hessian (d backward passes, batched over chains) and `eigh`."
         with torch.enable_grad():
-            leaf, e = _leaf_and_energy(model, x)
-            n, d = leaf.shape
-            grad = _grad_or_zeros(e, leaf, create_graph=True)
+            leaf, e, grad = _leaf_energy_and_grad(model, x, create_graph=True)
+            d = leaf.shape[1]
             hess = torch.stack([_grad_or_zeros(grad[:, j], leaf, differentiable) for j in range(d)], 1)
             hess = 0.5 * (hess + hess.transpose(1, 2))  # inside enable_grad: samplers run under no_grad
         h = hess.detach()
@@ -171,9 +171,8 @@ class FunctionMetric(RiemannianMetric):
     def at(self, model, x, differentiable=True):
         "`metric_fn` at `x: [n, *dim]` with its Cholesky factor and inverse (chains where it is not SPD get NaN and are rejected)."
         with torch.enable_grad():
-            leaf, e = _leaf_and_energy(model, x)
+            leaf, e, grad = _leaf_energy_and_grad(model, x, create_graph=False)
             n, d = leaf.shape
-            grad = _grad_or_zeros(e, leaf, create_graph=False)
             g = self.metric_fn(leaf.reshape(x.shape))
             if not isinstance(g, torch.Tensor) or g.shape != (n, d, d):
                 got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
