@@ -479,6 +479,36 @@ def test_stale_lock_does_not_hang(ext):
     assert out['ok'] and out['path'] == 'cached' and not out['lock'], out
 
 
+HEADER_PROBE = '''
+import json
+from pathlib import Path
+from torchebm.cuda import loader
+spec = loader.register_extension(loader.ExtensionSpec(
+    name='header_probe', cpp_sources=['#include "outer.h"\\nint64_t value() { return VALUE; }'], functions=['value'],
+    kernels=['value'], headers=[Path(FOLDER) / 'outer.h'], extra_cflags=('-O0',), extra_ldflags=()))
+ext = loader.load_extension('header_probe')
+print(json.dumps(dict(value=ext.value(), path=loader.extension_state('header_probe').path, name=spec.build_name())))
+'''
+
+
+@pytest.mark.slow
+def test_a_header_edit_never_loads_the_stale_build(tmp_path):
+    """Processes sharing one cache: after an edit of a header that `headers` does not list (another header includes
+    it), the next process builds anew and sees the new value; with nothing changed, one more loads that build."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    (src / 'outer.h').write_text('#pragma once\n#include "inner.h"\n')
+    env = {'TORCHEBM_EXTENSIONS_DIR': str(tmp_path / 'cache')}
+    code = HEADER_PROBE.replace('FOLDER', repr(str(src)))
+    runs = []
+    for value in (1, 2, 2):
+        (src / 'inner.h').write_text(f'#define VALUE {value}\n')
+        runs.append(run_python(code, env, timeout=600))
+    assert [r['value'] for r in runs] == [1, 2, 2], runs
+    assert [r['path'] for r in runs] == ['compiled', 'compiled', 'cached'], runs
+    assert runs[0]['name'] != runs[1]['name'] == runs[2]['name']
+
+
 def test_samplers_pick_the_fused_path_and_agree_with_the_reference_path(ext):
     samplers = pytest.importorskip('torchebm.samplers')
     gauss, mean, cov = gaussian3()

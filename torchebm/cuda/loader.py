@@ -11,6 +11,7 @@ __all__ = ['DISABLE_ENV', 'Source', 'STALE_LOCK_SECONDS', 'kernels_enabled', 'di
 import hashlib
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -54,7 +55,7 @@ class ExtensionSpec:
     functions: Sequence[str]
     kernels: Sequence[str]
     cuda_sources: Sequence[Source] = ()  # CUDA text or `Path`s; empty for a CPU-only extension
-    headers: Sequence[Path] = ()  # files the sources `#include "..."`: their folders are on the include path
+    headers: Sequence[Path] = ()  # headers of ours: their folders go on the include path
     # -fno-trapping-math lets GCC turn the branch-free selects of the noise code into SIMD blends on AVX2
     # (without it the lane loops stay scalar there, 8x slower; AVX-512 masks hide this); values are unchanged
     extra_cflags: Sequence[str] = ('-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fopenmp')
@@ -65,11 +66,14 @@ class ExtensionSpec:
     def device(self) -> str: return 'cuda' if self.cuda_sources else 'cpu'
 
     def build_name(self) -> str:
-        "`torchebm_<name>_<hash>`: the hash covers sources and headers (their text), flags, torch, Python and the CPU's instruction set."
+        """`torchebm_<name>_<hash>`: the hash covers everything the build reads or is told: the sources and every
+        header of ours they include, however deep (their text), the include folders, the flags, the compiler, torch,
+        Python, the CPU's instruction set and, for CUDA, the toolkit and the target architectures."""
         h = hashlib.sha256()
-        texts = [_text(s) for s in (*self.cpp_sources, *self.cuda_sources, *self.headers)]
-        for part in (*texts, *self.functions, *self.extra_cflags, *self.extra_ldflags,
-                     *self.extra_cuda_cflags, torch.__version__, sys.version, platform.machine(), _cpu_flags()):
+        texts = [_text(s) for s in (*self.cpp_sources, *self.cuda_sources)]
+        for part in (*texts, *_header_texts(self, texts), *_include_dirs(self), *self.functions, *self.extra_cflags,
+                     *self.extra_ldflags, *self.extra_cuda_cflags, *_toolchain_identity(self), torch.__version__,
+                     sys.version, platform.machine(), _cpu_flags()):
             h.update(part.encode()); h.update(b'\0')
         return f'torchebm_{self.name}_{h.hexdigest()[:12]}'
 
@@ -79,6 +83,36 @@ def _text(source: Source) -> str:
 
 def _include_dirs(spec: ExtensionSpec) -> List[str]:
     return sorted({str(Path(h).parent) for h in spec.headers})
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
+
+def _header_texts(spec: ExtensionSpec, texts: Sequence[str]) -> List[str]:
+    """Name and text of `spec.headers` and of every file in the include folders that the sources include, directly
+    or through other headers (`#include "..."` or `<...>`; other headers, torch's and the system's, are not ours)."""
+    dirs = [Path(d) for d in _include_dirs(spec)]
+    found = {Path(h).resolve() for h in spec.headers}
+    todo = list(texts) + [f.read_text(encoding='utf-8') for f in found]
+    while todo:
+        for name in _INCLUDE.findall(todo.pop()):
+            path = next((d / name for d in dirs if (d / name).is_file()), None)  # the first folder's, as the compiler
+            if path is not None and path.resolve() not in found:
+                found.add(path.resolve()); todo.append(path.read_text(encoding='utf-8'))
+    return [part for f in sorted(found) for part in (str(f), f.read_text(encoding='utf-8'))]
+
+def _toolchain_identity(spec: ExtensionSpec) -> List[str]:
+    """The C++ compiler (`$CXX` as found on `PATH`, links resolved: an upgrade moves the link) and, for CUDA, the
+    toolkit folder and the architectures compiled for (`TORCH_CUDA_ARCH_LIST`, else the visible GPUs')."""
+    cxx = os.environ.get('CXX', 'c++')
+    found = shutil.which(cxx)
+    parts = [cxx, os.path.realpath(found) if found else '']
+    if spec.cuda_sources:
+        from torch.utils.cpp_extension import CUDA_HOME
+        arch = os.environ.get('TORCH_CUDA_ARCH_LIST')
+        if arch is None and torch.cuda.is_available():
+            arch = ' '.join(f'{major}.{minor}' for major, minor in
+                            (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())))
+        parts += [str(CUDA_HOME), arch or '']
+    return parts
 
 def _cpu_flags() -> str:
     "The CPU's feature flags (the build uses -march=native, so a binary is only valid for the same instruction set)."
