@@ -90,28 +90,28 @@ struct Energy {
   }
 
   // The formulas are tebm_common.h's; these loops apply them to every lane of every coordinate.
-  void double_well(const T *x, T *g, T *e) const {
+  // A sum of one formula over coordinates: g_i = grad(x_i), E = sum_i term(x_i).
+  template <typename Grad, typename Term>
+  void coordinatewise(const T *x, T *g, T *e, Grad grad, Term term) const {
     if (e) for (int j = 0; j < L; ++j) e[j] = 0;
     for (int64_t i = 0; i < d; ++i) {
       const T *xi = x + i * L; T *gi = g + i * L;
 #pragma omp simd
       for (int j = 0; j < L; ++j) {
-        gi[j] = double_well_grad(xi[j], p0, p1);
-        if (e) e[j] += double_well_term(xi[j], p0, p1);
+        gi[j] = grad(xi[j]);
+        if (e) e[j] += term(xi[j]);
       }
     }
   }
 
+  void double_well(const T *x, T *g, T *e) const {
+    const T h = p0, c = p1;  // copied: the lambdas then hold values, not `this`
+    coordinatewise(x, g, e, [=](T v) { return double_well_grad(v, h, c); }, [=](T v) { return double_well_term(v, h, c); });
+  }
+
   void harmonic(const T *x, T *g, T *e) const {
-    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const T *xi = x + i * L; T *gi = g + i * L;
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        gi[j] = harmonic_grad(xi[j], p0);
-        if (e) e[j] += harmonic_term(xi[j], p0);
-      }
-    }
+    const T k = p0;
+    coordinatewise(x, g, e, [=](T v) { return harmonic_grad(v, k); }, [=](T v) { return harmonic_term(v, k); });
   }
 
   // E = (x - mu)^T P (x - mu) / 2, grad = P (x - mu).
