@@ -30,13 +30,15 @@ struct Rng {  // one xoshiro128+ state per lane
   }
 };
 
-// z[i * L + j] ~ N(0, 1) for i < d; each lane draws ceil(d / 2) pairs in coordinate order.
-template <int L, typename T>
-inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
-  T spare[L];  // the unused second normal of an odd last coordinate
+// Walks a [d][L] array v in coordinate pairs (i, i + 1), drawing one pair of N(0, 1) per lane for each:
+// visit(v[i][j], v[i + 1][j], n0, n1), a zeroed spare standing in for the partner of an odd last coordinate.
+// Each lane thus draws ceil(d / 2) pairs in coordinate order.
+template <int L, typename T, typename Visit>
+inline void normal_pairs(Rng<L> &g, T *v, int64_t d, Visit visit) {
+  T spare[L] = {};
   for (int64_t i = 0; i < d; i += 2) {
-    T *za = z + i * L;
-    T *zb = (i + 1 < d) ? z + (i + 1) * L : spare;
+    T *va = v + i * L;
+    T *vb = (i + 1 < d) ? v + (i + 1) * L : spare;
 #pragma omp simd
     for (int j = 0; j < L; ++j) {
       uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
@@ -44,10 +46,15 @@ inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
       g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
       float n0, n1;
       box_muller(r1, r2, n0, n1);
-      za[j] = (T)n0;
-      zb[j] = (T)n1;
+      visit(va[j], vb[j], n0, n1);
     }
   }
+}
+
+// z[i * L + j] ~ N(0, 1) for i < d.
+template <int L, typename T>
+inline void fill_normal(Rng<L> &g, T *z, int64_t d) {
+  normal_pairs(g, z, d, [](T &a, T &b, float n0, float n1) { a = (T)n0; b = (T)n1; });
 }
 
 // log(u), u ~ U(0, 1], one per lane (the Metropolis test).
@@ -70,8 +77,9 @@ struct Energy {
   const T *mean = nullptr;  // Gaussian: [d]
   const T *prec = nullptr;  // Gaussian: [d, d], symmetric
 
-  // g <- grad E(x); e <- E(x) when e is not null. x, g: [d][L]; e: [L]; work: [d][L] scratch.
-  void eval(const T *x, T *g, T *e, T *work) const {
+  // g <- grad E(x); e <- E(x) when e is not null. x, g: [d][L]; e: [L]; work: [d][L] scratch. Never inlined: one
+  // compiled copy, so an energy's last bits (where the compiler fuses a multiply-add) do not depend on the caller.
+  __attribute__((noinline)) void eval(const T *x, T *g, T *e, T *work) const {
     switch (kind) {
       case DOUBLE_WELL: double_well(x, g, e); break;
       case HARMONIC: harmonic(x, g, e); break;
@@ -83,28 +91,28 @@ struct Energy {
   }
 
   // The formulas are tebm_common.h's; these loops apply them to every lane of every coordinate.
-  void double_well(const T *x, T *g, T *e) const {
+  // A sum of one formula over coordinates: g_i = grad(x_i), E = sum_i term(x_i).
+  template <typename Grad, typename Term>
+  void coordinatewise(const T *x, T *g, T *e, Grad grad, Term term) const {
     if (e) for (int j = 0; j < L; ++j) e[j] = 0;
     for (int64_t i = 0; i < d; ++i) {
       const T *xi = x + i * L; T *gi = g + i * L;
 #pragma omp simd
       for (int j = 0; j < L; ++j) {
-        gi[j] = double_well_grad(xi[j], p0, p1);
-        if (e) e[j] += double_well_term(xi[j], p0, p1);
+        gi[j] = grad(xi[j]);
+        if (e) e[j] += term(xi[j]);
       }
     }
   }
 
+  void double_well(const T *x, T *g, T *e) const {
+    const T h = p0, c = p1;  // copied: the lambdas then hold values, not `this`
+    coordinatewise(x, g, e, [=](T v) { return double_well_grad(v, h, c); }, [=](T v) { return double_well_term(v, h, c); });
+  }
+
   void harmonic(const T *x, T *g, T *e) const {
-    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const T *xi = x + i * L; T *gi = g + i * L;
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        gi[j] = harmonic_grad(xi[j], p0);
-        if (e) e[j] += harmonic_term(xi[j], p0);
-      }
-    }
+    const T k = p0;
+    coordinatewise(x, g, e, [=](T v) { return harmonic_grad(v, k); }, [=](T v) { return harmonic_term(v, k); });
   }
 
   // E = (x - mu)^T P (x - mu) / 2, grad = P (x - mu).
@@ -239,22 +247,11 @@ inline void store_block(T *x, int64_t c0, int nv, int64_t d, const T *xb) {
 // noise, gradient and update in a single pass over the lanes, with nothing stored in between.
 template <int L, typename T, typename Grad>
 inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad) {
-  T spare[L] = {};  // stands in for the missing partner of an odd last coordinate
-  for (int64_t i = 0; i < d; i += 2) {
-    T *xa = xb + i * L;
-    T *xc = (i + 1 < d) ? xb + (i + 1) * L : spare;
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      uint32_t a0 = g.s0[j], a1 = g.s1[j], a2 = g.s2[j], a3 = g.s3[j];
-      const uint32_t r1 = next_u32(a0, a1, a2, a3), r2 = next_u32(a0, a1, a2, a3);
-      g.s0[j] = a0; g.s1[j] = a1; g.s2[j] = a2; g.s3[j] = a3;
-      float n0, n1;
-      box_muller(r1, r2, n0, n1);
-      const T u = xa[j], v = xc[j];
-      xa[j] = u - h * grad(u) + c * (T)n0;
-      xc[j] = v - h * grad(v) + c * (T)n1;
-    }
-  }
+  normal_pairs(g, xb, d, [=](T &a, T &b, float n0, float n1) {
+    const T u = a, v = b;
+    a = u - h * grad(u) + c * (T)n0;
+    b = v - h * grad(v) + c * (T)n1;
+  });
 }
 
 // What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
@@ -289,144 +286,152 @@ inline void screen_block(const ScreenSpec &s, int64_t c0, int nv, int64_t d, con
   }
 }
 
-// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+// One thread's block of L chains and its scratch, each [d][L]: the state x with g = grad E(x) and energy e,
+// z (the noise, or HMC's momentum), the proposal y with gy = grad E(y) and energy ey, the energy's workspace, and
+// when screening the start x0 with its energy e0.
 template <typename T, int L>
-void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
-                  bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
+struct Block {
+  std::vector<T> buf;
+  T *x, *g, *z, *y, *gy, *work, *x0;
+  T e[L], ey[L], e0[L];
+  bool acc[L];
+
+  Block(int64_t d, bool screening) : buf((screening ? 7 : 6) * d * L) {
+    x = buf.data(); g = x + d * L; z = g + d * L; y = z + d * L; gy = y + d * L; work = gy + d * L;
+    x0 = screening ? work + d * L : nullptr;
+  }
+
+  // The Metropolis test, log u < log_alpha(j) for lane j: accepted lanes take the proposal (y, gy, ey).
+  template <typename LogAlpha>
+  void metropolis(Rng<L> &rng, int64_t d, LogAlpha log_alpha) {
+    float lu[L];
+    fill_log_uniform(rng, lu);
+    for (int j = 0; j < L; ++j) acc[j] = (T)lu[j] < log_alpha(j);
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j)
+        if (acc[j]) { x[i * L + j] = y[i * L + j]; g[i * L + j] = gy[i * L + j]; }
+    for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
+  }
+};
+
+// The chains x [n, d] (updated in place) in blocks of L, OpenMP over blocks: each block is loaded, seeded from
+// (seed, its first chain), evaluated (energy too if `metropolis`: its steps keep e current), then takes
+// `step(block, rng, t)` for t < n_steps, each step recorded, and last is screened if `screen` asks (see
+// screen_block; only a Metropolis chain can fail to move). The generator stays a local of its own, outside Block:
+// inside it (whose address reaches the energy calls) GCC leaves scalar copies of the noise loop in HMC, twice as slow.
+// The steps are lambdas marked STEP_INLINE: left to itself GCC calls the Langevin step out of line, once per step
+// and block, about 6% slower on small blocks (2-D double well).
+#define STEP_INLINE __attribute__((always_inline))
+template <typename T, int L, typename Step>
+void run_blocks(T *x, int64_t n, const Energy<T, L> &E, bool metropolis, int64_t n_steps, const Recorder<T> &rec,
+                uint64_t seed, const ScreenSpec &screen, Step step) {
   const int64_t d = E.d, n_blocks = (n + L - 1) / L;
   const bool screening = screen.flags != nullptr;
 #pragma omp parallel
   {
-    std::vector<T> buf((screening ? 7 : 6) * d * L);
-    T *xb = buf.data(), *gb = xb + d * L, *z = gb + d * L, *y = z + d * L, *gy = y + d * L, *work = gy + d * L;
-    T *x0 = screening ? work + d * L : nullptr;  // the start, kept for the screen
-    T e[L], ey[L], e0[L];
-    float lu[L];
-    bool acc[L];
+    Block<T, L> b(d, screening);
     Rng<L> rng;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t c0 = blk * L;
       const int nv = (int)std::min<int64_t>(L, n - c0);
-      load_block<L>(x, c0, nv, d, xb);
+      load_block<L>(x, c0, nv, d, b.x);
       rng.seed(seed, c0);
-      E.eval(xb, gb, (metropolis || screening) ? e : nullptr, work);
+      E.eval(b.x, b.g, (metropolis || screening) ? b.e : nullptr, b.work);
       if (screening) {
-        std::copy(xb, xb + d * L, x0);
-        std::copy(e, e + L, e0);
+        std::copy(b.x, b.x + d * L, b.x0);
+        std::copy(b.e, b.e + L, b.e0);
       }
-      for (int j = 0; j < L; ++j) acc[j] = true;
+      for (int j = 0; j < L; ++j) b.acc[j] = true;
       for (int64_t t = 0; t < n_steps; ++t) {
-        const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
-        if (!metropolis && E.kind == DOUBLE_WELL) {
-          const T hw = E.p0, cc = E.p1;
-          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
-          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
-        } else if (!metropolis && E.kind == HARMONIC) {
-          const T k = E.p0;
-          separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
-          if (rec.wants_energy(t)) E.eval(xb, gb, e, work);
-        } else if (!metropolis) {
-          fill_normal(rng, z, d);
-          for (int64_t i = 0; i < d * L; ++i) xb[i] += -h * gb[i] + c * z[i];
-          E.eval(xb, gb, rec.wants_energy(t) ? e : nullptr, work);
-        } else {
-          fill_normal(rng, z, d);
-          for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
-          E.eval(y, gy, ey, work);
-          // Target e^{-E / s^2} (transitions.MALA's): log q(y | x) = -|z|^2 / 2 and
-          // log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
-          T fwd[L] = {}, bwd[L] = {};
-          const T inv_temp = (T)(1.0 / (scale[t] * scale[t])), inv = T(0.25) * inv_temp / h;
-          for (int64_t i = 0; i < d; ++i) {
-#pragma omp simd
-            for (int j = 0; j < L; ++j) {
-              const int64_t k = i * L + j;
-              const T r = xb[k] - y[k] + h * gy[k];
-              fwd[j] += z[k] * z[k];
-              bwd[j] += r * r;
-            }
-          }
-          fill_log_uniform(rng, lu);
-          for (int j = 0; j < L; ++j) {
-            const T log_alpha = (e[j] - ey[j]) * inv_temp - bwd[j] * inv + T(0.5) * fwd[j];
-            acc[j] = (T)lu[j] < log_alpha;
-          }
-          for (int64_t i = 0; i < d; ++i)
-            for (int j = 0; j < L; ++j)
-              if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
-          for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
-        }
-        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+        step(b, rng, t);
+        rec.template write<L>(t, blk, c0, nv, b.x, b.e, b.acc);
       }
       if (screening) {
-        if (!metropolis) E.eval(xb, gb, e, work);  // ULA's e is stale unless this last step recorded it
-        screen_block<T, L>(screen, c0, nv, d, xb, metropolis ? x0 : nullptr, e0, e);
+        if (!metropolis) E.eval(b.x, b.g, b.e, b.work);  // ULA's e is stale unless its last step recorded it
+        screen_block<T, L>(screen, c0, nv, d, b.x, metropolis ? b.x0 : nullptr, b.e0, b.e);
       }
-      store_block<L>(x, c0, nv, d, xb);
+      store_block<L>(x, c0, nv, d, b.x);
     }
   }
+}
+
+// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+template <typename T, int L>
+void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
+                  bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
+  const int64_t d = E.d;
+  run_blocks(x, n, E, metropolis, n_steps, rec, seed, screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+    // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
+    T *xb = b.x, *gb = b.g, *z = b.z, *y = b.y, *gy = b.gy;
+    const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
+    if (!metropolis && E.kind == DOUBLE_WELL) {
+      const T hw = E.p0, cc = E.p1;
+      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
+      if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
+    } else if (!metropolis && E.kind == HARMONIC) {
+      const T k = E.p0;
+      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
+      if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
+    } else if (!metropolis) {
+      fill_normal(rng, z, d);
+      for (int64_t i = 0; i < d * L; ++i) xb[i] += -h * gb[i] + c * z[i];
+      E.eval(xb, gb, rec.wants_energy(t) ? b.e : nullptr, b.work);
+    } else {
+      fill_normal(rng, z, d);
+      for (int64_t i = 0; i < d * L; ++i) y[i] = xb[i] - h * gb[i] + c * z[i];
+      E.eval(y, gy, b.ey, b.work);
+      // Target e^{-E / s^2} (transitions.MALA's): log q(y | x) = -|z|^2 / 2 and
+      // log q(x | y) = -|x - y + h grad E(y)|^2 / (4 h s^2), up to the same constant.
+      T fwd[L] = {}, bwd[L] = {};
+      const T inv_temp = (T)(1.0 / (scale[t] * scale[t])), inv = T(0.25) * inv_temp / h;
+      for (int64_t i = 0; i < d; ++i) {
+#pragma omp simd
+        for (int j = 0; j < L; ++j) {
+          const int64_t k = i * L + j;
+          const T r = xb[k] - y[k] + h * gy[k];
+          fwd[j] += z[k] * z[k];
+          bwd[j] += r * r;
+        }
+      }
+      b.metropolis(rng, d, [&](int j) { return (b.e[j] - b.ey[j]) * inv_temp - bwd[j] * inv + T(0.5) * fwd[j]; });
+    }
+  });
 }
 
 // HMC with unit-diagonal mass times `mass`: per step, fresh momentum, n_leapfrog leapfrog steps, Metropolis test.
 template <typename T, int L>
 void hmc_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
              double mass, const Recorder<T> &rec, uint64_t seed) {
-  const int64_t d = E.d, n_blocks = (n + L - 1) / L;
-  const T m = (T)mass, sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
-#pragma omp parallel
-  {
-    std::vector<T> buf(6 * d * L);
-    T *xb = buf.data(), *gb = xb + d * L, *p = gb + d * L, *y = p + d * L, *gy = y + d * L, *work = gy + d * L;
-    T e[L], ey[L];
-    float lu[L];
-    bool acc[L];
-    Rng<L> rng;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t c0 = blk * L;
-      const int nv = (int)std::min<int64_t>(L, n - c0);
-      load_block<L>(x, c0, nv, d, xb);
-      rng.seed(seed, c0);
-      E.eval(xb, gb, e, work);
-      for (int64_t t = 0; t < n_steps; ++t) {
-        const T h = (T)eta[t];
-        fill_normal(rng, p, d);
-        T k0[L] = {}, k1[L] = {};
-        for (int64_t i = 0; i < d; ++i) {
+  const int64_t d = E.d;
+  const ScreenSpec no_screen{nullptr, 0.0, 0.0};
+  run_blocks(x, n, E, true, n_steps, rec, seed, no_screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+    // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
+    T *xb = b.x, *gb = b.g, *p = b.z, *y = b.y, *gy = b.gy;
+    const T h = (T)eta[t], sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
+    fill_normal(rng, p, d);
+    T k0[L] = {}, k1[L] = {};
+    for (int64_t i = 0; i < d; ++i) {
 #pragma omp simd
-          for (int j = 0; j < L; ++j) {
-            const int64_t k = i * L + j;
-            p[k] *= sqrt_m;
-            k0[j] += p[k] * p[k];
-            y[k] = xb[k];
-            p[k] -= T(0.5) * h * gb[k];
-          }
-        }
-        for (int64_t l = 0; l < n_leapfrog; ++l) {
-          for (int64_t i = 0; i < d * L; ++i) y[i] += h * inv_m * p[i];
-          const bool last = l + 1 == n_leapfrog;
-          E.eval(y, gy, last ? ey : nullptr, work);
-          const T kick = last ? T(0.5) * h : h;
-          for (int64_t i = 0; i < d * L; ++i) p[i] -= kick * gy[i];
-        }
-        for (int64_t i = 0; i < d; ++i)
-          for (int j = 0; j < L; ++j) k1[j] += p[i * L + j] * p[i * L + j];
-        fill_log_uniform(rng, lu);
-        for (int j = 0; j < L; ++j) {
-          const T log_alpha = e[j] + T(0.5) * inv_m * k0[j] - ey[j] - T(0.5) * inv_m * k1[j];
-          acc[j] = (T)lu[j] < log_alpha;
-        }
-        for (int64_t i = 0; i < d; ++i)
-          for (int j = 0; j < L; ++j)
-            if (acc[j]) { xb[i * L + j] = y[i * L + j]; gb[i * L + j] = gy[i * L + j]; }
-        for (int j = 0; j < L; ++j) if (acc[j]) e[j] = ey[j];
-        rec.template write<L>(t, blk, c0, nv, xb, e, acc);
+      for (int j = 0; j < L; ++j) {
+        const int64_t k = i * L + j;
+        p[k] *= sqrt_m;
+        k0[j] += p[k] * p[k];
+        y[k] = xb[k];
+        p[k] -= T(0.5) * h * gb[k];
       }
-      store_block<L>(x, c0, nv, d, xb);
     }
-  }
-  (void)m;
+    for (int64_t l = 0; l < n_leapfrog; ++l) {
+      for (int64_t i = 0; i < d * L; ++i) y[i] += h * inv_m * p[i];
+      const bool last = l + 1 == n_leapfrog;
+      E.eval(y, gy, last ? b.ey : nullptr, b.work);
+      const T kick = last ? T(0.5) * h : h;
+      for (int64_t i = 0; i < d * L; ++i) p[i] -= kick * gy[i];
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < L; ++j) k1[j] += p[i * L + j] * p[i * L + j];
+    b.metropolis(rng, d, [&](int j) { return b.e[j] + T(0.5) * inv_m * k0[j] - b.ey[j] - T(0.5) * inv_m * k1[j]; });
+  });
 }
 
 }  // namespace tebm

@@ -110,62 +110,77 @@ __device__ void fill_normal(Rng &rng, T *z, int64_t d, int64_t stride) {
   }
 }
 
+// One thread's chain c of n, its per-chain arrays laid out [d, n] (coordinate i at [i * s]): the state x with
+// g = grad E(x) and energy e, z (the noise, or HMC's momentum), the proposal y with gy = grad E(y), and the
+// energy's workspace; the generator seeded from (seed, c).
 template <typename T>
-__global__ void langevin_kernel(T *x, int64_t n, Energy<T> E, const double *eta, const double *scale, int64_t n_steps,
-                                bool metropolis, Record<T> rec, T *ws, uint64_t seed) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  const int64_t d = E.d, s = n;
-  T *xb = ws + c, *gb = xb + d * n, *z = gb + d * n, *y = z + d * n, *gy = y + d * n, *work = gy + d * n;
-  for (int64_t i = 0; i < d; ++i) xb[i * s] = x[c * d + i];
+struct Chain {
+  int64_t d, s;
+  T *x, *g, *z, *y, *gy, *work;
+  T e;
   Rng rng;
-  rng.seed(seed, c);
-  T e = E.eval(xb, gb, work);
-  for (int64_t t = 0; t < n_steps; ++t) {
+
+  // Loads chain c of x0 [n, d] into the workspace ws [6, d, n].
+  __device__ Chain(const T *x0, T *ws, int64_t c, int64_t n, const Energy<T> &E, uint64_t seed) : d(E.d), s(n) {
+    x = ws + c; g = x + d * n; z = g + d * n; y = z + d * n; gy = y + d * n; work = gy + d * n;
+    for (int64_t i = 0; i < d; ++i) x[i * s] = x0[c * d + i];
+    rng.seed(seed, c);
+    e = E.eval(x, g, work);
+  }
+
+  // The Metropolis test log u < log_alpha: if accepted, the chain takes the proposal (y, gy, ey).
+  __device__ bool metropolis(T log_alpha, T ey) {
+    const bool acc = (T)logf(rng.uniform()) < log_alpha;
+    if (acc) {
+      for (int64_t i = 0; i < d; ++i) { x[i * s] = y[i * s]; g[i * s] = gy[i * s]; }
+      e = ey;
+    }
+    return acc;
+  }
+};
+
+// Langevin (ULA) or, if `metropolis`, MALA: one step of a chain; returns whether it moved (always, for ULA).
+template <typename T>
+struct LangevinMove {
+  const double *eta, *scale;
+  bool metropolis;
+
+  __device__ bool step(Chain<T> &ch, const Energy<T> &E, int64_t t) const {
+    const int64_t d = ch.d, s = ch.s;
+    T *xb = ch.x, *gb = ch.g, *z = ch.z, *y = ch.y, *gy = ch.gy;
     const T h = (T)eta[t], cn = (T)(sqrt(2.0 * eta[t]) * scale[t]);
-    fill_normal(rng, z, d, s);
-    bool acc = true;
+    fill_normal(ch.rng, z, d, s);
     if (!metropolis) {
       for (int64_t i = 0; i < d; ++i) xb[i * s] += -h * gb[i * s] + cn * z[i * s];
-      e = E.eval(xb, gb, work);
-    } else {
-      for (int64_t i = 0; i < d; ++i) y[i * s] = xb[i * s] - h * gb[i * s] + cn * z[i * s];
-      const T ey = E.eval(y, gy, work);
-      T fwd = 0, bwd = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        const T r = xb[i * s] - y[i * s] + h * gy[i * s];
-        fwd += z[i * s] * z[i * s];
-        bwd += r * r;
-      }
-      // target e^{-E / s^2}, as transitions.MALA
-      const T inv_temp = (T)(1.0 / (scale[t] * scale[t]));
-      const T log_alpha = (e - ey) * inv_temp - bwd * (T(0.25) * inv_temp / h) + T(0.5) * fwd;
-      acc = (T)logf(rng.uniform()) < log_alpha;
-      if (acc) {
-        for (int64_t i = 0; i < d; ++i) { xb[i * s] = y[i * s]; gb[i * s] = gy[i * s]; }
-        e = ey;
-      }
+      ch.e = E.eval(xb, gb, ch.work);
+      return true;
     }
-    rec.write(t, c, xb, s, e, acc);
+    for (int64_t i = 0; i < d; ++i) y[i * s] = xb[i * s] - h * gb[i * s] + cn * z[i * s];
+    const T ey = E.eval(y, gy, ch.work);
+    T fwd = 0, bwd = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const T r = xb[i * s] - y[i * s] + h * gy[i * s];
+      fwd += z[i * s] * z[i * s];
+      bwd += r * r;
+    }
+    // target e^{-E / s^2}, as transitions.MALA
+    const T inv_temp = (T)(1.0 / (scale[t] * scale[t]));
+    return ch.metropolis((ch.e - ey) * inv_temp - bwd * (T(0.25) * inv_temp / h) + T(0.5) * fwd, ey);
   }
-  for (int64_t i = 0; i < d; ++i) x[c * d + i] = xb[i * s];
-}
+};
 
+// HMC with unit-diagonal mass times `mass`: fresh momentum, n_leapfrog leapfrog steps, the Metropolis test.
 template <typename T>
-__global__ void hmc_kernel(T *x, int64_t n, Energy<T> E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
-                           double mass, Record<T> rec, T *ws, uint64_t seed) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  const int64_t d = E.d, s = n;
-  T *xb = ws + c, *gb = xb + d * n, *p = gb + d * n, *y = p + d * n, *gy = y + d * n, *work = gy + d * n;
-  const T sqrt_m = (T)sqrt(mass), inv_m = (T)(1.0 / mass);
-  for (int64_t i = 0; i < d; ++i) xb[i * s] = x[c * d + i];
-  Rng rng;
-  rng.seed(seed, c);
-  T e = E.eval(xb, gb, work);
-  for (int64_t t = 0; t < n_steps; ++t) {
+struct HmcMove {
+  const double *eta;
+  int64_t n_leapfrog;
+  T sqrt_m, inv_m;
+
+  __device__ bool step(Chain<T> &ch, const Energy<T> &E, int64_t t) const {
+    const int64_t d = ch.d, s = ch.s;
+    T *xb = ch.x, *gb = ch.g, *p = ch.z, *y = ch.y, *gy = ch.gy;
     const T h = (T)eta[t];
-    fill_normal(rng, p, d, s);
+    fill_normal(ch.rng, p, d, s);
     T k0 = 0, k1 = 0, ey = 0;
     for (int64_t i = 0; i < d; ++i) {
       p[i * s] *= sqrt_m;
@@ -175,20 +190,27 @@ __global__ void hmc_kernel(T *x, int64_t n, Energy<T> E, const double *eta, int6
     }
     for (int64_t l = 0; l < n_leapfrog; ++l) {
       for (int64_t i = 0; i < d; ++i) y[i * s] += h * inv_m * p[i * s];
-      ey = E.eval(y, gy, work);
+      ey = E.eval(y, gy, ch.work);
       const T kick = (l + 1 == n_leapfrog) ? T(0.5) * h : h;
       for (int64_t i = 0; i < d; ++i) p[i * s] -= kick * gy[i * s];
     }
     for (int64_t i = 0; i < d; ++i) k1 += p[i * s] * p[i * s];
-    const T log_alpha = e + T(0.5) * inv_m * k0 - ey - T(0.5) * inv_m * k1;
-    const bool acc = (T)logf(rng.uniform()) < log_alpha;
-    if (acc) {
-      for (int64_t i = 0; i < d; ++i) { xb[i * s] = y[i * s]; gb[i * s] = gy[i * s]; }
-      e = ey;
-    }
-    rec.write(t, c, xb, s, e, acc);
+    return ch.metropolis(ch.e + T(0.5) * inv_m * k0 - ey - T(0.5) * inv_m * k1, ey);
   }
-  for (int64_t i = 0; i < d; ++i) x[c * d + i] = xb[i * s];
+};
+
+// One thread per chain of x [n, d] (updated in place): n_steps moves, each recorded.
+template <typename T, typename Move>
+__global__ void chain_kernel(T *x, int64_t n, Energy<T> E, Move move, int64_t n_steps, Record<T> rec, T *ws,
+                             uint64_t seed) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  Chain<T> ch(x, ws, c, n, E, seed);
+  for (int64_t t = 0; t < n_steps; ++t) {
+    const bool acc = move.step(ch, E, t);
+    rec.write(t, c, ch.x, ch.s, ch.e, acc);
+  }
+  for (int64_t i = 0; i < ch.d; ++i) x[c * ch.d + i] = ch.x[i * ch.s];
 }
 
 template <typename T>
@@ -231,6 +253,27 @@ Record<T> recorder(const std::vector<torch::Tensor> &o, int64_t n, int64_t d, in
 
 constexpr int THREADS = 128;
 
+// Runs `make_move(T())`'s moves (T the dtype of x) on a copy of x; returns [x_final, trajectory, energy, accepted].
+template <typename MakeMove>
+std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind,
+                                      const std::vector<double> &params, const torch::Tensor &mean,
+                                      const torch::Tensor &prec, int64_t n_steps, int64_t thin, bool record_traj,
+                                      bool record_energy, bool record_accept, int64_t seed, MakeMove make_move) {
+  const int64_t n = x.size(0), d = x.size(1), n_records = n_steps / thin;
+  auto out = x.clone();
+  auto o = outputs(x, n_records, record_traj, record_energy, record_accept);
+  auto ws = torch::empty({6 * d * n}, x.options());
+  const int blocks = (int)((n + THREADS - 1) / THREADS);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_chains", [&] {
+    chain_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
+        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), make_move(scalar_t()),
+        n_steps, recorder<scalar_t>(o, n, d, n_records, thin), ws.data_ptr<scalar_t>(), (uint64_t)seed);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, o[0], o[1], o[2]};
+}
+
 }  // namespace tebm_cuda
 
 using namespace tebm_cuda;
@@ -242,22 +285,13 @@ std::vector<torch::Tensor> langevin_chain_cuda(torch::Tensor x, int64_t kind, st
                                                torch::Tensor noise_scales, bool metropolis, int64_t thin,
                                                bool record_traj, bool record_diag, int64_t seed) {
   check_inputs(x, kind, mean, prec);
-  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
-  auto out = x.clone();
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
   auto scale = noise_scales.to(x.device(), torch::kFloat64).contiguous();
-  auto o = outputs(x, n_records, record_traj || record_diag, record_diag, record_diag && metropolis);
-  auto ws = torch::empty({6 * d * n}, x.options());
-  const int blocks = (int)((n + THREADS - 1) / THREADS);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain_cuda", [&] {
-    langevin_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
-        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), eta.data_ptr<double>(),
-        scale.data_ptr<double>(), n_steps, metropolis, recorder<scalar_t>(o, n, d, n_records, thin),
-        ws.data_ptr<scalar_t>(), (uint64_t)seed);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, o[0], o[1], o[2]};
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj || record_diag,
+                    record_diag, record_diag && metropolis, seed, [&](auto zero) {
+                      using T = decltype(zero);
+                      return LangevinMove<T>{eta.data_ptr<double>(), scale.data_ptr<double>(), metropolis};
+                    });
 }
 
 std::vector<torch::Tensor> hmc_chain_cuda(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
@@ -265,19 +299,10 @@ std::vector<torch::Tensor> hmc_chain_cuda(torch::Tensor x, int64_t kind, std::ve
                                           int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
   check_inputs(x, kind, mean, prec);
   TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
-  const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
-  auto out = x.clone();
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
-  auto o = outputs(x, n_records, record_traj || record_diag, record_diag, record_diag);
-  auto ws = torch::empty({6 * d * n}, x.options());
-  const int blocks = (int)((n + THREADS - 1) / THREADS);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hmc_chain_cuda", [&] {
-    hmc_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
-        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), eta.data_ptr<double>(),
-        n_steps, n_leapfrog, mass, recorder<scalar_t>(o, n, d, n_records, thin), ws.data_ptr<scalar_t>(),
-        (uint64_t)seed);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, o[0], o[1], o[2]};
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj || record_diag,
+                    record_diag, record_diag, seed, [&](auto zero) {
+                      using T = decltype(zero);
+                      return HmcMove<T>{eta.data_ptr<double>(), n_leapfrog, (T)sqrt(mass), (T)(1.0 / mass)};
+                    });
 }
