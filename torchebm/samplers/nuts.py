@@ -324,8 +324,8 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
                   n_levels: Optional[int] = None, leaves_per_call: int = 1) -> Subtree:
     """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep, one `grow_leaf`
     per leaf; a chain stops at its first U-turn (checked on every balanced sub-subtree) or divergence. `n_levels`
-    (default `depth + 1`) rows of level checkpoints are kept; a compiled model keeps `max_tree_depth` rows for every
-    depth, so one traced program serves every sub-tree. Leaves are grown `leaves_per_call` at a time (`grow_leaves`);
+    (default `depth + 1`) rows of level checkpoints are kept; a compiled model keeps `compiled_levels(depth, ...)` rows,
+    so few traced programs serve every sub-tree. Leaves are grown `leaves_per_call` at a time (`grow_leaves`);
     the batch stops early only after a run that ends at a power of two (one host sync)."""
     n, n_leaves = start.x.shape[0], 1 << depth
     n_levels = depth + 1 if n_levels is None else n_levels
