@@ -137,6 +137,22 @@ def test_compiled_nuts_leaves_are_the_eager_leaves():
     torch.testing.assert_close(compiled(*args), (first, last, tree))
 
 
+def test_compiled_nuts_join_is_the_eager_join():
+    "Under `compile=`, joining a sub-tree to the trajectory (progressive draw, U-turn checks across, counts) is one program."
+    from torchebm.samplers.nuts import Subtree, grow_leaves, join_subtree, start_trajectory
+    model = BowlWithMLP()
+    leaf, h, metric, h0, tree, log_u, masks, limit = nuts_leaves_inputs(model)
+    first, last, grown = grow_leaves(model, leaf, h, metric, h0, tree, log_u, masks, limit)
+    sub = Subtree(first, last, grown.proposal, grown.rho, grown.log_weight, grown.is_turning, grown.is_divergent,
+                  grown.sum_accept, grown.n_leapfrog)
+    gen = torch.Generator().manual_seed(7)
+    forward, log_u = h > 0, torch.rand(h.shape[0], dtype=torch.float64, generator=gen).log()
+    joined = join_subtree(start_trajectory(leaf), sub, forward, log_u)
+    assert 0 < int(joined.moved.sum()) < h.shape[0] and 0 < int(joined.active.sum()) < h.shape[0]  # both ways
+    compiled = CompiledModel(model).compiled(join_subtree, with_model=False)
+    torch.testing.assert_close(compiled(start_trajectory(leaf), sub, forward, log_u), joined)
+
+
 def test_compiled_nuts_samples_a_correlated_gaussian():
     "Compiled NUTS (dense metric) passes the eager sampler's moment checks (tolerances from the Monte Carlo standard error)."
     from test_nuts import gaussian_checks, run

@@ -269,16 +269,19 @@ class CompiledModel(BaseModel):
         self.options, self._steps = dict(options or {}), {}
         self._evaluate = compiled_energy_and_gradient(model, self.options)
 
-    def compiled(self, step: Callable, vectorize: bool = True) -> Callable:
+    def compiled(self, step: Callable, vectorize: bool = True, with_model: bool = True) -> Callable:
         """`step(model, *args)` with this model's energy and gradient inside, compiled as one program by `torch.compile`
-        (built on first use, one per `step`): `*args -> step(model, *args)`. Shapes are static unless the options say
+        (built on first use, one per `step`): `*args -> step(model, *args)`; with `with_model=False`, `step(*args)`
+        (bookkeeping between model calls, compiled with the same options). Shapes are static unless the options say
         `dynamic=`: a step is traced once per input shape (NUTS traces one per run length of leaves). `vectorize=False`
         makes inductor write plain loops on the CPU, faster when the innermost dimension is shorter than a SIMD vector."""
-        if (step, vectorize) not in self._steps:
+        key = step, vectorize, with_model
+        if key not in self._steps:
             options = {'dynamic': False, **self.options}
             if not vectorize: options['options'] = {**options.get('options', {}), 'cpp.vec_isa_ok': False}
-            self._steps[step, vectorize] = torch.compile(functools.partial(step, TracedModel(self.wrapped)), **options)
-        return self._steps[step, vectorize]
+            self._steps[key] = torch.compile(functools.partial(step, TracedModel(self.wrapped)) if with_model else step,
+                                             **options)
+        return self._steps[key]
 
     @property
     def dim(self) -> Optional[int]: return getattr(self.wrapped, 'dim', None)

@@ -6,8 +6,9 @@
 __all__ = ['NUTS', 'COMPILED_LEAVES_PER_CALL', 'MIN_VECTORIZED_EVENT', 'COMPILED_LEVELS', 'METRICS', 'NoUTurnSampler', 'Leaf',
            'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic', 'is_turning', 'merge_log_prob', 'Draw',
            'Subtree', 'GrowingSubtree', 'LevelMasks', 'level_masks', 'leaf_chunks', 'grow_leaf', 'grow_leaves',
-           'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'NUTSInfo', 'per_chain_step_size',
-           'metric_like', 'compiled_metric', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size']
+           'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'Trajectory', 'start_trajectory',
+           'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like', 'compiled_metric', 'NoUTurnTransition',
+           'start_leaf', 'find_reasonable_step_size']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
 import functools
@@ -211,7 +212,6 @@ class Subtree(NamedTuple):
     is_divergent: torch.Tensor  # [n_chains] an energy error above the limit
     sum_accept: torch.Tensor  # [n_chains] sum over leaves of min(1, exp(H0 - H))
     n_leapfrog: torch.Tensor  # [n_chains] leapfrog steps the chain used
-    n_evaluations: int  # leapfrog steps the batch ran (every chain in lockstep)
 
 
 def _uniform_log(shape, like: torch.Tensor, generator) -> torch.Tensor:
@@ -321,12 +321,13 @@ def compiled_levels(depth: int, max_tree_depth: int) -> int:
 
 def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth: int, h0: torch.Tensor,
                   active: torch.Tensor, max_energy_error: float, generator=None,
-                  n_levels: Optional[int] = None, leaves_per_call: int = 1) -> Subtree:
+                  n_levels: Optional[int] = None, leaves_per_call: int = 1) -> Tuple[Subtree, int]:
     """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep, one `grow_leaf`
     per leaf; a chain stops at its first U-turn (checked on every balanced sub-subtree) or divergence. `n_levels`
     (default `depth + 1`) rows of level checkpoints are kept; a compiled model keeps `compiled_levels(depth, ...)` rows,
     so few traced programs serve every sub-tree. Leaves are grown `leaves_per_call` at a time (`grow_leaves`);
-    the batch stops early only after a run that ends at a power of two (one host sync)."""
+    the batch stops early only after a run that ends at a power of two (one host sync). Returns the sub-tree and the
+    leapfrog steps the batch ran (every chain in lockstep)."""
     n, n_leaves = start.x.shape[0], 1 << depth
     n_levels = depth + 1 if n_levels is None else n_levels
     if n_levels < depth + 1: raise ValueError(f"n_levels must be at least depth + 1 = {depth + 1}, got {n_levels}")
@@ -340,7 +341,7 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
         if a == 0: first = run_first
         if b & (b - 1) == 0 and b < n_leaves and not bool(tree.alive.any()): break  # one sync per power of two
     return Subtree(first, leaf, tree.proposal, tree.rho, tree.log_weight, tree.is_turning & active,
-                   tree.is_divergent, tree.sum_accept, tree.n_leapfrog, b)
+                   tree.is_divergent, tree.sum_accept, tree.n_leapfrog), b
 
 # %% ../../nbs/18_nuts.ipynb #ef198dda
 class NUTSParams(NamedTuple):
@@ -349,6 +350,47 @@ class NUTSParams(NamedTuple):
     metric: Optional[MassMatrix] = None  # inverse mass (scalar, diagonal or dense); `None`: identity
     max_tree_depth: int = 10  # at most 2**max_tree_depth - 1 leapfrog steps per draw
     max_energy_error: float = MAX_ENERGY_ERROR  # an energy error above this is a divergence
+
+
+class Trajectory(NamedTuple):
+    "The tree a NUTS draw has doubled so far, per chain."
+    left: Leaf  # its backward edge
+    right: Leaf  # its forward edge
+    proposal: Draw  # the draw so far
+    rho: torch.Tensor  # [n_chains, *dim] sum of momenta
+    log_weight: torch.Tensor  # [n_chains] log sum of the leaves' weights
+    active: torch.Tensor  # [n_chains] bool: still doubling (no U-turn, divergence or invalid sub-tree yet)
+    divergent: torch.Tensor  # [n_chains] bool
+    moved: torch.Tensor  # [n_chains] bool: the draw is not the start
+    depth: torch.Tensor  # [n_chains] doublings made
+    n_leapfrog: torch.Tensor  # [n_chains] leapfrog steps the chain used
+    sum_accept: torch.Tensor  # [n_chains] sum over leaves of min(1, exp(H0 - H))
+
+
+def start_trajectory(start: Leaf) -> Trajectory:
+    "The one-leaf trajectory at `start`, before the first doubling."
+    h0, active = start.energy + kinetic(start), torch.ones_like(start.energy, dtype=torch.bool)
+    never = torch.zeros_like(active)
+    no_steps = torch.zeros_like(active, dtype=torch.long)
+    return Trajectory(start, start, Draw(start.x, start.energy, start.grad, torch.zeros_like(h0)), start.p,
+                      torch.zeros_like(h0), active, never, never, no_steps, no_steps, torch.zeros_like(h0))
+
+
+def join_subtree(traj: Trajectory, sub: Subtree, forward: torch.Tensor, log_u: torch.Tensor) -> Trajectory:
+    """`traj` with `sub`, built on its `forward` side (per chain), joined where valid (no U-turn or divergence inside):
+    the biased progressive draw (`log_u < merge_log_prob`), the U-turn checks across the old and new parts (Stan's
+    two extra ones included) and the counts. One function for both paths: `compile=` traces it as one program."""
+    near, far = select(forward, traj.right, traj.left), select(forward, traj.left, traj.right)
+    valid = traj.active & ~(sub.is_turning | sub.is_divergent)
+    take = valid & (log_u < merge_log_prob(traj.log_weight, sub.log_weight))
+    turn = (is_turning(far.v, sub.last.v, traj.rho + sub.rho) | is_turning(far.v, sub.first.v, traj.rho + sub.first.p)
+            | is_turning(near.v, sub.last.v, sub.rho + near.p))
+    return Trajectory(select(valid & ~forward, sub.last, traj.left), select(valid & forward, sub.last, traj.right),
+                      select(take, sub.proposal, traj.proposal),
+                      torch.where(as_chains(valid, traj.rho), traj.rho + sub.rho, traj.rho),
+                      torch.where(valid, torch.logaddexp(traj.log_weight, sub.log_weight), traj.log_weight),
+                      valid & ~turn, traj.divergent | sub.is_divergent, traj.moved | take, traj.depth + traj.active,
+                      traj.n_leapfrog + sub.n_leapfrog, traj.sum_accept + sub.sum_accept)
 
 
 class NUTSInfo(NamedTuple):
@@ -398,39 +440,22 @@ class NoUTurnTransition(Transition):
         n = state.x.shape[0]
         metric, eps = metric_like(params.metric, state.x), per_chain_step_size(params.step_size, state.x)
         start = start_leaf(state, metric, generator)
-        h0 = start.energy + kinetic(start)
-        left = right = start
-        proposal = Draw(start.x, start.energy, start.grad, torch.zeros_like(h0))
-        rho, log_w = start.p, torch.zeros_like(h0)
-        active = torch.ones(n, dtype=torch.bool, device=h0.device)
-        divergent, moved = torch.zeros_like(active), torch.zeros_like(active)
-        depth = n_leapfrog = torch.zeros(n, dtype=torch.long, device=h0.device)
-        sum_accept, n_evaluations = torch.zeros_like(h0), 0
+        traj, h0, n_evaluations = start_trajectory(start), start.energy + kinetic(start), 0
         compiled = isinstance(model, CompiledModel)
-        if compiled: metric = compiled_metric(metric, state.x)
+        if compiled: metric, vectorize = compiled_metric(metric, state.x), state.x[0].numel() >= MIN_VECTORIZED_EVENT
+        join = model.compiled(join_subtree, vectorize, with_model=False) if compiled else join_subtree
         leaves_per_call = COMPILED_LEAVES_PER_CALL if compiled else 1
         for j in range(params.max_tree_depth):
-            if j and not bool(active.any()): break  # one sync per doubling
+            if j and not bool(traj.active.any()): break  # one sync per doubling
             forward = torch.rand(n, generator=generator, device=h0.device, dtype=h0.dtype) < 0.5
-            near, far = select(forward, right, left), select(forward, left, right)
             n_levels = compiled_levels(j, params.max_tree_depth) if compiled else None
-            sub = build_subtree(model, near, torch.where(forward, eps, -eps), metric, j, h0, active,
-                                params.max_energy_error, generator, n_levels, leaves_per_call)
-            valid = active & ~(sub.is_turning | sub.is_divergent)
-            take = valid & (_uniform_log(n, h0, generator) < merge_log_prob(log_w, sub.log_weight))
-            proposal, moved = select(take, sub.proposal, proposal), moved | take
-            turn = (is_turning(far.v, sub.last.v, rho + sub.rho) | is_turning(far.v, sub.first.v, rho + sub.first.p)
-                    | is_turning(near.v, sub.last.v, sub.rho + near.p))
-            right, left = select(valid & forward, sub.last, right), select(valid & ~forward, sub.last, left)
-            rho = torch.where(as_chains(valid, rho), rho + sub.rho, rho)
-            log_w = torch.where(valid, torch.logaddexp(log_w, sub.log_weight), log_w)
-            depth, divergent = depth + active, divergent | sub.is_divergent
-            n_leapfrog, sum_accept = n_leapfrog + sub.n_leapfrog, sum_accept + sub.sum_accept
-            n_evaluations += sub.n_evaluations
-            active = valid & ~turn
-        info = NUTSInfo(sum_accept / n_leapfrog.clamp(min=1), divergent, n_evaluations, proposal.energy_error, moved,
-                        depth, n_leapfrog, active)
-        return ChainState(proposal.x, proposal.energy, proposal.grad), info
+            sub, n_run = build_subtree(model, select(forward, traj.right, traj.left), torch.where(forward, eps, -eps),
+                                       metric, j, h0, traj.active, params.max_energy_error, generator, n_levels,
+                                       leaves_per_call)
+            traj, n_evaluations = join(traj, sub, forward, _uniform_log(n, h0, generator)), n_evaluations + n_run
+        info = NUTSInfo(traj.sum_accept / traj.n_leapfrog.clamp(min=1), traj.divergent, n_evaluations,
+                        traj.proposal.energy_error, traj.moved, traj.depth, traj.n_leapfrog, traj.active)
+        return ChainState(traj.proposal.x, traj.proposal.energy, traj.proposal.grad), info
 
 # %% ../../nbs/18_nuts.ipynb #3db2228b
 def start_leaf(state: ChainState, metric: MassMatrix, generator=None) -> Leaf:
