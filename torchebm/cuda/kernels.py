@@ -9,7 +9,6 @@ __all__ = ['CSRC', 'CPU_EXTENSION', 'CUDA_EXTENSION', 'fused_langevin', 'langevi
 
 # %% ../../nbs/41_kernels.ipynb #2630f587
 import math
-import weakref
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -158,7 +157,7 @@ _KIND = {DoubleWellModel: 0, HarmonicModel: 1, GaussianModel: 2, RosenbrockModel
 @dataclass(frozen=True)
 class AnalyticEnergy:
     """An analytic energy in kernel form: `kind`, scalar `params`, and for the Gaussian `mean: [d]`, `precision: [d, d]`
-    (shared by the runs that use it: never written to)."""
+    (shared by the runs that use it: never written to; for the other energies one empty tensor the kernels never read)."""
     kind: int
     params: Tuple[float, ...]
     mean: torch.Tensor
@@ -179,32 +178,14 @@ def _gaussian_precision(model) -> torch.Tensor:
     prec = model.precision
     return 0.5 * (prec + prec.transpose(-1, -2))  # the gradient P(x - mu) assumes a symmetric P
 
-_NUMBERS = {DoubleWellModel: ('barrier_height', 'b'), HarmonicModel: ('k',), RosenbrockModel: ('a', 'b'),
-            RastriginModel: ('a',), AckleyModel: ('a', 'b', 'c')}  # the attributes `_kernel_form` reads, by class
-_FORMS = weakref.WeakKeyDictionary()  # model -> {(dtype, device): (its numbers, AnalyticEnergy)}
+_UNUSED = torch.empty(0)  # the mean and precision of the energies that have none (no torch call per run)
 
 def analytic_energy(model, dtype: torch.dtype, device) -> Optional[AnalyticEnergy]:
     """The kernel form of `model` with tensors in `dtype` on `device`, or `None` if no kernel computes its energy.
-    A model whose parameters are plain Python numbers gets it made once per dtype and device while those numbers
-    stay equal (repeated short runs skip it); tensor parameters (the Gaussian's) are read afresh each time, since an
-    in-place write through `.data` would leave no trace to compare."""
+    Read afresh on every call (so a changed parameter, also one written in place through `.data`, is never missed)."""
     cls = _kernel_class(model)
     if cls is None: return None
-    numbers = tuple(getattr(model, name) for name in _NUMBERS.get(cls, ()))
-    if cls is GaussianModel or not all(type(v) is float or type(v) is int for v in numbers):
-        return _kernel_form(cls, model, dtype, device)
-    forms = _FORMS.get(model)
-    if forms is None: forms = _FORMS.setdefault(model, {})
-    cached = forms.get((dtype, device))
-    if cached is not None and cached[0] == numbers: return cached[1]
-    form = _kernel_form(cls, model, dtype, device)
-    forms[(dtype, device)] = (numbers, form)
-    return form
-
-def _kernel_form(cls, model, dtype: torch.dtype, device) -> AnalyticEnergy:
-    "The kernel form of `model`, whose formula is that of `cls`, read afresh."
-    empty = torch.empty(0, dtype=dtype, device=device)
-    mean = precision = empty
+    mean = precision = _UNUSED
     if cls is DoubleWellModel: params = (_float(model.barrier_height), _float(model.b) ** 2)
     elif cls is HarmonicModel: params = (_float(model.k),)
     elif cls is GaussianModel:
