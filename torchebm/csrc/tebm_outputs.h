@@ -23,8 +23,16 @@ struct Outputs {
   // The outputs in order, `screen` left undefined when no chain has a flag (the common case costs the caller
   // nothing; on CUDA, finding out is one wait for the device, only when screening was asked).
   std::vector<torch::Tensor> pack(const torch::Tensor &x) const {
-    const bool flagged = flags.defined() && flags.any().item<bool>();
-    return {x, traj, energy, stats, accepted, torch::tensor((int64_t)block), flagged ? flags : torch::Tensor()};
+    return {x, traj, energy, stats, accepted, torch::tensor((int64_t)block), any_flag() ? flags : torch::Tensor()};
+  }
+
+  bool any_flag() const {
+    if (!flags.defined()) return false;
+    if (!flags.is_cpu()) return flags.any().item<bool>();
+    const uint8_t *f = flags.data_ptr<uint8_t>();  // a plain loop: a torch reduction costs microseconds per call
+    uint8_t any = 0;
+    for (int64_t i = 0; i < flags.numel(); ++i) any |= f[i];
+    return any != 0;
   }
 };
 
