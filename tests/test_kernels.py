@@ -96,13 +96,12 @@ def test_ackley_gradient_at_origin_is_zero(ext):
     assert torch.allclose(e, torch.zeros(3, dtype=F64), atol=1e-12) and torch.equal(grad, torch.zeros(3, 4, dtype=F64))
 
 
-def test_kernel_form_is_made_once_and_never_stale(ext):
-    """The kernel form of a model with number parameters is made once per dtype and device and remade when a number
-    changes; tensor parameters are read on every call, also after a write through `.data` (which leaves no version)."""
+def test_kernel_form_is_read_afresh(ext):
+    """The kernel form follows every change of the model's parameters: numbers set anew, tensor parameters written
+    in place through `.data` (which leaves no version to compare), a NaN."""
     samplers = pytest.importorskip('torchebm.samplers')
     dw = DoubleWellModel(barrier_height=2.0, b=1.0)
-    form = analytic_energy(dw, torch.float32, 'cpu')
-    assert analytic_energy(dw, torch.float32, 'cpu') is form and analytic_energy(dw, F64, 'cpu') is not form
+    assert analytic_energy(dw, torch.float32, 'cpu').params == (2.0, 1.0)
     dw.b = 1.5
     assert analytic_energy(dw, torch.float32, 'cpu').params == (2.0, 2.25)
     x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
@@ -112,7 +111,7 @@ def test_kernel_form_is_made_once_and_never_stale(ext):
     assert torch.equal(run(dw, sampler), run(DoubleWellModel(barrier_height=2.0, b=1.5)))
     dw.barrier_height = 3.0  # the same sampler and model, a new energy
     assert torch.equal(run(dw, sampler), run(DoubleWellModel(barrier_height=3.0, b=1.5)))
-    dw.b = torch.tensor(0.5)  # a tensor parameter: read afresh, also after an untracked in-place write
+    dw.b = torch.tensor(0.5)
     assert analytic_energy(dw, F64, 'cpu').params == (3.0, 0.25)
     dw.b.data.fill_(2.0)
     assert analytic_energy(dw, F64, 'cpu').params == (3.0, 4.0)
@@ -121,7 +120,7 @@ def test_kernel_form_is_made_once_and_never_stale(ext):
     assert torch.equal(analytic_energy(gauss, F64, 'cpu').mean, gauss.mean)
     rastrigin = RastriginModel(a=1.0)
     analytic_energy(rastrigin, F64, 'cpu')
-    rastrigin.a = float('nan')  # NaN equals nothing, itself included: remade on every call, never served stale
+    rastrigin.a = float('nan')
     assert math.isnan(analytic_energy(rastrigin, F64, 'cpu').params[0])
 
 
@@ -363,6 +362,43 @@ def test_trajectory_and_diagnostics(ext, kind):
     else:
         assert diag['acceptance_rate'].shape == (5,)
         assert ((diag['acceptance_rate'] >= 0) & (diag['acceptance_rate'] <= 1)).all()
+
+
+def run_entry(ext, kind, x, model, n_steps=9, thin=2, record_traj=True, record_diag=True, seed=3, screen=(0.0, 0.0),
+              step=0.05):
+    "One raw call of `ext`'s langevin_chain ('ula', 'mala') or hmc_chain ('hmc'): the kernels' 7 outputs."
+    k = analytic_energy(model, x.dtype, x.device)
+    head = (x, k.kind, list(k.params), k.mean, k.precision, steps(n_steps, step))
+    if kind == 'hmc': return ext.hmc_chain(*head, 3, 1.0, thin, record_traj, record_diag, seed)
+    return ext.langevin_chain(*head, steps(n_steps, 1.), kind == 'mala', thin, record_traj, record_diag, seed, *screen)
+
+
+def check_outputs(out, x, n_records, metropolis, record_traj, record_diag):
+    "The outputs of tebm_outputs.h: order, dtypes, shapes, devices, and `None` where not asked for."
+    n, d = x.shape
+    assert len(out) == 7
+    final, traj, energy, stats, accepted, block, flags = out
+    assert final.shape == x.shape and final.dtype == x.dtype and final.device == x.device
+    assert block.dtype == torch.int64 and block.device.type == 'cpu' and block.dim() == 0 and int(block) >= 1
+    if record_traj: assert traj.shape == (n, n_records, d) and traj.dtype == x.dtype and traj.device == x.device
+    else: assert traj is None
+    if record_diag:
+        n_blocks = -(-n // int(block))
+        assert energy.shape == (n_records, n) and energy.dtype == x.dtype and energy.device == x.device
+        assert stats.shape == (n_blocks, n_records, 2, d) and stats.dtype == F64 and stats.device == x.device
+        if metropolis: assert accepted.shape == (n_records, n) and accepted.dtype == x.dtype
+        else: assert accepted is None
+    else: assert energy is None and stats is None and accepted is None
+    assert flags is None or (flags.shape == (n,) and flags.dtype == torch.uint8 and flags.device == x.device)
+
+
+@pytest.mark.parametrize('kind', ['ula', 'mala', 'hmc'])
+@pytest.mark.parametrize('record', [(False, False), (True, False), (False, True), (True, True)])
+def test_entry_points_return_the_seven_outputs(ext, kind, record):
+    x = torch.randn(37, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = run_entry(ext, kind, x, gaussian3()[0], record_traj=record[0], record_diag=record[1])
+    check_outputs(out, x, 4, kind != 'ula', *record)
+    assert out[6] is None  # not screened
 
 
 def test_diagnostics_with_one_chain_and_no_recorded_steps(ext):
@@ -656,11 +692,67 @@ def test_cuda_kernels_agree_with_cpu_and_are_reproducible(ext, dtype):
 
 
 @cuda
-def test_cuda_diagnostics(ext):
-    x = torch.randn(100, 2, device='cuda')
-    _, traj, diag = fused_langevin(DoubleWellModel().cuda(), x, step_sizes=steps(20, .01), noise_scales=steps(20, 1.),
-                                   thin=5, return_trajectory=True, return_diagnostics=True, seed=0)
-    assert traj.shape == (100, 4, 2) and diag['mean'].is_cuda and torch.allclose(diag['mean'], traj.mean(0))
+@pytest.mark.parametrize('kind', ['ula', 'mala', 'hmc'])
+@pytest.mark.parametrize('n', [1, 37, 100, 300])  # a part of a warp, several warps, several thread blocks
+def test_cuda_diagnostics(ext, kind, n):
+    """The diagnostics from the per-warp statistics are those of the trajectory, also for chains that end part way
+    through a warp; recording changes nothing; the same seed gives the same bits."""
+    gauss = gaussian3()[0].cuda()
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=F64).cuda()
+    kw = dict(thin=5, return_trajectory=True, return_diagnostics=True, seed=0)
+    run = ((lambda **k: fused_hmc(gauss, x, step_sizes=steps(20, .1), n_leapfrog_steps=3, **k)) if kind == 'hmc' else
+           (lambda **k: fused_langevin(gauss, x, step_sizes=steps(20, .1), noise_scales=steps(20, 1.),
+                                       metropolis=kind == 'mala', **k)))
+    final, traj, diag = run(**kw)
+    assert traj.shape == (n, 4, 3) and diag['mean'].is_cuda and diag['var'].is_cuda
+    assert torch.allclose(diag['mean'], traj.mean(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(diag['var'], traj.var(0, correction=1 if n > 1 else 0), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(diag['energy'], torch.stack([gauss(traj[:, k]) for k in range(4)]), rtol=1e-9, atol=1e-12)
+    assert ('acceptance_rate' in diag) == (kind != 'ula')
+    again = run(**kw)
+    assert torch.equal(again[0], final) and all(torch.equal(diag[k], again[2][k]) for k in diag)
+    assert torch.equal(run(seed=0)[0], final)
+
+
+@cuda
+@pytest.mark.parametrize('kind', ['ula', 'mala', 'hmc'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cuda_entry_points_return_the_cpu_outputs(ext, kind, dtype):
+    "The CUDA module's langevin_chain and hmc_chain take the CPU's arguments and return its seven outputs."
+    cuda_ext = loader.load_extension('cuda_samplers')
+    assert cuda_ext is not None, loader.extension_state('cuda_samplers')
+    x = torch.randn(37, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for record in ((False, False), (True, False), (False, True), (True, True)):
+        out = run_entry(cuda_ext, kind, x.cuda(), gaussian3(dtype)[0].cuda(), record_traj=record[0],
+                        record_diag=record[1])
+        check_outputs(out, x.cuda(), 4, kind != 'ula', *record)
+        assert out[6] is None
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cuda_screen_flags_what_the_cpu_flags(ext, dtype):
+    """The screen on the device: the same flags as the CPU's where they do not depend on the noise (a start far out,
+    a Metropolis chain that cannot accept, a step that overflows), `None` when nothing is flagged."""
+    cuda_ext = loader.load_extension('cuda_samplers')
+    limits = (1e10, 1e6)
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x[5] *= 1e6  # runaway energy at the start (and the end)
+    harmonic, dw = HarmonicModel(), DoubleWellModel()
+    for model, y, kind, step, expect in ((harmonic, x, 'ula', 0.01, {5: 2}),
+                                         (harmonic, x[:3] * 0 + 1, 'mala', 1e6, {0: 4, 1: 4, 2: 4}),
+                                         (dw.to(dtype), x * 0 + 50, 'ula', 1.0, None)):
+        cpu = run_entry(ext, kind, y, model.to(dtype), record_traj=False, record_diag=False, screen=limits, step=step)[6]
+        gpu = run_entry(cuda_ext, kind, y.cuda(), model.to(dtype).cuda(), record_traj=False, record_diag=False,
+                        screen=limits, step=step)[6]
+        assert cpu is not None and gpu is not None and gpu.is_cuda
+        if expect is None: assert (cpu & 1).all() and torch.equal(gpu.cpu() & 1, cpu & 1)  # all overflow
+        else:
+            assert {i: int(f) for i, f in enumerate(cpu) if f} == expect
+            assert torch.equal(gpu.cpu(), cpu)
+    calm = run_entry(cuda_ext, 'ula', x[6:].cuda(), harmonic.to(dtype).cuda(), record_traj=False, record_diag=False,
+                     screen=limits, step=0.01)
+    assert calm[6] is None
 
 
 ALLOCATOR_PROBE = '''
@@ -688,10 +780,11 @@ def test_tune_cpu_allocator_keeps_freed_memory():
 @pytest.mark.skipif(shutil.which('nvcc') is None, reason='needs the CUDA compiler (nvcc)')
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
     """The CUDA twins compile (device code for sm_80, no warnings from our source) against this torch's headers,
-    also on a machine without a GPU. A CPU build of torch lacks one generated CUDA header, supplied here."""
+    also on a machine without a GPU, and so does the binding load_inline makes of kernels_cuda.h (the CUDA entry
+    points under the CPU build's names). A CPU build of torch lacks one generated CUDA header, supplied here."""
     import sysconfig
     from torch.utils.cpp_extension import include_paths
-    from torchebm.cuda.kernels import CSRC
+    from torchebm.cuda.kernels import CSRC, CUDA_EXTENSION
     shim = tmp_path / 'shim' / 'c10' / 'cuda' / 'impl'
     shim.mkdir(parents=True)
     (shim / 'cuda_cmake_macros.h').write_text('#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n')
@@ -704,3 +797,12 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ours = [line for line in out.stderr.splitlines() if str(CSRC) in line]  # kernels.cu or tebm_common.h
     assert not ours, '\n'.join(ours)
+    binding = tmp_path / 'main.cpp'  # what load_inline compiles: torch's header, the C++ sources, the module
+    binding.write_text('\n'.join(['#include <torch/extension.h>', (CSRC / 'kernels_cuda.h').read_text(),
+                                   'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {',
+                                   *(f'm.def("{f}", torch::wrap_pybind_function({f}), "{f}");'
+                                     for f in CUDA_EXTENSION.functions), '}']))
+    cmd = [os.environ.get('CXX', 'c++'), '-fsyntax-only', '-std=c++17', str(binding), *includes,
+           '-DTORCH_EXTENSION_NAME=tebm_check']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]

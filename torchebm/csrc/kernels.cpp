@@ -12,6 +12,7 @@
 #endif
 
 #include "tebm_common.h"
+#include "tebm_outputs.h"
 
 // A block holds L chains in structure-of-arrays layout x[i * L + j] (coordinate i, lane j), so every
 // inner loop runs over lanes and vectorises. Random numbers: one xoshiro128+ stream per chain, seeded
@@ -254,38 +255,6 @@ inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad)
   });
 }
 
-// What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
-// only on a run with a flag set): the final state is not finite; the energy at the start or the end is not finite
-// or within a factor 2 of the runaway limits (`limit`, `growth` times the start's magnitude floored at 1); the final
-// state equals the start (a Metropolis chain that never accepted).
-enum Screen : uint8_t { NOT_FINITE = 1, RUNAWAY = 2, NOT_MOVED = 4 };
-
-struct ScreenSpec {
-  uint8_t *flags;  // [n], or null: no screening
-  double limit, growth;
-};
-
-template <typename T, int L>
-inline void screen_block(const ScreenSpec &s, int64_t c0, int nv, int64_t d, const T *xb, const T *x0, const T *e0,
-                         const T *e1) {
-  for (int j = 0; j < nv; ++j) {
-    uint8_t f = 0;
-    bool finite = true, same = x0 != nullptr;
-    for (int64_t i = 0; i < d; ++i) {
-      const T v = xb[i * L + j];
-      finite = finite && std::isfinite(v);
-      same = same && v == x0[i * L + j];
-    }
-    if (!finite) f |= NOT_FINITE;
-    if (same) f |= NOT_MOVED;
-    const double a0 = std::fabs((double)e0[j]), a1 = std::fabs((double)e1[j]);
-    if (!std::isfinite(a0) || !std::isfinite(a1) || a0 > 0.5 * s.limit || a1 > 0.5 * s.limit ||
-        a1 > 0.5 * s.growth * std::max(a0, 1.0))
-      f |= RUNAWAY;
-    s.flags[c0 + j] = f;
-  }
-}
-
 // One thread's block of L chains and its scratch, each [d][L]: the state x with g = grad E(x) and energy e,
 // z (the noise, or HMC's momentum), the proposal y with gy = grad E(y) and energy ey, the energy's workspace, and
 // when screening the start x0 with its energy e0.
@@ -316,9 +285,9 @@ struct Block {
 
 // The chains x [n, d] (updated in place) in blocks of L, OpenMP over blocks: each block is loaded, seeded from
 // (seed, its first chain), evaluated (energy too if `metropolis`: its steps keep e current), then takes
-// `step(block, rng, t)` for t < n_steps, each step recorded, and last is screened if `screen` asks (see
-// screen_block; only a Metropolis chain can fail to move). The generator stays a local of its own, outside Block:
-// inside it (whose address reaches the energy calls) GCC leaves scalar copies of the noise loop in HMC, twice as slow.
+// `step(block, rng, t)` for t < n_steps, each step recorded, and last is screened if `screen` asks (screen_chain;
+// only a Metropolis chain can fail to move). The generator stays a local of its own, outside Block: inside it
+// (whose address reaches the energy calls) GCC leaves scalar copies of the noise loop in HMC, twice as slow.
 // The steps are lambdas marked STEP_INLINE: left to itself GCC calls the Langevin step out of line, once per step
 // and block, about 6% slower on small blocks (2-D double well).
 #define STEP_INLINE __attribute__((always_inline))
@@ -349,7 +318,9 @@ void run_blocks(T *x, int64_t n, const Energy<T, L> &E, bool metropolis, int64_t
       }
       if (screening) {
         if (!metropolis) E.eval(b.x, b.g, b.e, b.work);  // ULA's e is stale unless its last step recorded it
-        screen_block<T, L>(screen, c0, nv, d, b.x, metropolis ? b.x0 : nullptr, b.e0, b.e);
+        for (int j = 0; j < nv; ++j)
+          screen.flags[c0 + j] = screen_chain(b.x + j, metropolis ? b.x0 + j : nullptr, d, (int64_t)L, b.e0[j], b.e[j],
+                                              screen.limit, screen.growth);
       }
       store_block<L>(x, c0, nv, d, b.x);
     }
@@ -463,47 +434,18 @@ void check_inputs(const torch::Tensor &x, int64_t kind, const torch::Tensor &mea
   }
 }
 
-struct Outputs {
-  torch::Tensor traj, energy, stats, accepted;
-  template <typename T>
-  Recorder<T> recorder(int64_t n, int64_t d, int64_t n_records, int64_t thin) {
-    Recorder<T> r{n, d, n_records, thin, nullptr, nullptr, nullptr, nullptr};
-    if (traj.defined()) r.traj = traj.data_ptr<T>();
-    if (energy.defined()) r.energy = energy.data_ptr<T>();
-    if (stats.defined()) r.stats = stats.data_ptr<double>();
-    if (accepted.defined()) r.accepted = accepted.data_ptr<T>();
-    return r;
-  }
-};
-
-Outputs make_outputs(const torch::Tensor &x, int64_t n_records, int block, bool record_traj, bool record_diag,
-                     bool record_accept) {
-  const int64_t n = x.size(0), d = x.size(1), n_blocks = (n + block - 1) / block;
-  auto opt = x.options();
-  Outputs o;
-  if (record_traj) o.traj = torch::empty({n, n_records, d}, opt);
-  if (record_diag) {
-    o.energy = torch::empty({n_records, n}, opt);
-    o.stats = torch::empty({n_blocks, n_records, 2, d}, opt.dtype(torch::kFloat64));
-    if (record_accept) o.accepted = torch::empty({n_records, n}, opt);
-  }
-  return o;
-}
-
-std::vector<torch::Tensor> pack(const torch::Tensor &x, const Outputs &o, int block) {
-  auto none = torch::Tensor();
-  return {x, o.traj.defined() ? o.traj : none, o.energy.defined() ? o.energy : none,
-          o.stats.defined() ? o.stats : none, o.accepted.defined() ? o.accepted : none,
-          torch::tensor((int64_t)block)};
+template <typename T>
+Recorder<T> recorder(const Outputs &o, int64_t n, int64_t d, int64_t n_records, int64_t thin) {
+  return Recorder<T>{n, d, n_records, thin, Outputs::ptr<T>(o.traj), Outputs::ptr<T>(o.energy),
+                     Outputs::ptr<double>(o.stats), Outputs::ptr<T>(o.accepted)};
 }
 
 bool one_pass_ula(int64_t kind, bool metropolis) { return !metropolis && (kind == DOUBLE_WELL || kind == HARMONIC); }
 
 }  // namespace
 
-// Returns [x_final, trajectory, energy, block_stats, accepted, block_size, screen] (undefined tensors where not asked
-// for; block_stats holds each block's mean and sum of squared deviations, block_size chains per block; screen [n]
-// uint8 holds each chain's `Screen` flags when `energy_limit` > 0 and some chain has one, see screen_block).
+// Both return [x_final, trajectory, energy, block_stats, accepted, block_size, screen] as tebm_outputs.h describes;
+// langevin_chain screens the chains when `energy_limit` > 0 (hmc_chain never does).
 std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                           torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
                                           bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
@@ -518,11 +460,10 @@ std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::ve
   const int block = one_pass_ula(kind, metropolis) ? WIDE : NARROW;
   auto out = x.clone();
   auto eta = step_sizes.contiguous(), scale = noise_scales.contiguous();
-  Outputs o = make_outputs(x, n_records, block, record_traj, record_diag, metropolis);
-  torch::Tensor flags = energy_limit > 0 ? torch::empty({n}, x.options().dtype(torch::kUInt8)) : torch::Tensor();
-  const ScreenSpec screen{flags.defined() ? flags.data_ptr<uint8_t>() : nullptr, energy_limit, energy_growth};
+  const Outputs o = make_outputs(x, n_records, block, record_traj, record_diag, metropolis, energy_limit > 0);
+  const ScreenSpec screen = o.screen(energy_limit, energy_growth);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain", [&] {
-    auto rec = o.recorder<scalar_t>(n, d, n_records, thin);
+    auto rec = recorder<scalar_t>(o, n, d, n_records, thin);
     if (block == WIDE)
       langevin_run<scalar_t, WIDE>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, WIDE>(kind, params, mean, prec, d),
                                    eta.data_ptr<double>(), scale.data_ptr<double>(), n_steps, metropolis, rec,
@@ -532,15 +473,7 @@ std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::ve
                                      make_energy<scalar_t, NARROW>(kind, params, mean, prec, d), eta.data_ptr<double>(),
                                      scale.data_ptr<double>(), n_steps, metropolis, rec, (uint64_t)seed, screen);
   });
-  if (flags.defined()) {  // undefined (None) when no chain is flagged: the common case costs the caller nothing
-    const uint8_t *f = flags.data_ptr<uint8_t>();
-    uint8_t any = 0;
-    for (int64_t i = 0; i < n; ++i) any |= f[i];
-    if (!any) flags = torch::Tensor();
-  }
-  auto packed = pack(out, o, block);
-  packed.push_back(flags);
-  return packed;
+  return o.pack(out);
 }
 
 std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
@@ -553,13 +486,13 @@ std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<
   const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
   auto out = x.clone();
   auto eta = step_sizes.contiguous();
-  Outputs o = make_outputs(x, n_records, NARROW, record_traj, record_diag, true);
+  const Outputs o = make_outputs(x, n_records, NARROW, record_traj, record_diag, true, false);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hmc_chain", [&] {
     hmc_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, NARROW>(kind, params, mean, prec, d),
                               eta.data_ptr<double>(), n_steps, n_leapfrog, mass,
-                              o.recorder<scalar_t>(n, d, n_records, thin), (uint64_t)seed);
+                              recorder<scalar_t>(o, n, d, n_records, thin), (uint64_t)seed);
   });
-  return pack(out, o, NARROW);
+  return o.pack(out);
 }
 
 // [E(x), grad E(x)] through the kernels' own code (for testing against the Python models).

@@ -1,8 +1,8 @@
-
 // torchebm fused samplers, CUDA build: one thread per chain, per-chain work arrays laid out [d, n_chains] so
-// neighbouring threads touch neighbouring addresses. Seeding, xoshiro128+ and the energies' formulas come from
-// tebm_common.h (shared with kernels.cpp); entry points `langevin_chain_cuda`, `hmc_chain_cuda` (declared for
-// the C++ side in kernels_cuda.h).
+// neighbouring threads touch neighbouring addresses. Seeding, xoshiro128+, the energies' formulas and the screening
+// rule come from tebm_common.h, the outputs from tebm_outputs.h (both shared with kernels.cpp); entry points
+// `tebm_cuda::langevin_chain` and `tebm_cuda::hmc_chain`, declared for the C++ side in kernels_cuda.h, which binds
+// them under the CPU build's names: the same arguments and the same outputs on both devices.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "tebm_common.h"
+#include "tebm_outputs.h"
+#include "kernels_cuda.h"
 
 namespace tebm_cuda {
 
@@ -86,17 +88,43 @@ struct Energy {
   }
 };
 
+constexpr int THREADS = 128;
+constexpr int BLOCK = 32;  // chains per block of statistics: one warp (THREADS is a multiple of it)
+
+// The sum of v over the lanes of a warp, all of which must call it: a butterfly, so every lane adds the same two
+// numbers at each stage (in either order) and ends with the same bits.
+__device__ double warp_sum(double v) {
+  for (int m = BLOCK / 2; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// What a chain records every `thin`-th step; null pointers mean "not asked for".
 template <typename T>
 struct Record {
   int64_t n, d, n_records, thin;
-  T *traj, *energy, *accepted;  // [n, T, d], [T, n], [T, n] or null
-  __device__ void write(int64_t step, int64_t c, const T *x, int64_t stride, T e, bool acc) const {
+  T *traj, *energy, *accepted;  // [n, T, d], [T, n], [T, n]
+  double *stats;                // [n_blocks, T, 2, d]: each warp's mean and sum of squared deviations
+
+  // Chain c's state x (coordinate i at x[i * stride]) after `step`. Every lane of a warp calls this, `live` false
+  // for the lanes past the last chain: the statistics are a warp reduction.
+  __device__ void write(int64_t step, int64_t c, bool live, const T *x, int64_t stride, T e, bool acc) const {
     if ((step + 1) % thin != 0) return;
     const int64_t k = (step + 1) / thin - 1;
     if (k >= n_records) return;
-    if (traj) for (int64_t i = 0; i < d; ++i) traj[(c * n_records + k) * d + i] = x[i * stride];
-    if (energy) energy[k * n + c] = e;
-    if (accepted) accepted[k * n + c] = acc ? T(1) : T(0);
+    if (live) {
+      if (traj) for (int64_t i = 0; i < d; ++i) traj[(c * n_records + k) * d + i] = x[i * stride];
+      if (energy) energy[k * n + c] = e;
+      if (accepted) accepted[k * n + c] = acc ? T(1) : T(0);
+    }
+    if (!stats) return;
+    const int64_t blk = c / BLOCK, rest = n - blk * BLOCK;
+    const double nv = (double)(rest < BLOCK ? rest : BLOCK);
+    double *s = stats + (blk * n_records + k) * 2 * d;
+    for (int64_t i = 0; i < d; ++i) {  // two passes, as the CPU build: the mean, then the squared deviations
+      const double v = live ? (double)x[i * stride] : 0.0;
+      const double m = warp_sum(v) / nv, u = live ? v - m : 0.0, m2 = warp_sum(u * u);
+      if (c % BLOCK == 0) { s[i] = m; s[d + i] = m2; }
+    }
   }
 };
 
@@ -111,21 +139,30 @@ __device__ void fill_normal(Rng &rng, T *z, int64_t d, int64_t stride) {
 }
 
 // One thread's chain c of n, its per-chain arrays laid out [d, n] (coordinate i at [i * s]): the state x with
-// g = grad E(x) and energy e, z (the noise, or HMC's momentum), the proposal y with gy = grad E(y), and the
-// energy's workspace; the generator seeded from (seed, c).
+// g = grad E(x) and energy e, z (the noise, or HMC's momentum), the proposal y with gy = grad E(y), the
+// energy's workspace and, when screening, the start x0 with its energy e0; the generator seeded from (seed, c).
+// Default-made (nothing loaded) for the lanes past the last chain.
 template <typename T>
 struct Chain {
-  int64_t d, s;
-  T *x, *g, *z, *y, *gy, *work;
-  T e;
+  int64_t d = 0, s = 0;
+  T *x = nullptr, *g = nullptr, *z = nullptr, *y = nullptr, *gy = nullptr, *work = nullptr, *x0 = nullptr;
+  T e = 0, e0 = 0;
   Rng rng;
 
-  // Loads chain c of x0 [n, d] into the workspace ws [6, d, n].
-  __device__ Chain(const T *x0, T *ws, int64_t c, int64_t n, const Energy<T> &E, uint64_t seed) : d(E.d), s(n) {
+  __device__ Chain() {}
+
+  // Loads chain c of xs [n, d] into the workspace ws [6, d, n] ([7, d, n] when screening).
+  __device__ Chain(const T *xs, T *ws, int64_t c, int64_t n, const Energy<T> &E, uint64_t seed, bool screening)
+      : d(E.d), s(n) {
     x = ws + c; g = x + d * n; z = g + d * n; y = z + d * n; gy = y + d * n; work = gy + d * n;
-    for (int64_t i = 0; i < d; ++i) x[i * s] = x0[c * d + i];
+    for (int64_t i = 0; i < d; ++i) x[i * s] = xs[c * d + i];
     rng.seed(seed, c);
     e = E.eval(x, g, work);
+    if (screening) {
+      x0 = work + d * n;
+      for (int64_t i = 0; i < d; ++i) x0[i * s] = x[i * s];
+      e0 = e;
+    }
   }
 
   // The Metropolis test log u < log_alpha: if accepted, the chain takes the proposal (y, gy, ey).
@@ -172,6 +209,7 @@ struct LangevinMove {
 // HMC with unit-diagonal mass times `mass`: fresh momentum, n_leapfrog leapfrog steps, the Metropolis test.
 template <typename T>
 struct HmcMove {
+  static constexpr bool metropolis = true;
   const double *eta;
   int64_t n_leapfrog;
   T sqrt_m, inv_m;
@@ -199,17 +237,24 @@ struct HmcMove {
   }
 };
 
-// One thread per chain of x [n, d] (updated in place): n_steps moves, each recorded.
+// One thread per chain of x [n, d] (updated in place): n_steps moves, each recorded, then screened if `screen` asks
+// (screen_chain; only a Metropolis chain can fail to move). The lanes past the last chain in its warp stay for the
+// warp's statistics.
 template <typename T, typename Move>
-__global__ void chain_kernel(T *x, int64_t n, Energy<T> E, Move move, int64_t n_steps, Record<T> rec, T *ws,
-                             uint64_t seed) {
+__global__ void chain_kernel(T *x, int64_t n, Energy<T> E, Move move, int64_t n_steps, Record<T> rec,
+                             ScreenSpec screen, T *ws, uint64_t seed) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  Chain<T> ch(x, ws, c, n, E, seed);
+  if (c - c % BLOCK >= n) return;  // a whole warp past the last chain
+  const bool live = c < n;
+  Chain<T> ch = live ? Chain<T>(x, ws, c, n, E, seed, screen.flags != nullptr) : Chain<T>();
   for (int64_t t = 0; t < n_steps; ++t) {
-    const bool acc = move.step(ch, E, t);
-    rec.write(t, c, ch.x, ch.s, ch.e, acc);
+    const bool acc = live && move.step(ch, E, t);
+    rec.write(t, c, live, ch.x, ch.s, ch.e, acc);
   }
+  if (!live) return;
+  if (screen.flags)
+    screen.flags[c] = screen_chain(ch.x, move.metropolis ? ch.x0 : nullptr, ch.d, ch.s, ch.e0, ch.e, screen.limit,
+                                   screen.growth);
   for (int64_t i = 0; i < ch.d; ++i) x[c * ch.d + i] = ch.x[i * ch.s];
 }
 
@@ -236,73 +281,59 @@ void check_inputs(const torch::Tensor &x, int64_t kind, const torch::Tensor &mea
   }
 }
 
-std::vector<torch::Tensor> outputs(const torch::Tensor &x, int64_t n_records, bool record_traj, bool record_energy,
-                                   bool record_accept) {
-  const int64_t n = x.size(0), d = x.size(1);
-  auto none = torch::Tensor();
-  return {record_traj ? torch::empty({n, n_records, d}, x.options()) : none,
-          record_energy ? torch::empty({n_records, n}, x.options()) : none,
-          record_accept ? torch::empty({n_records, n}, x.options()) : none};
-}
-
-template <typename T>
-Record<T> recorder(const std::vector<torch::Tensor> &o, int64_t n, int64_t d, int64_t n_records, int64_t thin) {
-  return Record<T>{n, d, n_records, thin, o[0].defined() ? o[0].data_ptr<T>() : nullptr,
-                   o[1].defined() ? o[1].data_ptr<T>() : nullptr, o[2].defined() ? o[2].data_ptr<T>() : nullptr};
-}
-
-constexpr int THREADS = 128;
-
-// Runs `make_move(T())`'s moves (T the dtype of x) on a copy of x; returns [x_final, trajectory, energy, accepted].
+// Runs `make_move(T())`'s moves (T the dtype of x) on a copy of x, screening when energy_limit > 0; returns the outputs
+// of tebm_outputs.h, the statistics in blocks of one warp.
 template <typename MakeMove>
-std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind,
-                                      const std::vector<double> &params, const torch::Tensor &mean,
-                                      const torch::Tensor &prec, int64_t n_steps, int64_t thin, bool record_traj,
-                                      bool record_energy, bool record_accept, int64_t seed, MakeMove make_move) {
+std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind, const std::vector<double> &params,
+                                      const torch::Tensor &mean, const torch::Tensor &prec, int64_t n_steps,
+                                      int64_t thin, bool record_traj, bool record_diag, bool record_accept,
+                                      int64_t seed, double energy_limit, double energy_growth, MakeMove make_move) {
   const int64_t n = x.size(0), d = x.size(1), n_records = n_steps / thin;
+  const bool screening = energy_limit > 0;
   auto out = x.clone();
-  auto o = outputs(x, n_records, record_traj, record_energy, record_accept);
-  auto ws = torch::empty({6 * d * n}, x.options());
+  const Outputs o = make_outputs(x, n_records, BLOCK, record_traj, record_diag, record_accept, screening);
+  auto ws = torch::empty({(screening ? 7 : 6) * d * n}, x.options());
   const int blocks = (int)((n + THREADS - 1) / THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_chains", [&] {
-    chain_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
-        out.data_ptr<scalar_t>(), n, make_energy<scalar_t>(kind, params, mean, prec, d, n), make_move(scalar_t()),
-        n_steps, recorder<scalar_t>(o, n, d, n_records, thin), ws.data_ptr<scalar_t>(), (uint64_t)seed);
+    using T = scalar_t;
+    const Record<T> rec{n, d, n_records, thin, Outputs::ptr<T>(o.traj), Outputs::ptr<T>(o.energy),
+                        Outputs::ptr<T>(o.accepted), Outputs::ptr<double>(o.stats)};
+    chain_kernel<T><<<blocks, THREADS, 0, stream>>>(out.data_ptr<T>(), n, make_energy<T>(kind, params, mean, prec, d, n),
+                                                    make_move(T()), n_steps, rec, o.screen(energy_limit, energy_growth),
+                                                    ws.data_ptr<T>(), (uint64_t)seed);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, o[0], o[1], o[2]};
+  return o.pack(out);
 }
 
-}  // namespace tebm_cuda
-
-using namespace tebm_cuda;
-
-// Returns [x_final, trajectory, energy, accepted]; record_diag records the trajectory too (the caller
-// computes mean/var from it).
-std::vector<torch::Tensor> langevin_chain_cuda(torch::Tensor x, int64_t kind, std::vector<double> params,
-                                               torch::Tensor mean, torch::Tensor prec, torch::Tensor step_sizes,
-                                               torch::Tensor noise_scales, bool metropolis, int64_t thin,
-                                               bool record_traj, bool record_diag, int64_t seed) {
+// The entry points (kernels_cuda.h): kernels.cpp's langevin_chain and hmc_chain for CUDA tensors.
+std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
+                                          torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
+                                          bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
+                                          double energy_limit, double energy_growth) {
   check_inputs(x, kind, mean, prec);
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
   auto scale = noise_scales.to(x.device(), torch::kFloat64).contiguous();
-  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj || record_diag,
-                    record_diag, record_diag && metropolis, seed, [&](auto zero) {
+  TORCH_CHECK(scale.numel() == eta.numel() && thin >= 1, "bad schedule lengths or thin");
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, metropolis, seed,
+                    energy_limit, energy_growth, [&](auto zero) {
                       using T = decltype(zero);
                       return LangevinMove<T>{eta.data_ptr<double>(), scale.data_ptr<double>(), metropolis};
                     });
 }
 
-std::vector<torch::Tensor> hmc_chain_cuda(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
-                                          torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
-                                          int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
+                                     torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
+                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
   check_inputs(x, kind, mean, prec);
   TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
-  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj || record_diag,
-                    record_diag, record_diag, seed, [&](auto zero) {
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, true, seed, 0.0, 0.0,
+                    [&](auto zero) {
                       using T = decltype(zero);
                       return HmcMove<T>{eta.data_ptr<double>(), n_leapfrog, (T)sqrt(mass), (T)(1.0 / mass)};
                     });
 }
+
+}  // namespace tebm_cuda

@@ -1,6 +1,7 @@
 // torchebm fused samplers: what the CPU (kernels.cpp) and CUDA (kernels.cu) builds share.
 // - the random streams: splitmix64 seeding per (seed, chain), xoshiro128+, float32 Box-Muller;
-// - the analytic energies' formulas, one coordinate (or one pair of coordinates) at a time.
+// - the analytic energies' formulas, one coordinate (or one pair of coordinates) at a time;
+// - the screening rule that flags a chain for the samplers' checks (screen_chain).
 // Everything here is TEBM_HD: plain always-inline host code for the C++ build, __host__ __device__ under nvcc.
 // Adding an energy: its formula here (section "Energies"), a Kind below, one `case` in each file's
 // Energy::eval, and the model in _KIND / analytic_energy of nbs/41_kernels.ipynb.
@@ -129,5 +130,35 @@ template <typename T> TEBM_HD T ackley_energy(T s1, T s2, T n, T a, T b, T c, T 
   return -a * ea - ec + a + T(2.718281828459045);
 }
 template <typename T> TEBM_HD T ackley_grad(T v, T fa, T fc, T c) { using std::sin; return fa * v + fc * sin(c * v); }
+
+// ---- Screening ----------------------------------------------------------------------------------------------
+// What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
+// only on a run with a flag set): the final state is not finite; the energy at the start or the end is not finite
+// or within a factor 2 of the runaway limits (`limit`, `growth` times the start's magnitude floored at 1); the final
+// state equals the start (a Metropolis chain that never accepted).
+enum Screen : uint8_t { NOT_FINITE = 1, RUNAWAY = 2, NOT_MOVED = 4 };
+
+struct ScreenSpec {
+  uint8_t *flags;  // [n], or null: no screening
+  double limit, growth;
+};
+
+// The Screen flags of one chain: final state x, coordinate i at x[i * stride]; x0 the start in the same layout, or
+// null where the chain cannot fail to move (not Metropolis); e0, e1 the energies at the start and the end.
+template <typename T>
+TEBM_HD uint8_t screen_chain(const T *x, const T *x0, int64_t d, int64_t stride, T e0, T e1, double limit,
+                             double growth) {
+  using std::fabs; using std::isfinite;
+  bool finite = true, same = x0 != nullptr;
+  for (int64_t i = 0; i < d; ++i) {
+    const T v = x[i * stride];
+    finite = finite && isfinite(v);
+    same = same && v == x0[i * stride];
+  }
+  const double a0 = fabs((double)e0), a1 = fabs((double)e1);
+  const bool runaway = !isfinite(a0) || !isfinite(a1) || a0 > 0.5 * limit || a1 > 0.5 * limit ||
+                       a1 > 0.5 * growth * (a0 < 1.0 ? 1.0 : a0);
+  return (uint8_t)((finite ? 0 : NOT_FINITE) | (runaway ? RUNAWAY : 0) | (same ? NOT_MOVED : 0));
+}
 
 }  // namespace tebm

@@ -9,7 +9,6 @@ __all__ = ['CSRC', 'CPU_EXTENSION', 'CUDA_EXTENSION', 'fused_langevin', 'langevi
 
 # %% ../../nbs/41_kernels.ipynb #2630f587
 import math
-import weakref
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -44,18 +43,16 @@ def langevin_kernel(energy, ext, x: torch.Tensor, eta: torch.Tensor, scale: torc
     """`fused_langevin` without its checks, for callers that made them (the samplers check once, in one place):
     `(energy, ext)` from `fused_setup(model, x)`, `eta` and `scale` checked float64 CPU tensors `[n_steps]`, `seed`
     an int. Returns `(x_final, trajectory or None, diagnostics or None, flags)`. With `screen=(energy_limit,
-    energy_growth)` on the CPU, the kernel screens each chain for the samplers' checks, flagging a superset of what
-    they flag: 1 the final state is not finite, 2 the start or final energy is not finite or within a factor 2 of
-    the runaway limits, 4 (MALA) the final state equals the start; `flags` is then the `uint8 [n_chains]` of flags
-    if any chain has one, else `None` (also `None` without `screen` or on CUDA, which does not screen)."""
+    energy_growth)` the kernel screens each chain for the samplers' checks, flagging a superset of what they flag:
+    1 the final state is not finite, 2 the start or final energy is not finite or within a factor 2 of the runaway
+    limits, 4 (MALA) the final state equals the start; `flags` is then the `uint8 [n_chains]` of flags on `x`'s
+    device if any chain has one, else `None` (always `None` without `screen`). On CUDA, asking for the screen costs
+    one wait for the device at the end of the run (whether any chain is flagged); nothing else waits."""
     x_in = x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous()  # no torch call in the common case
-    args = (x_in, energy.kind, list(energy.params), energy.mean, energy.precision, eta, scale, metropolis, thin,
-            return_trajectory, return_diagnostics, seed)
-    if x.device.type == 'cuda': out, flags = ext.langevin_chain_cuda(*args), None
-    else:
-        out = ext.langevin_chain(*args, *(screen if screen is not None else (0.0, 0.0)))
-        out, flags = out[:6], out[6]
-    return (*_finish(x, out, eta, thin, return_trajectory, return_diagnostics), flags)
+    out = ext.langevin_chain(x_in, energy.kind, list(energy.params), energy.mean, energy.precision, eta, scale,
+                             metropolis, thin, return_trajectory, return_diagnostics, seed,
+                             *(screen if screen is not None else (0.0, 0.0)))
+    return (*_finish(x, out, eta, thin, return_trajectory, return_diagnostics), out[6])
 
 def fused_hmc(model, x: torch.Tensor, *, step_sizes, n_leapfrog_steps: int, mass=None, thin: int = 1,
               return_trajectory: bool = False, return_diagnostics: bool = False, seed=None):
@@ -66,10 +63,9 @@ def fused_hmc(model, x: torch.Tensor, *, step_sizes, n_leapfrog_steps: int, mass
     eta = _schedule('step_sizes', step_sizes, None, positive=True)
     check_nonnegative_int('n_leapfrog_steps', n_leapfrog_steps, minimum=1)
     check_nonnegative_int('thin', thin, minimum=1)
-    run = ext.hmc_chain_cuda if x.device.type == 'cuda' else ext.hmc_chain
-    out = run(x.detach().contiguous(), energy.kind, list(energy.params), energy.mean, energy.precision, eta,
-              int(n_leapfrog_steps), _scalar_mass(mass), int(thin), bool(return_trajectory), bool(return_diagnostics),
-              _seed(seed))
+    out = ext.hmc_chain(x.detach().contiguous(), energy.kind, list(energy.params), energy.mean, energy.precision, eta,
+                        int(n_leapfrog_steps), _scalar_mass(mass), int(thin), bool(return_trajectory),
+                        bool(return_diagnostics), _seed(seed))
     return _finish(x, out, eta, thin, return_trajectory, return_diagnostics)
 
 # %% ../../nbs/41_kernels.ipynb #31b5005c
@@ -102,43 +98,40 @@ def _require_supported(owner: str, model, x, mass=None):
 
 def _combine_blocks(stats: torch.Tensor, n: int, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     "Mean and variance over chains from per-block means and sums of squared deviations `[n_blocks, T, 2, d]`."
-    counts = torch.full((stats.shape[0], 1, 1), float(block), dtype=torch.float64)
+    counts = torch.full((stats.shape[0], 1, 1), float(block), dtype=torch.float64, device=stats.device)
     counts[-1] = n - block * (stats.shape[0] - 1)
     means, m2 = stats[:, :, 0], stats[:, :, 1]
     mean = (counts * means).sum(0) / n
     var = (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / (n - 1 if n > 1 else 1)
     return mean, var
 
-def _diagnostics(x, eta, thin, energy, accepted, stats, trajectory, block) -> Dict[str, torch.Tensor]:
-    n = x.shape[0]
-    if stats is not None: mean, var = _combine_blocks(stats, n, block)
-    else: mean, var = trajectory.mean(0), trajectory.var(0, correction=1 if n > 1 else 0)
+def _diagnostics(x, eta, thin, energy, accepted, stats, block) -> Dict[str, torch.Tensor]:
+    mean, var = _combine_blocks(stats, x.shape[0], block)
     diag = dict(energy=energy, mean=mean.to(x.dtype), var=var.to(x.dtype),
                 step_size=eta[thin - 1::thin][:energy.shape[0]].to(dtype=x.dtype, device=x.device, copy=True))
     if accepted is not None: diag['acceptance_rate'] = accepted.mean(1)
     return diag
 
 def _finish(x, out, eta, thin, return_trajectory, return_diagnostics):
-    "Unpack the kernel outputs into `(x_final, trajectory or None, diagnostics or None)`."
-    if x.device.type == 'cuda': (x_final, trajectory, energy, accepted), stats, block = out, None, 1
-    else: x_final, trajectory, energy, stats, accepted, block = out
-    diagnostics = (_diagnostics(x, eta, thin, energy, accepted, stats, trajectory, int(block))
-                   if return_diagnostics else None)
+    """Unpack the kernel outputs (either device's: `[x_final, trajectory, energy, block_stats, accepted, block_size,
+    screen]`, see `tebm_outputs.h`) into `(x_final, trajectory or None, diagnostics or None)`."""
+    x_final, trajectory, energy, stats, accepted, block = out[:6]
+    diagnostics = _diagnostics(x, eta, thin, energy, accepted, stats, int(block)) if return_diagnostics else None
     return x_final, (trajectory if return_trajectory else None), diagnostics
 
 # %% ../../nbs/41_kernels.ipynb #55214329
 CSRC = Path(torchebm.__file__).parent / 'csrc'  # the kernels' sources, shipped with the package
-_COMMON = CSRC / 'tebm_common.h'  # shared by the C++ and the CUDA build
+_SHARED = [CSRC / 'tebm_common.h', CSRC / 'tebm_outputs.h']  # shared by the C++ and the CUDA build
 
 # %% ../../nbs/41_kernels.ipynb #1e8d65c8
 CPU_EXTENSION = register_extension(ExtensionSpec(
-    name='cpu_samplers', cpp_sources=[CSRC / 'kernels.cpp'], headers=[_COMMON],
+    name='cpu_samplers', cpp_sources=[CSRC / 'kernels.cpp'], headers=_SHARED,
     functions=['langevin_chain', 'hmc_chain', 'energy_and_gradient', 'all_finite', 'standard_normal', 'max_threads'],
     kernels=('langevin', 'mala', 'hmc')))
 
 CUDA_EXTENSION = register_extension(ExtensionSpec(
     name='cuda_samplers', cpp_sources=[CSRC / 'kernels_cuda.h'], cuda_sources=[CSRC / 'kernels.cu'],
-    headers=[_COMMON], functions=['langevin_chain_cuda', 'hmc_chain_cuda'], kernels=('langevin', 'mala', 'hmc'),
+    headers=_SHARED, functions=['langevin_chain', 'hmc_chain'], kernels=('langevin', 'mala', 'hmc'),
     extra_cflags=('-O3',), extra_ldflags=()))
 
 _LOADED: Dict[str, Any] = {}  # device type -> its compiled module, once loaded (what `all_finite` uses: it never builds)
@@ -164,7 +157,7 @@ _KIND = {DoubleWellModel: 0, HarmonicModel: 1, GaussianModel: 2, RosenbrockModel
 @dataclass(frozen=True)
 class AnalyticEnergy:
     """An analytic energy in kernel form: `kind`, scalar `params`, and for the Gaussian `mean: [d]`, `precision: [d, d]`
-    (shared by the runs that use it: never written to)."""
+    (shared by the runs that use it: never written to; for the other energies one empty tensor the kernels never read)."""
     kind: int
     params: Tuple[float, ...]
     mean: torch.Tensor
@@ -185,32 +178,14 @@ def _gaussian_precision(model) -> torch.Tensor:
     prec = model.precision
     return 0.5 * (prec + prec.transpose(-1, -2))  # the gradient P(x - mu) assumes a symmetric P
 
-_NUMBERS = {DoubleWellModel: ('barrier_height', 'b'), HarmonicModel: ('k',), RosenbrockModel: ('a', 'b'),
-            RastriginModel: ('a',), AckleyModel: ('a', 'b', 'c')}  # the attributes `_kernel_form` reads, by class
-_FORMS = weakref.WeakKeyDictionary()  # model -> {(dtype, device): (its numbers, AnalyticEnergy)}
+_UNUSED = torch.empty(0)  # the mean and precision of the energies that have none (no torch call per run)
 
 def analytic_energy(model, dtype: torch.dtype, device) -> Optional[AnalyticEnergy]:
     """The kernel form of `model` with tensors in `dtype` on `device`, or `None` if no kernel computes its energy.
-    A model whose parameters are plain Python numbers gets it made once per dtype and device while those numbers
-    stay equal (repeated short runs skip it); tensor parameters (the Gaussian's) are read afresh each time, since an
-    in-place write through `.data` would leave no trace to compare."""
+    Read afresh on every call (so a changed parameter, also one written in place through `.data`, is never missed)."""
     cls = _kernel_class(model)
     if cls is None: return None
-    numbers = tuple(getattr(model, name) for name in _NUMBERS.get(cls, ()))
-    if cls is GaussianModel or not all(type(v) is float or type(v) is int for v in numbers):
-        return _kernel_form(cls, model, dtype, device)
-    forms = _FORMS.get(model)
-    if forms is None: forms = _FORMS.setdefault(model, {})
-    cached = forms.get((dtype, device))
-    if cached is not None and cached[0] == numbers: return cached[1]
-    form = _kernel_form(cls, model, dtype, device)
-    forms[(dtype, device)] = (numbers, form)
-    return form
-
-def _kernel_form(cls, model, dtype: torch.dtype, device) -> AnalyticEnergy:
-    "The kernel form of `model`, whose formula is that of `cls`, read afresh."
-    empty = torch.empty(0, dtype=dtype, device=device)
-    mean = precision = empty
+    mean = precision = _UNUSED
     if cls is DoubleWellModel: params = (_float(model.barrier_height), _float(model.b) ** 2)
     elif cls is HarmonicModel: params = (_float(model.k),)
     elif cls is GaussianModel:
