@@ -153,6 +153,22 @@ def test_compiled_nuts_join_is_the_eager_join():
     torch.testing.assert_close(compiled(start_trajectory(leaf), sub, forward, log_u), joined)
 
 
+def gradient_step(model, x):
+    return model.energy_and_gradient(x)[1]
+
+
+def test_each_compiled_model_has_its_own_recompile_budget():
+    "Ten model classes through one step: each is traced (dynamo's limit of 8 programs per code object is not shared)."
+    from torch._dynamo.utils import counters
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for k in range(10):
+        Model = type(f'Bowl{k}', (torch.nn.Module,), {'forward': lambda self, x, k=k: (k + 1) * (x ** 2).sum(-1)})
+        before = counters['stats']['unique_graphs']
+        grad = CompiledModel(Model()).compiled(gradient_step)(x)
+        assert counters['stats']['unique_graphs'] > before, f"model {k} ran uncompiled"
+        torch.testing.assert_close(grad, 2 * (k + 1) * x)
+
+
 def test_compiled_nuts_samples_a_correlated_gaussian():
     "Compiled NUTS (dense metric) passes the eager sampler's moment checks (tolerances from the Monte Carlo standard error)."
     from test_nuts import gaussian_checks, run

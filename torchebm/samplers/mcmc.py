@@ -6,19 +6,20 @@
 __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLAPSE_ADVICE', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA',
            'ADAPT_METRICS', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
-           'traced_energy_and_gradient', 'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel',
-           'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite', 'AdaptationOptions',
-           'adaptation_options', 'MCMCSampler', 'kernel_seed', 'per_step_tensor', 'DualAveragingState',
-           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
-           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
-           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
-           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
-           'acceptance_probability']
+           'traced_energy_and_gradient', 'with_own_code', 'compiled_energy_and_gradient', 'TracedModel',
+           'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite',
+           'AdaptationOptions', 'adaptation_options', 'MCMCSampler', 'kernel_seed', 'per_step_tensor',
+           'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final',
+           'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update',
+           'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState',
+           'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
+           'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
 import functools
 import math
+import types
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -246,9 +247,15 @@ def traced_energy_and_gradient(model) -> Callable:
             return energy, grad
     return evaluate
 
+def with_own_code(fn: Callable) -> Callable:
+    """`fn` as a new function with a private copy of its code object. Dynamo files compiled programs, and counts
+    recompiles against `torch._dynamo.config.recompile_limit` (8), per code object: without a copy every model and
+    every step built from one closure or `functools.partial` would share one budget, and past it run uncompiled."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
 def compiled_energy_and_gradient(model, options: Dict[str, Any]) -> Callable:
-    "`traced_energy_and_gradient(model)` through `torch.compile(**options)`, traced on first call."
-    return torch.compile(traced_energy_and_gradient(model), **options)
+    "`traced_energy_and_gradient(model)` through `torch.compile(**options)`, traced on first call (its own code object)."
+    return torch.compile(with_own_code(traced_energy_and_gradient(model)), **options)
 
 class TracedModel(BaseModel):
     "`model` whose energy and gradient are `traced_energy_and_gradient`: what a compiled step calls inside its program."
@@ -269,18 +276,24 @@ class CompiledModel(BaseModel):
         self.options, self._steps = dict(options or {}), {}
         self._evaluate = compiled_energy_and_gradient(model, self.options)
 
-    def compiled(self, step: Callable, vectorize: bool = True, with_model: bool = True) -> Callable:
+    def compiled(self, step: Callable, vectorize: bool = True, with_model: bool = True, variant: Any = None) -> Callable:
         """`step(model, *args)` with this model's energy and gradient inside, compiled as one program by `torch.compile`
-        (built on first use, one per `step`): `*args -> step(model, *args)`; with `with_model=False`, `step(*args)`
-        (bookkeeping between model calls, compiled with the same options). Shapes are static unless the options say
-        `dynamic=`: a step is traced once per input shape (NUTS traces one per run length of leaves). `vectorize=False`
-        makes inductor write plain loops on the CPU, faster when the innermost dimension is shorter than a SIMD vector."""
-        key = step, vectorize, with_model
+        (built on first use, one per `step` and `variant`): `*args -> step(model, *args)`; with `with_model=False`,
+        `step(*args)` (bookkeeping between model calls, compiled with the same options). Shapes are static unless the
+        options say `dynamic=`. `variant` names a shape family the caller keeps apart (NUTS: the run length and rows
+        of a sub-tree), so each compiled function retraces only for new chain counts, dtypes or devices, within its own
+        recompile budget (`with_own_code`). `vectorize=False` makes inductor write plain loops on the CPU, faster when
+        the innermost dimension is shorter than a SIMD vector."""
+        key = step, vectorize, with_model, variant
         if key not in self._steps:
             options = {'dynamic': False, **self.options}
             if not vectorize: options['options'] = {**options.get('options', {}), 'cpp.vec_isa_ok': False}
-            self._steps[key] = torch.compile(functools.partial(step, TracedModel(self.wrapped)) if with_model else step,
-                                             **options)
+            if with_model:
+                model = TracedModel(self.wrapped)
+                def bound(*args): return step(model, *args)
+            else:
+                def bound(*args): return step(*args)
+            self._steps[key] = torch.compile(with_own_code(bound), **options)
         return self._steps[key]
 
     @property

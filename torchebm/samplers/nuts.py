@@ -333,10 +333,10 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
     if n_levels < depth + 1: raise ValueError(f"n_levels must be at least depth + 1 = {depth + 1}, got {n_levels}")
     tree = empty_subtree(start, active, n_levels)
     log_u = _uniform_log((n_leaves, n), h0, generator)  # the progressive draws of every leaf, made at once
-    if isinstance(model, CompiledModel): grow = model.compiled(grow_leaves, start.x[0].numel() >= MIN_VECTORIZED_EVENT)
-    else: grow = functools.partial(grow_leaves, model)
-    leaf = start
+    vectorize, leaf = start.x[0].numel() >= MIN_VECTORIZED_EVENT, start
     for a, b, masks in leaf_chunks(n_levels, depth, leaves_per_call, h0.device):
+        grow = (model.compiled(grow_leaves, vectorize, variant=(b - a, n_levels)) if isinstance(model, CompiledModel)
+                else functools.partial(grow_leaves, model))
         run_first, leaf, tree = grow(leaf, h, metric, h0, tree, log_u[a:b], masks, max_energy_error)
         if a == 0: first = run_first
         if b & (b - 1) == 0 and b < n_leaves and not bool(tree.alive.any()): break  # one sync per power of two
@@ -443,7 +443,6 @@ class NoUTurnTransition(Transition):
         traj, h0, n_evaluations = start_trajectory(start), start.energy + kinetic(start), 0
         compiled = isinstance(model, CompiledModel)
         if compiled: metric, vectorize = compiled_metric(metric, state.x), state.x[0].numel() >= MIN_VECTORIZED_EVENT
-        join = model.compiled(join_subtree, vectorize, with_model=False) if compiled else join_subtree
         leaves_per_call = COMPILED_LEAVES_PER_CALL if compiled else 1
         for j in range(params.max_tree_depth):
             if j and not bool(traj.active.any()): break  # one sync per doubling
@@ -452,6 +451,8 @@ class NoUTurnTransition(Transition):
             sub, n_run = build_subtree(model, select(forward, traj.right, traj.left), torch.where(forward, eps, -eps),
                                        metric, j, h0, traj.active, params.max_energy_error, generator, n_levels,
                                        leaves_per_call)
+            join = (model.compiled(join_subtree, vectorize, with_model=False, variant=j == 0) if compiled
+                    else join_subtree)  # the first join has its own program: one leaf is both edges of its tree
             traj, n_evaluations = join(traj, sub, forward, _uniform_log(n, h0, generator)), n_evaluations + n_run
         info = NUTSInfo(traj.sum_accept / traj.n_leapfrog.clamp(min=1), traj.divergent, n_evaluations,
                         traj.proposal.energy_error, traj.moved, traj.depth, traj.n_leapfrog, traj.active)
