@@ -23,6 +23,7 @@ torch==2.13.0; pip install numpyro jax pyro-ppl`), in a subprocess that writes t
 Writes benchmarks/results/bench_nuts.{json,md}.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -201,10 +202,10 @@ def score(result):
 
 def markdown(rows, settings):
     lines = [f"NUTS, {settings}", '',
-             '| target | library | chains | min ESS | grads | ESS/grad | ESS/grad vs NumPyro | seconds | ESS/s | ESS/s vs Pyro | divergent |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
-    for name in dict.fromkeys(r['target'] for r in rows):
-        by = {r['library']: r for r in rows if r['target'] == name}
+             '| target | seed | library | chains | min ESS | grads | ESS/grad | ESS/grad vs NumPyro | seconds | ESS/s | ESS/s vs Pyro | divergent |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for name, seed in dict.fromkeys((r['target'], r['seed']) for r in rows):
+        by = {r['library']: r for r in rows if r['target'] == name and r['seed'] == seed}
         for lib, r in by.items():
             ref_grad = by.get('numpyro', {}).get('ess_per_grad')
             ref_s = by.get('pyro', {}).get('ess_per_s')
@@ -214,8 +215,39 @@ def markdown(rows, settings):
             grads = r['grads'] if r['grads'] is not None else 'n/a'
             seconds = f"{r['seconds']:.1f}" + (f" (first run {r['first_seconds']:.1f})" if r.get('first_seconds') else '')
             if lib.startswith('torchebm'): grads = f"{grads} ({r['grads_lockstep']} lockstep)"
-            lines.append(f"| {name} | {lib} | {r['n_chains']} | {r['ess_min']:.0f} | {grads} | {per_grad} | {vs_grad} | "
+            lines.append(f"| {name} | {seed} | {lib} | {r['n_chains']} | {r['ess_min']:.0f} | {grads} | {per_grad} | {vs_grad} | "
                          f"{seconds} | {r['ess_per_s']:.1f} | {vs_s} | {r['divergent'] if r['divergent'] is not None else 'n/a'} |")
+    seeds = sorted({r['seed'] for r in rows})
+    if len(seeds) > 1: lines += ['', seed_summary(rows, seeds)]
+    return '\n'.join(lines) + '\n'
+
+
+def mean_and_se(values):
+    values = np.asarray(values, dtype=float)
+    return values.mean(), (values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float('nan'))
+
+
+def seed_summary(rows, seeds):
+    """Means over seeds (with their standard errors): min-ESS per gradient varies by tens of percent from seed to seed
+    on the banana and the funnel (rare excursions into the tails), so one seed does not decide a ratio."""
+    lines = [f"Mean over seeds {', '.join(map(str, seeds))} (+- standard error of the mean):", '',
+             '| target | library | seeds | ESS/grad | ESS/grad vs NumPyro | ESS/s | ESS/s vs Pyro | divergent |',
+             '|---|---|---|---|---|---|---|---|']
+    for name in dict.fromkeys(r['target'] for r in rows):
+        libs = dict.fromkeys(r['library'] for r in rows if r['target'] == name)
+        stats = {lib: [r for r in rows if r['target'] == name and r['library'] == lib] for lib in libs}
+        ref_grad = mean_and_se([r['ess_per_grad'] for r in stats.get('numpyro', [])])[0] if 'numpyro' in stats else None
+        ref_s = mean_and_se([r['ess_per_s'] for r in stats.get('pyro', [])])[0] if 'pyro' in stats else None
+        for lib, group in stats.items():
+            per_grad = [r['ess_per_grad'] for r in group if r['ess_per_grad']]
+            g_mean, g_se = mean_and_se(per_grad) if per_grad else (None, None)
+            s_mean, s_se = mean_and_se([r['ess_per_s'] for r in group])
+            divergent = [r['divergent'] for r in group if r['divergent'] is not None]
+            lines.append(f"| {name} | {lib} | {len(group)} | "
+                         + (f"{g_mean:.4f} +- {g_se:.4f}" if g_mean else 'n/a') + ' | '
+                         + (f"{g_mean / ref_grad:.2f}x" if g_mean and ref_grad else '') + ' | '
+                         + f"{s_mean:.1f} +- {s_se:.1f} | " + (f"{s_mean / ref_s:.1f}x" if ref_s else '') + ' | '
+                         + (f"{np.mean(divergent):.0f}" if divergent else 'n/a') + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -228,25 +260,26 @@ def main():
     parser.add_argument('--warmup', type=int, default=500)
     parser.add_argument('--draws', type=int, default=500)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seeds', default=None, help='comma-separated seeds (overrides --seed); adds a table of means over seeds')
     parser.add_argument('--peers', default='/work/venvs/peers/bin/python')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_nuts'))
     args = parser.parse_args()
     settings = (f"{args.warmup} warm-up + {args.draws} draws per chain, diagonal metric, target acceptance 0.8, "
                 f"max tree depth 10, one thread per library, float64")
     rows = []
-    for name in args.targets.split(','):
-        for library in args.libraries.split(','):
-            n_chains = args.pyro_chains if library == 'pyro' else args.chains
-            if library.startswith('torchebm'):
-                result = run_torchebm(name, n_chains, args.warmup, args.draws, args.seed,
-                                      compile=library == 'torchebm-compile')
-            else:
-                result = run_peer(library, name, n_chains, args.warmup, args.draws, args.seed, args.peers)
-            row = dict(target=name, library=library, **score(result))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            Path(args.out + '.json').write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
-            Path(args.out + '.md').write_text(markdown(rows, settings))  # rewritten after every row
+    seeds = [int(v) for v in args.seeds.split(',')] if args.seeds else [args.seed]
+    for name, seed, library in itertools.product(args.targets.split(','), seeds, args.libraries.split(',')):
+        n_chains = args.pyro_chains if library == 'pyro' else args.chains
+        if library.startswith('torchebm'):
+            result = run_torchebm(name, n_chains, args.warmup, args.draws, seed,
+                                  compile=library == 'torchebm-compile')
+        else:
+            result = run_peer(library, name, n_chains, args.warmup, args.draws, seed, args.peers)
+        row = dict(target=name, seed=seed, library=library, **score(result))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out + '.json').write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
+        Path(args.out + '.md').write_text(markdown(rows, settings))  # rewritten after every row
     print(markdown(rows, settings))
 
 

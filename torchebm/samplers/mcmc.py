@@ -288,12 +288,9 @@ class CompiledModel(BaseModel):
         if key not in self._steps:
             options = {'dynamic': False, **self.options}
             if not vectorize: options['options'] = {**options.get('options', {}), 'cpp.vec_isa_ok': False}
-            if with_model:
-                model = TracedModel(self.wrapped)
-                def bound(*args): return step(model, *args)
-            else:
-                def bound(*args): return step(*args)
-            self._steps[key] = torch.compile(with_own_code(bound), **options)
+            model = TracedModel(self.wrapped)
+            def bound(*args): return step(model, *args)
+            self._steps[key] = torch.compile(with_own_code(bound if with_model else step), **options)
         return self._steps[key]
 
     @property
