@@ -288,9 +288,9 @@ class CompiledModel(BaseModel):
         if key not in self._steps:
             options = {'dynamic': False, **self.options}
             if not vectorize: options['options'] = {**options.get('options', {}), 'cpp.vec_isa_ok': False}
-            model = TracedModel(self.wrapped)
-            def bound(*args): return step(model, *args)
-            self._steps[key] = torch.compile(with_own_code(bound if with_model else step), **options)
+            fn = functools.partial(step, TracedModel(self.wrapped)) if with_model else step
+            def bound(*args): return fn(*args)  # a function of its own (a partial has no code object to copy)
+            self._steps[key] = torch.compile(with_own_code(bound), **options)
         return self._steps[key]
 
     @property

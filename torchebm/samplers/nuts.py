@@ -369,11 +369,11 @@ class Trajectory(NamedTuple):
 
 def start_trajectory(start: Leaf) -> Trajectory:
     "The one-leaf trajectory at `start`, before the first doubling."
-    h0, active = start.energy + kinetic(start), torch.ones_like(start.energy, dtype=torch.bool)
+    zeros, active = torch.zeros_like(start.energy), torch.ones_like(start.energy, dtype=torch.bool)
     never = torch.zeros_like(active)
     no_steps = torch.zeros_like(active, dtype=torch.long)
-    return Trajectory(start, start, Draw(start.x, start.energy, start.grad, torch.zeros_like(h0)), start.p,
-                      torch.zeros_like(h0), active, never, never, no_steps, no_steps, torch.zeros_like(h0))
+    return Trajectory(start, start, Draw(start.x, start.energy, start.grad, zeros), start.p, zeros.clone(), active,
+                      never, never, no_steps, no_steps, zeros.clone())
 
 
 def join_subtree(traj: Trajectory, sub: Subtree, forward: torch.Tensor, log_u: torch.Tensor) -> Trajectory:
