@@ -192,6 +192,22 @@ def test_generator_seed_is_reproducible(ext):
     assert torch.equal(run(torch.Generator().manual_seed(3)), run(torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.parametrize('kind', ['ula', 'hmc'])
+def test_a_generator_is_drawn_from_inside_the_call_as_torch_randint(ext, kind):
+    "The call's one draw from a CPU generator (given, or torch's global one) is torch.randint(0, 2**62, ())'s number."
+    x = torch.randn(10, 2)
+    def run(seed, generator=None):
+        return run_entry(ext, kind, x, DoubleWellModel(), seed=seed, generator=generator, record_traj=False)[0]
+    g = torch.Generator().manual_seed(11)
+    drawn = run(-1, g)
+    assert g.initial_seed() == 11 and not torch.equal(g.get_state(), torch.Generator().manual_seed(11).get_state())
+    assert torch.equal(drawn, run(int(torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(11)))))
+    torch.manual_seed(12)
+    drawn = run(-1)
+    torch.manual_seed(12)
+    assert torch.equal(drawn, run(int(torch.randint(0, 2 ** 62, ()))))
+
+
 # ---- exact arithmetic: the deterministic part of the chain ------------------------------------------------------
 
 @pytest.mark.parametrize('model', [DoubleWellModel(barrier_height=1.5, b=0.9), HarmonicModel(k=2.0), gaussian3()[0],
@@ -365,12 +381,13 @@ def test_trajectory_and_diagnostics(ext, kind):
 
 
 def run_entry(ext, kind, x, model, n_steps=9, thin=2, record_traj=True, record_diag=True, seed=3, screen=(0.0, 0.0),
-              step=0.05):
+              step=0.05, generator=None):
     "One raw call of `ext`'s langevin_chain ('ula', 'mala') or hmc_chain ('hmc'): the kernels' 7 outputs."
     k = analytic_energy(model, x.dtype, x.device)
     head = (x, k.kind, list(k.params), k.mean, k.precision, steps(n_steps, step))
-    if kind == 'hmc': return ext.hmc_chain(*head, 3, 1.0, thin, record_traj, record_diag, seed)
-    return ext.langevin_chain(*head, steps(n_steps, 1.), kind == 'mala', thin, record_traj, record_diag, seed, *screen)
+    if kind == 'hmc': return ext.hmc_chain(*head, 3, 1.0, thin, record_traj, record_diag, seed, generator)
+    return ext.langevin_chain(*head, steps(n_steps, 1.), kind == 'mala', thin, record_traj, record_diag, seed, generator,
+                              *screen)
 
 
 def check_outputs(out, x, n_records, metropolis, record_traj, record_diag):
@@ -379,16 +396,16 @@ def check_outputs(out, x, n_records, metropolis, record_traj, record_diag):
     assert len(out) == 7
     final, traj, energy, stats, accepted, block, flags = out
     assert final.shape == x.shape and final.dtype == x.dtype and final.device == x.device
-    assert block.dtype == torch.int64 and block.device.type == 'cpu' and block.dim() == 0 and int(block) >= 1
     if record_traj: assert traj.shape == (n, n_records, d) and traj.dtype == x.dtype and traj.device == x.device
     else: assert traj is None
     if record_diag:
+        assert block.dtype == torch.int64 and block.device.type == 'cpu' and block.dim() == 0 and int(block) >= 1
         n_blocks = -(-n // int(block))
         assert energy.shape == (n_records, n) and energy.dtype == x.dtype and energy.device == x.device
         assert stats.shape == (n_blocks, n_records, 2, d) and stats.dtype == F64 and stats.device == x.device
         if metropolis: assert accepted.shape == (n_records, n) and accepted.dtype == x.dtype
         else: assert accepted is None
-    else: assert energy is None and stats is None and accepted is None
+    else: assert energy is None and stats is None and accepted is None and block is None
     assert flags is None or (flags.shape == (n,) and flags.dtype == torch.uint8 and flags.device == x.device)
 
 
@@ -666,11 +683,23 @@ def test_sampler_one_call_path_matches_the_general_path_and_still_reports_proble
     with pytest.warns(RuntimeWarning, match='no accepted proposal in 50 steps'):
         samplers.LangevinDynamics(gauss, step_size=50.0, metropolis=True).sample(x=x.double().repeat(1, 2)[:, :3],
                                                                                  n_steps=50)
-    bad = x.clone(); bad[3, 1] = float('inf')
-    with pytest.raises(ValueError, match='x contains NaN or inf'):
-        samplers.LangevinDynamics(dw, step_size=0.01).sample(x=bad, n_steps=5)
+    for value in (float('inf'), float('nan')):  # the screen flags the start; the sampler's check then raises
+        bad = x.clone(); bad[3, 1] = value
+        for metropolis in (False, True):
+            with pytest.raises(ValueError, match='x contains NaN or inf'):
+                samplers.LangevinDynamics(dw, step_size=0.01, metropolis=metropolis).sample(x=bad, n_steps=5)
     with pytest.raises(ValueError, match=r'step_size must be finite and > 0 at every step, but .* nan at step 0'):
         samplers.LangevinDynamics(dw, step_size=ConstantScheduler(float('nan'))).sample(x=x, n_steps=5)
+
+
+
+def test_screen_flags_a_start_that_is_not_finite(ext):
+    "A start holding NaN or inf is flagged NOT_FINITE (1): the samplers check their start points only on a flagged run."
+    x = torch.zeros(6, 2); x[1, 0] = float('nan'); x[4, 1] = float('inf')
+    for kind in ('ula', 'mala'):
+        flags = run_entry(ext, kind, x, HarmonicModel(), record_traj=False, record_diag=False, screen=(1e10, 1e6),
+                          step=0.01)[6]
+        assert flags is not None and {i for i, f in enumerate(flags.tolist()) if f & 1} == {1, 4}
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
 

@@ -283,7 +283,7 @@ struct Block {
   }
 };
 
-// The chains x [n, d] (updated in place) in blocks of L, OpenMP over blocks: each block is loaded, seeded from
+// The chains x [n, d] in blocks of L (their final states written to out [n, d]), OpenMP over blocks: each block is loaded, seeded from
 // (seed, its first chain), evaluated (energy too if `metropolis`: its steps keep e current), then takes
 // `step(block, rng, t)` for t < n_steps, each step recorded, and last is screened if `screen` asks (screen_chain;
 // only a Metropolis chain can fail to move). The generator stays a local of its own, outside Block: inside it
@@ -292,8 +292,8 @@ struct Block {
 // and block, about 6% slower on small blocks (2-D double well).
 #define STEP_INLINE __attribute__((always_inline))
 template <typename T, int L, typename Step>
-void run_blocks(T *x, int64_t n, const Energy<T, L> &E, bool metropolis, int64_t n_steps, const Recorder<T> &rec,
-                uint64_t seed, const ScreenSpec &screen, Step step) {
+void run_blocks(const T *x, T *out, int64_t n, const Energy<T, L> &E, bool metropolis, int64_t n_steps,
+                const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen, Step step) {
   const int64_t d = E.d, n_blocks = (n + L - 1) / L;
   const bool screening = screen.flags != nullptr;
 #pragma omp parallel
@@ -319,20 +319,20 @@ void run_blocks(T *x, int64_t n, const Energy<T, L> &E, bool metropolis, int64_t
       if (screening) {
         if (!metropolis) E.eval(b.x, b.g, b.e, b.work);  // ULA's e is stale unless its last step recorded it
         for (int j = 0; j < nv; ++j)
-          screen.flags[c0 + j] = screen_chain(b.x + j, metropolis ? b.x0 + j : nullptr, d, (int64_t)L, b.e0[j], b.e[j],
+          screen.flags[c0 + j] = screen_chain(b.x + j, b.x0 + j, d, (int64_t)L, metropolis, b.e0[j], b.e[j],
                                               screen.limit, screen.growth);
       }
-      store_block<L>(x, c0, nv, d, b.x);
+      store_block<L>(out, c0, nv, d, b.x);
     }
   }
 }
 
-// Langevin (ULA) or MALA over all chains: x [n, d] is updated in place.
+// Langevin (ULA) or MALA over all chains from x [n, d], the final states written to out.
 template <typename T, int L>
-void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
+void langevin_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
                   bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
   const int64_t d = E.d;
-  run_blocks(x, n, E, metropolis, n_steps, rec, seed, screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+  run_blocks(x, out, n, E, metropolis, n_steps, rec, seed, screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
     // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
     T *xb = b.x, *gb = b.g, *z = b.z, *y = b.y, *gy = b.gy;
     const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
@@ -372,11 +372,11 @@ void langevin_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, con
 
 // HMC with unit-diagonal mass times `mass`: per step, fresh momentum, n_leapfrog leapfrog steps, Metropolis test.
 template <typename T, int L>
-void hmc_run(T *x, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
+void hmc_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
              double mass, const Recorder<T> &rec, uint64_t seed) {
   const int64_t d = E.d;
   const ScreenSpec no_screen{nullptr, 0.0, 0.0};
-  run_blocks(x, n, E, true, n_steps, rec, seed, no_screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+  run_blocks(x, out, n, E, true, n_steps, rec, seed, no_screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
     // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
     T *xb = b.x, *gb = b.g, *p = b.z, *y = b.y, *gy = b.gy;
     const T h = (T)eta[t], sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);
@@ -449,7 +449,8 @@ bool one_pass_ula(int64_t kind, bool metropolis) { return !metropolis && (kind =
 std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                           torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
                                           bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
-                                          double energy_limit, double energy_growth) {
+                                          std::optional<at::Generator> generator, double energy_limit,
+                                          double energy_growth) {
   check_inputs(x, kind, mean, prec);
   pybind11::gil_scoped_release no_gil;  // long pure C++ work: let other Python threads run
   TORCH_CHECK(step_sizes.scalar_type() == torch::kFloat64 && noise_scales.scalar_type() == torch::kFloat64,
@@ -458,39 +459,42 @@ std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::ve
   TORCH_CHECK(noise_scales.numel() == n_steps && thin >= 1, "bad schedule lengths or thin");
   const int64_t n_records = n_steps / thin;
   const int block = one_pass_ula(kind, metropolis) ? WIDE : NARROW;
-  auto out = x.clone();
+  auto out = torch::empty(x.sizes(), x.options());
   auto eta = step_sizes.contiguous(), scale = noise_scales.contiguous();
   const Outputs o = make_outputs(x, n_records, block, record_traj, record_diag, metropolis, energy_limit > 0);
   const ScreenSpec screen = o.screen(energy_limit, energy_growth);
+  const uint64_t seed_value = run_seed(seed, generator);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "langevin_chain", [&] {
     auto rec = recorder<scalar_t>(o, n, d, n_records, thin);
     if (block == WIDE)
-      langevin_run<scalar_t, WIDE>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, WIDE>(kind, params, mean, prec, d),
-                                   eta.data_ptr<double>(), scale.data_ptr<double>(), n_steps, metropolis, rec,
-                                   (uint64_t)seed, screen);
+      langevin_run<scalar_t, WIDE>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
+                                   make_energy<scalar_t, WIDE>(kind, params, mean, prec, d), eta.data_ptr<double>(),
+                                   scale.data_ptr<double>(), n_steps, metropolis, rec, seed_value, screen);
     else
-      langevin_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n,
+      langevin_run<scalar_t, NARROW>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
                                      make_energy<scalar_t, NARROW>(kind, params, mean, prec, d), eta.data_ptr<double>(),
-                                     scale.data_ptr<double>(), n_steps, metropolis, rec, (uint64_t)seed, screen);
+                                     scale.data_ptr<double>(), n_steps, metropolis, rec, seed_value, screen);
   });
   return o.pack(out);
 }
 
 std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                      torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
-                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed,
+                                     std::optional<at::Generator> generator) {
   check_inputs(x, kind, mean, prec);
   pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(step_sizes.scalar_type() == torch::kFloat64, "step_sizes must be float64");
   TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
   const int64_t n_steps = step_sizes.numel(), n = x.size(0), d = x.size(1), n_records = n_steps / thin;
-  auto out = x.clone();
+  auto out = torch::empty(x.sizes(), x.options());
   auto eta = step_sizes.contiguous();
   const Outputs o = make_outputs(x, n_records, NARROW, record_traj, record_diag, true, false);
+  const uint64_t seed_value = run_seed(seed, generator);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hmc_chain", [&] {
-    hmc_run<scalar_t, NARROW>(out.data_ptr<scalar_t>(), n, make_energy<scalar_t, NARROW>(kind, params, mean, prec, d),
-                              eta.data_ptr<double>(), n_steps, n_leapfrog, mass,
-                              recorder<scalar_t>(o, n, d, n_records, thin), (uint64_t)seed);
+    hmc_run<scalar_t, NARROW>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
+                              make_energy<scalar_t, NARROW>(kind, params, mean, prec, d), eta.data_ptr<double>(),
+                              n_steps, n_leapfrog, mass, recorder<scalar_t>(o, n, d, n_records, thin), seed_value);
   });
   return o.pack(out);
 }

@@ -253,7 +253,7 @@ __global__ void chain_kernel(T *x, int64_t n, Energy<T> E, Move move, int64_t n_
   }
   if (!live) return;
   if (screen.flags)
-    screen.flags[c] = screen_chain(ch.x, move.metropolis ? ch.x0 : nullptr, ch.d, ch.s, ch.e0, ch.e, screen.limit,
+    screen.flags[c] = screen_chain(ch.x, ch.x0, ch.d, ch.s, move.metropolis, ch.e0, ch.e, screen.limit,
                                    screen.growth);
   for (int64_t i = 0; i < ch.d; ++i) x[c * ch.d + i] = ch.x[i * ch.s];
 }
@@ -287,7 +287,7 @@ template <typename MakeMove>
 std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind, const std::vector<double> &params,
                                       const torch::Tensor &mean, const torch::Tensor &prec, int64_t n_steps,
                                       int64_t thin, bool record_traj, bool record_diag, bool record_accept,
-                                      int64_t seed, double energy_limit, double energy_growth, MakeMove make_move) {
+                                      uint64_t seed, double energy_limit, double energy_growth, MakeMove make_move) {
   const int64_t n = x.size(0), d = x.size(1), n_records = n_steps / thin;
   const bool screening = energy_limit > 0;
   auto out = x.clone();
@@ -301,7 +301,7 @@ std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind, cons
                         Outputs::ptr<T>(o.accepted), Outputs::ptr<double>(o.stats)};
     chain_kernel<T><<<blocks, THREADS, 0, stream>>>(out.data_ptr<T>(), n, make_energy<T>(kind, params, mean, prec, d, n),
                                                     make_move(T()), n_steps, rec, o.screen(energy_limit, energy_growth),
-                                                    ws.data_ptr<T>(), (uint64_t)seed);
+                                                    ws.data_ptr<T>(), seed);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return o.pack(out);
@@ -311,13 +311,14 @@ std::vector<torch::Tensor> run_chains(const torch::Tensor &x, int64_t kind, cons
 std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                           torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
                                           bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
-                                          double energy_limit, double energy_growth) {
+                                          std::optional<at::Generator> generator, double energy_limit,
+                                          double energy_growth) {
   check_inputs(x, kind, mean, prec);
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
   auto scale = noise_scales.to(x.device(), torch::kFloat64).contiguous();
   TORCH_CHECK(scale.numel() == eta.numel() && thin >= 1, "bad schedule lengths or thin");
-  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, metropolis, seed,
-                    energy_limit, energy_growth, [&](auto zero) {
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, metropolis,
+                    run_seed(seed, generator), energy_limit, energy_growth, [&](auto zero) {
                       using T = decltype(zero);
                       return LangevinMove<T>{eta.data_ptr<double>(), scale.data_ptr<double>(), metropolis};
                     });
@@ -325,11 +326,13 @@ std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::ve
 
 std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                      torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
-                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed) {
+                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed,
+                                     std::optional<at::Generator> generator) {
   check_inputs(x, kind, mean, prec);
   TORCH_CHECK(n_leapfrog >= 1 && mass > 0 && thin >= 1, "bad n_leapfrog, mass or thin");
   auto eta = step_sizes.to(x.device(), torch::kFloat64).contiguous();
-  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, true, seed, 0.0, 0.0,
+  return run_chains(x, kind, params, mean, prec, eta.numel(), thin, record_traj, record_diag, true,
+                    run_seed(seed, generator), 0.0, 0.0,
                     [&](auto zero) {
                       using T = decltype(zero);
                       return HmcMove<T>{eta.data_ptr<double>(), n_leapfrog, (T)sqrt(mass), (T)(1.0 / mass)};

@@ -4,16 +4,19 @@
 // apart from the CPU build's.
 #pragma once
 #include <torch/extension.h>
+#include <optional>
 #include <vector>
 
 namespace tebm_cuda {
 std::vector<torch::Tensor> langevin_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                           torch::Tensor prec, torch::Tensor step_sizes, torch::Tensor noise_scales,
                                           bool metropolis, int64_t thin, bool record_traj, bool record_diag, int64_t seed,
-                                          double energy_limit, double energy_growth);
+                                          std::optional<at::Generator> generator, double energy_limit,
+                                          double energy_growth);
 std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<double> params, torch::Tensor mean,
                                      torch::Tensor prec, torch::Tensor step_sizes, int64_t n_leapfrog, double mass,
-                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed);
+                                     int64_t thin, bool record_traj, bool record_diag, int64_t seed,
+                                     std::optional<at::Generator> generator);
 }  // namespace tebm_cuda
 
 using tebm_cuda::hmc_chain;

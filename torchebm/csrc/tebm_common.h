@@ -133,27 +133,27 @@ template <typename T> TEBM_HD T ackley_grad(T v, T fa, T fc, T c) { using std::s
 
 // ---- Screening ----------------------------------------------------------------------------------------------
 // What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
-// only on a run with a flag set): the final state is not finite; the energy at the start or the end is not finite
-// or within a factor 2 of the runaway limits (`limit`, `growth` times the start's magnitude floored at 1); the final
-// state equals the start (a Metropolis chain that never accepted).
-enum Screen : uint8_t { NOT_FINITE = 1, RUNAWAY = 2, NOT_MOVED = 4 };
+// only on a run with a flag set): the start or the final state is not finite; the energy at the start or the end is
+// not finite or within a factor 2 of the runaway limits (`limit`, `growth` times the start's magnitude floored at 1);
+// the final state equals the start (a Metropolis chain that never accepted).
+enum Screen : uint8_t { NOT_FINITE = 1, RUNAWAY = 2, NOT_MOVED = 4 };  // NOT_FINITE: the start or the final state
 
 struct ScreenSpec {
   uint8_t *flags;  // [n], or null: no screening
   double limit, growth;
 };
 
-// The Screen flags of one chain: final state x, coordinate i at x[i * stride]; x0 the start in the same layout, or
-// null where the chain cannot fail to move (not Metropolis); e0, e1 the energies at the start and the end.
+// The Screen flags of one chain: final state x, coordinate i at x[i * stride]; x0 the start in the same layout;
+// `metropolis` whether the chain can fail to move; e0, e1 the energies at the start and the end.
 template <typename T>
-TEBM_HD uint8_t screen_chain(const T *x, const T *x0, int64_t d, int64_t stride, T e0, T e1, double limit,
-                             double growth) {
+TEBM_HD uint8_t screen_chain(const T *x, const T *x0, int64_t d, int64_t stride, bool metropolis, T e0, T e1,
+                             double limit, double growth) {
   using std::fabs; using std::isfinite;
-  bool finite = true, same = x0 != nullptr;
+  bool finite = true, same = metropolis;
   for (int64_t i = 0; i < d; ++i) {
-    const T v = x[i * stride];
-    finite = finite && isfinite(v);
-    same = same && v == x0[i * stride];
+    const T v = x[i * stride], v0 = x0[i * stride];
+    finite = finite && isfinite(v) && isfinite(v0);
+    same = same && v == v0;
   }
   const double a0 = fabs((double)e0), a1 = fabs((double)e1);
   const bool runaway = !isfinite(a0) || !isfinite(a1) || a0 > 0.5 * limit || a1 > 0.5 * limit ||

@@ -3,10 +3,12 @@
 // block_size, screen], with undefined tensors (None) where not asked for:
 // - trajectory [n, T, d], energy [T, n] and accepted [T, n] (1 where the step's proposal was taken) in x's dtype;
 // - block_stats [n_blocks, T, 2, d] float64: the mean and the sum of squared deviations of each block of block_size
-//   consecutive chains (the last block holds the rest), block_size an int64 CPU scalar tensor;
+//   consecutive chains (the last block holds the rest), with block_size an int64 CPU scalar tensor;
 // - screen [n] uint8: each chain's Screen flags (tebm_common.h) when screening was asked and some chain has one.
 #pragma once
 #include <torch/extension.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <optional>
 #include <vector>
 
 #include "tebm_common.h"
@@ -23,7 +25,8 @@ struct Outputs {
   // The outputs in order, `screen` left undefined when no chain has a flag (the common case costs the caller
   // nothing; on CUDA, finding out is one wait for the device, only when screening was asked).
   std::vector<torch::Tensor> pack(const torch::Tensor &x) const {
-    return {x, traj, energy, stats, accepted, torch::tensor((int64_t)block), any_flag() ? flags : torch::Tensor()};
+    return {x, traj, energy, stats, accepted, stats.defined() ? torch::tensor((int64_t)block) : torch::Tensor(),
+            any_flag() ? flags : torch::Tensor()};
   }
 
   bool any_flag() const {
@@ -35,6 +38,17 @@ struct Outputs {
     return any != 0;
   }
 };
+
+// The run's seed: `seed` itself when it is >= 0, else one draw from `generator` (a CPU torch.Generator, torch's
+// default one when None): the number torch.randint(0, 2**62, ()) would give, drawn here because a torch call costs
+// more than a short run's Python side in all (kernels.py's `_seed` says which).
+inline uint64_t run_seed(int64_t seed, const std::optional<at::Generator> &generator) {
+  if (seed >= 0) return (uint64_t)seed;
+  auto *cpu = at::check_generator<at::CPUGeneratorImpl>(generator.has_value() ? *generator
+                                                                               : at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(cpu->mutex_);
+  return cpu->random64() % (1ULL << 62);
+}
 
 // The outputs of a run from x [n, d] recording n_records steps, its statistics in blocks of `block` chains; screen
 // flags when `screening`.

@@ -35,22 +35,22 @@ def fused_langevin(model, x: torch.Tensor, *, step_sizes, noise_scales, metropol
     scale = _schedule('noise_scales', noise_scales, eta.numel(), positive=bool(metropolis))
     check_nonnegative_int('thin', thin, minimum=1)
     return langevin_kernel(energy, ext, x, eta, scale, bool(metropolis), int(thin), bool(return_trajectory),
-                           bool(return_diagnostics), _seed(seed))[:3]
+                           bool(return_diagnostics), seed)[:3]
 
 def langevin_kernel(energy, ext, x: torch.Tensor, eta: torch.Tensor, scale: torch.Tensor, metropolis: bool, thin: int,
-                    return_trajectory: bool, return_diagnostics: bool, seed: int,
+                    return_trajectory: bool, return_diagnostics: bool, seed=None,
                     screen: Optional[Tuple[float, float]] = None):
     """`fused_langevin` without its checks, for callers that made them (the samplers check once, in one place):
     `(energy, ext)` from `fused_setup(model, x)`, `eta` and `scale` checked float64 CPU tensors `[n_steps]`, `seed`
-    an int. Returns `(x_final, trajectory or None, diagnostics or None, flags)`. With `screen=(energy_limit,
+    as `fused_langevin`'s (a generator is drawn from once). Returns `(x_final, trajectory or None, diagnostics or None, flags)`. With `screen=(energy_limit,
     energy_growth)` the kernel screens each chain for the samplers' checks, flagging a superset of what they flag:
-    1 the final state is not finite, 2 the start or final energy is not finite or within a factor 2 of the runaway
+    1 the start or the final state is not finite, 2 the start or final energy is not finite or within a factor 2 of the runaway
     limits, 4 (MALA) the final state equals the start; `flags` is then the `uint8 [n_chains]` of flags on `x`'s
     device if any chain has one, else `None` (always `None` without `screen`). On CUDA, asking for the screen costs
     one wait for the device at the end of the run (whether any chain is flagged); nothing else waits."""
     x_in = x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous()  # no torch call in the common case
     out = ext.langevin_chain(x_in, energy.kind, list(energy.params), energy.mean, energy.precision, eta, scale,
-                             metropolis, thin, return_trajectory, return_diagnostics, seed,
+                             metropolis, thin, return_trajectory, return_diagnostics, *_seed(seed),
                              *(screen if screen is not None else (0.0, 0.0)))
     return (*_finish(x, out, eta, thin, return_trajectory, return_diagnostics), out[6])
 
@@ -65,7 +65,7 @@ def fused_hmc(model, x: torch.Tensor, *, step_sizes, n_leapfrog_steps: int, mass
     check_nonnegative_int('thin', thin, minimum=1)
     out = ext.hmc_chain(x.detach().contiguous(), energy.kind, list(energy.params), energy.mean, energy.precision, eta,
                         int(n_leapfrog_steps), _scalar_mass(mass), int(thin), bool(return_trajectory),
-                        bool(return_diagnostics), _seed(seed))
+                        bool(return_diagnostics), *_seed(seed))
     return _finish(x, out, eta, thin, return_trajectory, return_diagnostics)
 
 # %% ../../nbs/41_kernels.ipynb #31b5005c
@@ -83,13 +83,18 @@ def _schedule(name: str, values, n: Optional[int], positive: bool) -> torch.Tens
                          f"step {first} has {t[first].item()}")
     return t
 
-def _seed(seed) -> int:
-    "A 63-bit kernel seed from an int, a `torch.Generator` (one draw) or `None` (one draw from torch's global RNG)."
-    if seed is None or isinstance(seed, torch.Generator):
-        return int(torch.randint(0, 2 ** 62, (1,), generator=seed))
+def _seed(seed) -> Tuple[int, Optional[torch.Generator]]:
+    """The kernels' `(seed, generator)` arguments for `seed`: an int (kept to 63 bits), a `torch.Generator` or `None`
+    (torch's global generator), from which the run takes one draw, the number `torch.randint(0, 2**62, ())` gives.
+    The kernel call draws from a CPU generator itself (`(-1, generator)`): a torch call of its own costs a short run
+    more than the rest of its Python side. Another device's generator is drawn from here."""
+    if seed is None: return -1, None
+    if isinstance(seed, torch.Generator):
+        if seed.device.type == 'cpu': return -1, seed
+        return int(torch.randint(0, 2 ** 62, (), generator=seed, device=seed.device)), None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
-    return seed & (2 ** 63 - 1)
+    return seed & (2 ** 63 - 1), None
 
 def _require_supported(owner: str, model, x, mass=None):
     reason = fused_unavailable_reason(model, x, mass=mass)
@@ -136,9 +141,13 @@ CUDA_EXTENSION = register_extension(ExtensionSpec(
 
 _LOADED: Dict[str, Any] = {}  # device type -> its compiled module, once loaded (what `all_finite` uses: it never builds)
 
+def _device_type(x: torch.Tensor) -> Optional[str]:
+    "'cpu' or 'cuda' (the devices with kernels), else `None`: read without making a `torch.device` (a short run's checks are felt)."
+    return 'cpu' if x.is_cpu else ('cuda' if x.is_cuda else None)
+
 def _extension_for(x: torch.Tensor):
     "The compiled module serving tensors on `x`'s device, or `None`."
-    kind = x.device.type
+    kind = _device_type(x)
     module = load_extension(CPU_EXTENSION.name if kind == 'cpu' else CUDA_EXTENSION.name) if kind in ('cpu', 'cuda') else None
     if module is not None and kind not in _LOADED: _LOADED[kind] = module
     return module
@@ -206,13 +215,14 @@ def fused_unavailable_reason(model, x, *, mass=None) -> Optional[str]:
         return f'x must be 2-D [n_chains, dim] with at least one chain and one dimension, got shape {tuple(x.shape)}'
     if x.dtype not in (torch.float32, torch.float64): return f'x must be float32 or float64, got {x.dtype}'
     if x.requires_grad: return 'x requires grad (the kernels have no autograd)'
-    if x.device.type not in ('cpu', 'cuda'): return f'no kernel for device {x.device}'
+    if _device_type(x) is None: return f'no kernel for device {x.device}'
     if _kernel_class(model) is None: return f'no kernel for {type(model).__name__}'
     if _scalar_mass(mass) is None: return 'the kernels support only a positive scalar mass'
     if isinstance(model, GaussianModel) and x.shape[1] != model.mean.numel():
         return f'x has {x.shape[1]} columns but the Gaussian has dimension {model.mean.numel()}'
     if isinstance(model, RosenbrockModel) and x.shape[1] < 2: return 'Rosenbrock needs at least 2 dimensions'
-    if _extension_for(x) is None: return f'the {x.device.type} extension is not available (see torchebm.cuda.status())'
+    if _LOADED.get(_device_type(x)) is None and _extension_for(x) is None:
+        return f'the {x.device.type} extension is not available (see torchebm.cuda.status())'
     return None
 
 def _scalar_mass(mass) -> Optional[float]:
@@ -228,7 +238,7 @@ def _scalar_mass(mass) -> Optional[float]:
 def fused_setup(model, x, *, mass=None) -> Optional[Tuple[AnalyticEnergy, Any]]:
     "`(kernel form of model, compiled module)` to run `model` on `x` with `langevin_kernel`, or `None` where `fused_unavailable_reason` has a reason."
     if fused_unavailable_reason(model, x, mass=mass) is not None: return None
-    return analytic_energy(model, x.dtype, x.device), _extension_for(x)
+    return analytic_energy(model, x.dtype, x.device), _LOADED[_device_type(x)]  # loaded by that check
 
 def fused_langevin_supported(model, x, *, metropolis: bool = False) -> bool:
     "Whether `fused_langevin(model, x, ...)` can run (builds the extension on the first call)."

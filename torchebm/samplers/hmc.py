@@ -14,7 +14,7 @@ from ..core.base import BaseScheduler, check_nonnegative_int
 from ..integrators import MassMatrix
 from .langevin import as_mass, check_schedulable
 from .mcmc import (MCMCSampler, adaptation_options, check_chains_finite, check_schedule,
-                                    fused_kernels, kernel_seed, mass_adaptation_windows, per_step_tensor)
+                                    fused_kernels, mass_adaptation_windows, per_step_tensor)
 from .transitions import HMC, HMCParams, as_box, check_grad_clip
 
 # %% ../../nbs/14_hmc.ipynb #7b8637f3
@@ -80,6 +80,6 @@ class HamiltonianMonteCarlo(MCMCSampler):
         out = kernels.fused_hmc(self.model, x, step_sizes=per_step_tensor(values['step_size']),
                                 n_leapfrog_steps=self.n_leapfrog_steps, mass=mass, thin=thin,
                                 return_trajectory=return_trajectory, return_diagnostics=return_diagnostics,
-                                seed=kernel_seed(generator))
+                                seed=generator)
         check_chains_finite(out[0], 1, n_steps, type(self).__name__, self.nan_policy)
         return out

@@ -15,7 +15,7 @@ import torch
 from ..core.base import BaseIntegrator, BaseScheduler, ConstantScheduler, check_positive
 from ..integrators import Dopri5, EulerMaruyama, Leapfrog, MassMatrix, RK4, get_integrator
 from .mcmc import (ENERGY_GROWTH, ENERGY_LIMIT, ChainState, MCMCSampler,
-                                    adaptation_options, check_chains_finite, check_schedule, fused_kernels, kernel_seed,
+                                    adaptation_options, check_chains_finite, check_schedule, fused_kernels,
                                     model_gradient, per_step_tensor)
 from .transitions import MALA, ULA, LangevinParams, as_box, check_grad_clip
 
@@ -140,17 +140,18 @@ class LangevinDynamics(MCMCSampler):
         check_schedule('noise_scale', values['noise_scale'], allow_zero=not self.metropolis)
         out = kernels.langevin_kernel(*setup, x, per_step_tensor(values['step_size']),
                                       per_step_tensor(values['noise_scale']), self.metropolis, int(thin),
-                                      bool(return_trajectory), bool(return_diagnostics), kernel_seed(generator))
+                                      bool(return_trajectory), bool(return_diagnostics), generator)
         check_chains_finite(out[0], 1, n_steps, type(self).__name__, self.nan_policy)
         return out[:3]
 
     def lean_sample(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator):
-        """The run from checked start points `x` in one screening kernel call, for constant step size and noise scale
-        on the CPU: `(x_final, trajectory, diagnostics, flags)`, or `None` where that does not apply (the general
-        path runs). The two constants are checked as two numbers; `flags` is `None` when the kernel's screen found
-        nothing for the NaN guard, the runaway-energy check and (MALA) the stuck-chain check to look at."""
+        """The run from start points `x` (checked, except that they are finite) in one screening kernel call, for
+        constant step size and noise scale on the CPU: `(x_final, trajectory, diagnostics, flags)`, or `None` where
+        that does not apply (the general path runs). The two constants are checked as two numbers; `flags` is `None`
+        when the kernel's screen found nothing for the start's finiteness check, the NaN guard, the runaway-energy
+        check and (MALA) the stuck-chain check to look at."""
         step_size, noise_scale = self.schedulers['step_size'], self.schedulers['noise_scale']
-        if (n_steps == 0 or x.device.type != 'cpu' or type(step_size) is not ConstantScheduler
+        if (n_steps == 0 or not x.is_cpu or type(step_size) is not ConstantScheduler
                 or type(noise_scale) is not ConstantScheduler or not self.fusable()): return None
         kernels = fused_kernels()
         setup = kernels.fused_setup(self.model, x) if kernels is not None else None
@@ -160,4 +161,4 @@ class LangevinDynamics(MCMCSampler):
         check_schedule('step_size', [h]); check_schedule('noise_scale', [s], allow_zero=not self.metropolis)
         return kernels.langevin_kernel(*setup, x, constant_steps(n_steps, h), constant_steps(n_steps, s), self.metropolis,
                                        int(thin), bool(return_trajectory), bool(return_diagnostics),
-                                       kernel_seed(generator), screen=(ENERGY_LIMIT, ENERGY_GROWTH))
+                                       generator, screen=(ENERGY_LIMIT, ENERGY_GROWTH))

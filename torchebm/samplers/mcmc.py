@@ -8,12 +8,12 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
            'traced_energy_and_gradient', 'with_own_code', 'compiled_energy_and_gradient', 'TracedModel',
            'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite',
-           'AdaptationOptions', 'adaptation_options', 'MCMCSampler', 'kernel_seed', 'per_step_tensor',
-           'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final',
-           'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update',
-           'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState',
-           'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
-           'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
+           'AdaptationOptions', 'adaptation_options', 'MCMCSampler', 'per_step_tensor', 'DualAveragingState',
+           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
+           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
+           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
+           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
+           'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
@@ -417,9 +417,10 @@ class MCMCSampler(BaseSampler):
         return None
 
     def lean_sample(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator):
-        """A run from checked start points `x` by a shorter route with the same numbers (e.g. one kernel call that
-        screens the chains): `(x_final, trajectory, diagnostics, flags)`, with `flags` `None` when the run needs none
-        of the checks of a fused run (`check_fused_run`); or `None` when it does not apply."""
+        """A run from start points `x` (checked, except that they are finite) by a shorter route with the same numbers
+        (e.g. one kernel call that screens the chains): `(x_final, trajectory, diagnostics, flags)`, with `flags`
+        `None` when the start is finite and the run needs none of the checks of a fused run (`check_fused_run`); or
+        `None` when it does not apply."""
         return None
 
     def check_fused_run(self, monitor: ChainMonitor, x, final, n_steps, model, nan_guard: bool = False) -> None:
@@ -443,8 +444,9 @@ class MCMCSampler(BaseSampler):
         mass.velocity(x[:1])
         return mass
 
-    def start_points(self, x, dim, n_samples, generator, model=None) -> torch.Tensor:
-        "Validated, finite starting points (checked against the run's model and its `dim` when it knows it); no `x=` warns."
+    def start_points(self, x, dim, n_samples, generator, model=None, finite: bool = True) -> torch.Tensor:
+        """Validated starting points (checked against the run's model and its `dim` when it knows it), also checked
+        finite unless `finite=False` (the caller checks it); no `x=` warns."""
         owner, model = type(self).__name__, model if model is not None else self.model
         if isinstance(x, int) and not isinstance(x, bool):
             warn_deprecated(f"{owner}.sample(n_samples, dim) with positional arguments (starting from noise)",
@@ -455,8 +457,9 @@ class MCMCSampler(BaseSampler):
                             f"{owner}.sample(x=torch.randn(n_samples, *dim))", stacklevel=4)
         elif dim is None:
             dim = getattr(model, 'dim', None)
-        if x is not None and model is not self.model: return check_start_finite(check_batch(x, 'x', model=model, dim=dim))
-        return check_start_finite(self.initial_chains(x, dim, n_samples, generator))
+        if x is not None and model is not self.model: x = check_batch(x, 'x', model=model, dim=dim)
+        else: x = self.initial_chains(x, dim, n_samples, generator)
+        return check_start_finite(x) if finite else x
 
     def resolve_n_steps(self, n_steps: Optional[int]) -> int:
         n_steps = n_steps if n_steps is not None else (self.n_steps if self.n_steps is not None else DEFAULT_N_STEPS)
@@ -512,19 +515,21 @@ class MCMCSampler(BaseSampler):
             raise ValueError(f"{owner} adapts nothing, so it cannot be warm-started")
         n_steps = self.resolve_n_steps(n_steps)
         check_nonnegative_int('thin', thin, minimum=1)
-        x = self.start_points(x, dim, n_samples, generator, run_model)
+        x = self.start_points(x, dim, n_samples, generator, run_model, finite=False)
         shortcut = not (progress or return_result or warm_start is not None or run_model is not self.model)
         if shortcut:
             lean = self.lean_sample(x, n_steps, thin, return_trajectory, return_diagnostics, generator)
             if lean is not None:  # (nn.Module's __setattr__ is slow: `_reported` is only set when it changes)
                 final_x, trajectory, diagnostics, flags = lean
-                if flags is not None:
+                if flags is not None:  # a start that is not finite is flagged too
+                    check_start_finite(x)
                     monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
                     self.check_fused_run(monitor, x, final_x, n_steps, run_model, nan_guard=True)
                     self._reported = monitor.found
                 elif self._reported: self._reported = frozenset()
                 out = trajectory if return_trajectory else final_x
                 return (out, diagnostics) if return_diagnostics else out
+        check_start_finite(x)
         values = schedule_values(self.schedulers, n_steps)
         n_warmup, adapted = 0, None
         monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
@@ -573,11 +578,6 @@ def _warm_step_size(step_size, x: torch.Tensor) -> torch.Tensor:
     return h
 
 # %% ../../nbs/12_mcmc.ipynb #f0736b29
-def kernel_seed(generator: Optional[torch.Generator] = None) -> int:
-    "One 62-bit seed for a fused kernel, drawn from `generator` (or the global RNG)."
-    device = generator.device if generator is not None else 'cpu'
-    return int(torch.randint(0, 2 ** 62, (), generator=generator, device=device))
-
 def per_step_tensor(values: List[float]) -> torch.Tensor:
     "Per-step schedule values as the float64 CPU tensor `[n_steps]` the kernels take."
     if not values: return torch.empty(0, dtype=torch.float64)
