@@ -283,8 +283,8 @@ struct Block {
   }
 };
 
-// The chains x [n, d] in blocks of L (their final states written to out [n, d]), OpenMP over blocks: each block is loaded, seeded from
-// (seed, its first chain), evaluated (energy too if `metropolis`: its steps keep e current), then takes
+// The chains x [n, d] in blocks of L, their final states written to out [n, d], OpenMP over blocks: each block is
+// loaded, seeded from (seed, its first chain), evaluated (energy too if `metropolis`: its steps keep e current), then takes
 // `step(block, rng, t)` for t < n_steps, each step recorded, and last is screened if `screen` asks (screen_chain;
 // only a Metropolis chain can fail to move). The generator stays a local of its own, outside Block: inside it
 // (whose address reaches the energy calls) GCC leaves scalar copies of the noise loop in HMC, twice as slow.
@@ -329,10 +329,11 @@ void run_blocks(const T *x, T *out, int64_t n, const Energy<T, L> &E, bool metro
 
 // Langevin (ULA) or MALA over all chains from x [n, d], the final states written to out.
 template <typename T, int L>
-void langevin_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale, int64_t n_steps,
-                  bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
+void langevin_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, const double *scale,
+                  int64_t n_steps, bool metropolis, const Recorder<T> &rec, uint64_t seed, const ScreenSpec &screen) {
   const int64_t d = E.d;
-  run_blocks(x, out, n, E, metropolis, n_steps, rec, seed, screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+  run_blocks(x, out, n, E, metropolis, n_steps, rec, seed, screen,
+             [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
     // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
     T *xb = b.x, *gb = b.g, *z = b.z, *y = b.y, *gy = b.gy;
     const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
@@ -372,11 +373,12 @@ void langevin_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const do
 
 // HMC with unit-diagonal mass times `mass`: per step, fresh momentum, n_leapfrog leapfrog steps, Metropolis test.
 template <typename T, int L>
-void hmc_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps, int64_t n_leapfrog,
-             double mass, const Recorder<T> &rec, uint64_t seed) {
+void hmc_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const double *eta, int64_t n_steps,
+             int64_t n_leapfrog, double mass, const Recorder<T> &rec, uint64_t seed) {
   const int64_t d = E.d;
   const ScreenSpec no_screen{nullptr, 0.0, 0.0};
-  run_blocks(x, out, n, E, true, n_steps, rec, seed, no_screen, [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
+  run_blocks(x, out, n, E, true, n_steps, rec, seed, no_screen,
+             [&](Block<T, L> &b, Rng<L> &rng, int64_t t) STEP_INLINE {
     // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
     T *xb = b.x, *gb = b.g, *p = b.z, *y = b.y, *gy = b.gy;
     const T h = (T)eta[t], sqrt_m = (T)std::sqrt(mass), inv_m = (T)(1.0 / mass);

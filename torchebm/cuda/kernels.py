@@ -42,10 +42,10 @@ def langevin_kernel(energy, ext, x: torch.Tensor, eta: torch.Tensor, scale: torc
                     screen: Optional[Tuple[float, float]] = None):
     """`fused_langevin` without its checks, for callers that made them (the samplers check once, in one place):
     `(energy, ext)` from `fused_setup(model, x)`, `eta` and `scale` checked float64 CPU tensors `[n_steps]`, `seed`
-    as `fused_langevin`'s (a generator is drawn from once). Returns `(x_final, trajectory or None, diagnostics or None, flags)`. With `screen=(energy_limit,
-    energy_growth)` the kernel screens each chain for the samplers' checks, flagging a superset of what they flag:
-    1 the start or the final state is not finite, 2 the start or final energy is not finite or within a factor 2 of the runaway
-    limits, 4 (MALA) the final state equals the start; `flags` is then the `uint8 [n_chains]` of flags on `x`'s
+    as `fused_langevin`'s (a generator is drawn from once). Returns `(x_final, trajectory or None, diagnostics or
+    None, flags)`. With `screen=(energy_limit, energy_growth)` the kernel screens each chain for the samplers' checks,
+    flagging a superset of what they flag: 1 the start or the final state is not finite, 2 the start or final energy
+    is not finite or within a factor 2 of the runaway limits, 4 (MALA) the final state equals the start; `flags` is then the `uint8 [n_chains]` of flags on `x`'s
     device if any chain has one, else `None` (always `None` without `screen`). On CUDA, asking for the screen costs
     one wait for the device at the end of the run (whether any chain is flagged); nothing else waits."""
     x_in = x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous()  # no torch call in the common case
@@ -97,9 +97,10 @@ def _seed(seed) -> Tuple[int, Optional[torch.Generator]]:
     return seed & (2 ** 63 - 1), None
 
 def _require_supported(owner: str, model, x, mass=None):
-    reason = fused_unavailable_reason(model, x, mass=mass)
-    if reason is not None: raise ValueError(f"{owner}: {reason}")
-    return analytic_energy(model, x.dtype, x.device), _extension_for(x)
+    "`fused_setup(model, x, mass=mass)`, raising `ValueError` with the reason where the kernels cannot run."
+    setup = fused_setup(model, x, mass=mass)
+    if setup is None: raise ValueError(f"{owner}: {fused_unavailable_reason(model, x, mass=mass)}")
+    return setup
 
 def _combine_blocks(stats: torch.Tensor, n: int, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     "Mean and variance over chains from per-block means and sums of squared deviations `[n_blocks, T, 2, d]`."
@@ -142,14 +143,16 @@ CUDA_EXTENSION = register_extension(ExtensionSpec(
 _LOADED: Dict[str, Any] = {}  # device type -> its compiled module, once loaded (what `all_finite` uses: it never builds)
 
 def _device_type(x: torch.Tensor) -> Optional[str]:
-    "'cpu' or 'cuda' (the devices with kernels), else `None`: read without making a `torch.device` (a short run's checks are felt)."
+    "'cpu' or 'cuda' (the devices with kernels), else `None`, read without making a `torch.device` (felt in a short run)."
     return 'cpu' if x.is_cpu else ('cuda' if x.is_cuda else None)
 
 def _extension_for(x: torch.Tensor):
-    "The compiled module serving tensors on `x`'s device, or `None`."
+    """The compiled module serving tensors on `x`'s device, or `None`: the loaded one, else built or loaded now. It does
+    not ask `kernels_enabled()` again for a loaded module: its callers ask first (`fused_unavailable_reason`)."""
     kind = _device_type(x)
-    module = load_extension(CPU_EXTENSION.name if kind == 'cpu' else CUDA_EXTENSION.name) if kind in ('cpu', 'cuda') else None
-    if module is not None and kind not in _LOADED: _LOADED[kind] = module
+    if kind is None or kind in _LOADED: return _LOADED.get(kind)
+    module = load_extension(CPU_EXTENSION.name if kind == 'cpu' else CUDA_EXTENSION.name)
+    if module is not None: _LOADED[kind] = module
     return module
 
 def all_finite(x: torch.Tensor) -> Optional[bool]:
@@ -221,8 +224,7 @@ def fused_unavailable_reason(model, x, *, mass=None) -> Optional[str]:
     if isinstance(model, GaussianModel) and x.shape[1] != model.mean.numel():
         return f'x has {x.shape[1]} columns but the Gaussian has dimension {model.mean.numel()}'
     if isinstance(model, RosenbrockModel) and x.shape[1] < 2: return 'Rosenbrock needs at least 2 dimensions'
-    if _LOADED.get(_device_type(x)) is None and _extension_for(x) is None:
-        return f'the {x.device.type} extension is not available (see torchebm.cuda.status())'
+    if _extension_for(x) is None: return f'the {x.device.type} extension is not available (see torchebm.cuda.status())'
     return None
 
 def _scalar_mass(mass) -> Optional[float]:
@@ -238,7 +240,7 @@ def _scalar_mass(mass) -> Optional[float]:
 def fused_setup(model, x, *, mass=None) -> Optional[Tuple[AnalyticEnergy, Any]]:
     "`(kernel form of model, compiled module)` to run `model` on `x` with `langevin_kernel`, or `None` where `fused_unavailable_reason` has a reason."
     if fused_unavailable_reason(model, x, mass=mass) is not None: return None
-    return analytic_energy(model, x.dtype, x.device), _LOADED[_device_type(x)]  # loaded by that check
+    return analytic_energy(model, x.dtype, x.device), _extension_for(x)
 
 def fused_langevin_supported(model, x, *, metropolis: bool = False) -> bool:
     "Whether `fused_langevin(model, x, ...)` can run (builds the extension on the first call)."
