@@ -807,21 +807,26 @@ def test_tune_cpu_allocator_keeps_freed_memory():
     assert released_mib('tuned') <= 4
 
 
+def _build_includes(*extra) -> list:
+    "The `-I` flags of a build of the kernel sources against this torch's headers, `extra` directories first."
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+    from torchebm.cuda.kernels import CSRC
+    return [f'-I{d}' for d in (CSRC, *extra, *include_paths(), sysconfig.get_paths()['include'])]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which('nvcc') is None, reason='needs the CUDA compiler (nvcc)')
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
     """The CUDA twins compile (device code for sm_80, no warnings from our source) against this torch's headers,
     also on a machine without a GPU, and so does the binding load_inline makes of kernels_cuda.h (the CUDA entry
     points under the CPU build's names). A CPU build of torch lacks one generated CUDA header, supplied here."""
-    import sysconfig
-    from torch.utils.cpp_extension import include_paths
     from torchebm.cuda.kernels import CSRC, CUDA_EXTENSION
     shim = tmp_path / 'shim' / 'c10' / 'cuda' / 'impl'
     shim.mkdir(parents=True)
     (shim / 'cuda_cmake_macros.h').write_text('#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n')
     source = CSRC / 'kernels.cu'
-    includes = [f'-I{CSRC}', f'-I{tmp_path / "shim"}', *(f'-I{p}' for p in include_paths()),
-                f'-I{sysconfig.get_paths()["include"]}']
+    includes = _build_includes(tmp_path / 'shim')
     cmd = ['nvcc', '-c', str(source), '-o', str(tmp_path / 'kernels.o'), '-std=c++17', '-O3', *includes,
            '-DTORCH_EXTENSION_NAME=tebm_check', '-D_GLIBCXX_USE_CXX11_ABI=1', '-gencode=arch=compute_80,code=sm_80']
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -843,13 +848,12 @@ def _vectorized_lane_loops(tmp_path, flags):
     """Compile kernels.cpp as the loader does but for AVX2 without AVX-512 (`-march=x86-64-v3`, the EPYC of issue 13)
     and map each `#pragma omp simd` line to whether GCC reports its loop vectorised (the report names a line of the
     loop, at most three lines below the pragma)."""
-    import re, sysconfig
-    from torch.utils.cpp_extension import include_paths
+    import re
     from torchebm.cuda.kernels import CSRC
+    _require_gcc_on_x86()
     report = tmp_path / 'vec.txt'
-    includes = [f'-I{CSRC}', *(f'-I{p}' for p in include_paths()), f'-I{sysconfig.get_paths()["include"]}']
     cmd = [os.environ.get('CXX', 'c++'), '-c', str(CSRC / 'kernels.cpp'), '-o', str(tmp_path / 'kernels.o'),
-           '-std=c++20', '-fPIC', '-w', *flags, *includes, '-DTORCH_EXTENSION_NAME=tebm_check',
+           '-std=c++20', '-fPIC', '-w', *flags, *_build_includes(), '-DTORCH_EXTENSION_NAME=tebm_check',
            f'-fopt-info-vec-optimized={report}']
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -863,20 +867,16 @@ def _avx2_flags(flags):
     return [('-march=x86-64-v3' if f == '-march=native' else f) for f in flags]
 
 
-def _gcc_on_x86() -> bool:
-    "Whether the C++ compiler the loader uses is GCC (its -fopt-info report) on an x86-64 machine."
+def _require_gcc_on_x86() -> None:
+    "Skip unless the loader's C++ compiler is GCC (its -fopt-info report) on x86-64; asked when run, not at collection."
     import platform
-    if platform.machine().lower() not in ('x86_64', 'amd64'): return False
+    if platform.machine().lower() not in ('x86_64', 'amd64'): pytest.skip('needs an x86-64 machine')
     try: out = subprocess.run([os.environ.get('CXX', 'c++'), '--version'], capture_output=True, text=True, timeout=60)
-    except OSError: return False
-    return 'free software foundation' in out.stdout.lower()
-
-
-x86_gcc = pytest.mark.skipif(not _gcc_on_x86(), reason='needs GCC on x86-64 (its -fopt-info vectoriser report)')
+    except OSError: pytest.skip('no C++ compiler')
+    if 'free software foundation' not in out.stdout.lower(): pytest.skip('needs GCC (its -fopt-info vectoriser report)')
 
 
 @pytest.mark.slow
-@x86_gcc
 def test_every_lane_loop_vectorizes_on_avx2_without_avx512(tmp_path):
     """The fused kernels keep their speed on CPUs without AVX-512 only if every SIMD lane loop vectorises there
     (issue 13: one missing compiler flag left them scalar, 8x slower than the hand-written chain on an AVX2 EPYC).
@@ -884,11 +884,11 @@ def test_every_lane_loop_vectorizes_on_avx2_without_avx512(tmp_path):
     development machine."""
     loops = _vectorized_lane_loops(tmp_path, _avx2_flags(CPU_EXTENSION.extra_cflags))
     assert len(loops) >= 10, loops
-    assert all(loops.values()), f"lane loops (line of their #pragma) not vectorised: {[i for i, v in loops.items() if not v]}"
+    scalar = [i for i, vectorized in loops.items() if not vectorized]
+    assert not scalar, f"lane loops not vectorised (lines of their #pragma): {scalar}"
 
 
 @pytest.mark.slow
-@x86_gcc
 def test_without_no_trapping_math_the_noise_loops_stay_scalar_on_avx2(tmp_path):
     "The check above can fail: without `-fno-trapping-math` GCC leaves the Box-Muller noise loops scalar on AVX2."
     flags = [f for f in _avx2_flags(CPU_EXTENSION.extra_cflags) if f != '-fno-trapping-math']
