@@ -30,9 +30,13 @@ _user_switch: Optional[bool] = None  # set by enable_kernels()/disable_kernels()
 def _env_disables() -> bool:
     return os.environ.get(DISABLE_ENV, '').strip().lower() not in ('', '0', 'false', 'no', 'off')
 
+# read once, at import, like OMP_NUM_THREADS: asking os.environ on every run costs a short run more than its kernel
+_env_off = _env_disables()
+
 def kernels_enabled() -> bool:
-    "Whether compiled kernels may be used: `enable_kernels()`/`disable_kernels()` win over `TORCHEBM_DISABLE_KERNELS`."
-    return (not _env_disables()) if _user_switch is None else _user_switch
+    """Whether compiled kernels may be used: `enable_kernels()`/`disable_kernels()` win over `TORCHEBM_DISABLE_KERNELS`
+    (read when torchebm is imported)."""
+    return (not _env_off) if _user_switch is None else _user_switch
 
 def disable_kernels() -> None:
     "Use the pure-torch path everywhere in this process (same as `TORCHEBM_DISABLE_KERNELS=1`)."
