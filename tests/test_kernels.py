@@ -694,6 +694,93 @@ def test_sampler_one_call_path_matches_the_general_path_and_still_reports_proble
         samplers.LangevinDynamics(dw, step_size=ConstantScheduler(float('nan'))).sample(x=x, n_steps=5)
 
 
+def test_the_lean_plan_is_rechecked_on_every_run(ext, monkeypatch):
+    """After a lean run a `LangevinDynamics` keeps a `LeanPlan`; a later run uses it only while everything it depended
+    on is unchanged, and gives the numbers of a sampler that never planned. Copies and pickles leave it out."""
+    import copy, io
+    samplers = pytest.importorskip('torchebm.samplers')
+    from torchebm.core.base import ConstantScheduler
+    from torchebm.core.schedulers import LinearScheduler
+    from torchebm.samplers.langevin import LeanPlan
+    planned, original = [], LeanPlan.run
+    monkeypatch.setattr(LeanPlan, 'run', lambda *a: (lambda out: (planned.append(out is not None), out)[1])(original(*a)))
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
+    dw = DoubleWellModel()
+    sampler = samplers.LangevinDynamics(dw, step_size=0.01)
+
+    def run(y=x, fresh=None, **kw):  # a run of `sampler`, and the same run of a new sampler (no plan yet)
+        planned.clear()
+        got = sampler.sample(x=y, n_steps=20, generator=torch.Generator().manual_seed(5), **kw)
+        if fresh is None: fresh = samplers.LangevinDynamics(sampler.model, step_size=sampler.schedulers['step_size'],
+                                                              noise_scale=sampler.schedulers['noise_scale'],
+                                                              use_kernels=sampler.use_kernels)
+        want = fresh.sample(x=y, n_steps=20, generator=torch.Generator().manual_seed(5), **kw)
+        assert torch.equal(got, want)
+        return planned[:1]
+
+    assert run() == [] and isinstance(sampler._lean_plan, LeanPlan)  # the first run plans
+    assert run() == [True]
+    dw.barrier_height = 3.0; assert run() == [True]  # parameters are read afresh
+    assert run(x.double()) == [False] and run(x.double()) == [True]  # another dtype: planned anew
+    assert run(x.repeat(1, 2)) == [False] and run(x) == [False] and run(x) == [True]  # another width
+    assert run(x.clone().requires_grad_(True)) == [False]
+    assert run(x.t().contiguous().t()) == [True]  # not contiguous: the kernel gets a contiguous copy
+    sampler.schedulers['step_size'] = ConstantScheduler(0.02); assert run() == [True]  # the registry is read afresh
+    sampler.register_scheduler('step_size', LinearScheduler(0.02, 0.01, 10)); assert run() == [False]
+    sampler.register_scheduler('step_size', 0.01); run()
+    sampler.schedulers['step_size'] = ConstantScheduler(float('nan'))
+    with pytest.raises(ValueError, match='step_size must be finite and > 0'): sampler.sample(x=x, n_steps=5)
+    sampler.register_scheduler('step_size', 0.01); run()
+    try:
+        loader.disable_kernels(); assert run() == [False]
+    finally:
+        loader.enable_kernels()
+    sampler.use_kernels = False; assert sampler._lean_plan is None  # setting any attribute drops the plan
+    assert run() == []
+    sampler.use_kernels = True; run(); assert isinstance(sampler._lean_plan, LeanPlan)
+    dw.to(F64); assert run(x.double()) == [False]  # the model now pins float64
+    with pytest.raises(ValueError, match='dtype'): sampler.sample(x=x, n_steps=5)
+    dw.register_buffer('shift', torch.zeros(2, dtype=F64)); assert run(x.double()) == [False]
+    dw = DoubleWellModel(); sampler.model = dw; assert sampler._lean_plan is None; run()
+    planned.clear(); sampler.sample(x=x, n_steps=20, model=HarmonicModel()); assert planned == []  # another model
+    assert run() == [True] and run(thin=4, return_trajectory=True) == [True]
+    assert torch.equal(sampler.sample(x=x, n_steps=0), x)
+    bad = x.clone(); bad[2, 0] = float('nan')  # a planned run the screen flags gets the full checks
+    with pytest.raises(ValueError, match='x contains NaN or inf'): sampler.sample(x=bad, n_steps=5)
+    with pytest.warns(RuntimeWarning, match='running away'): sampler.sample(x=x * 1e3, n_steps=1)
+    for twin in (copy.deepcopy(sampler), torch.load(_saved(sampler), weights_only=False)):
+        assert twin._lean_plan is None
+        assert torch.equal(twin.sample(x=x, n_steps=20, generator=torch.Generator().manual_seed(5)),
+                           sampler.sample(x=x, n_steps=20, generator=torch.Generator().manual_seed(5)))
+
+
+def test_sampler_warnings_point_at_the_line_that_called_sample(ext):
+    "The warnings of every Langevin route (lean, planned, general fused, pure torch) name the caller of `sample`."
+    import warnings
+    samplers = pytest.importorskip('torchebm.samplers')
+    from torchebm.core.base import ConstantScheduler
+
+    class Same(ConstantScheduler):  # takes the general fused path
+        pass
+
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0)) * 1e6
+    planned = samplers.LangevinDynamics(DoubleWellModel(), step_size=0.01)
+    planned.sample(x=x[:, :1].repeat(1, 2) * 0, n_steps=1)
+    for sampler in (samplers.LangevinDynamics(DoubleWellModel(), step_size=0.01), planned,
+                    samplers.LangevinDynamics(DoubleWellModel(), step_size=Same(0.01)),
+                    samplers.LangevinDynamics(DoubleWellModel(), step_size=0.01, use_kernels=False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            sampler.sample(x=x, n_steps=5)
+        assert caught and {Path(w.filename).name for w in caught} == {'test_kernels.py'}, [str(w) for w in caught]
+
+
+def _saved(obj):
+    import io
+    buffer = io.BytesIO(); torch.save(obj, buffer); buffer.seek(0)
+    return buffer
+
+
 def test_screen_flags_a_start_that_is_not_finite(ext):
     "A start holding NaN or inf is flagged NOT_FINITE (1): the samplers check their start points only on a flagged run."
     x = torch.zeros(6, 2); x[1, 0] = float('nan'); x[4, 1] = float('inf')

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['CSRC', 'CPU_EXTENSION', 'CUDA_EXTENSION', 'fused_langevin', 'langevin_kernel', 'fused_hmc', 'all_finite',
-           'AnalyticEnergy', 'analytic_energy', 'fused_unavailable_reason', 'fused_setup', 'fused_langevin_supported',
-           'fused_hmc_supported']
+           'AnalyticEnergy', 'scalar_form', 'analytic_energy', 'fused_unavailable_reason', 'fused_setup',
+           'fused_langevin_supported', 'fused_hmc_supported']
 
 # %% ../../nbs/41_kernels.ipynb #2630f587
 import math
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -166,8 +166,7 @@ def all_finite(x: torch.Tensor) -> Optional[bool]:
 _KIND = {DoubleWellModel: 0, HarmonicModel: 1, GaussianModel: 2, RosenbrockModel: 3, RastriginModel: 4,
          AckleyModel: 5}
 
-@dataclass(frozen=True)
-class AnalyticEnergy:
+class AnalyticEnergy(NamedTuple):
     """An analytic energy in kernel form: `kind`, scalar `params`, and for the Gaussian `mean: [d]`, `precision: [d, d]`
     (shared by the runs that use it: never written to; for the other energies one empty tensor the kernels never read)."""
     kind: int
@@ -192,22 +191,31 @@ def _gaussian_precision(model) -> torch.Tensor:
 
 _UNUSED = torch.empty(0)  # the mean and precision of the energies that have none (no torch call per run)
 
+_SCALAR_PARAMS = {  # the kernel's parameters of the energies that have only scalar ones, read from a model
+    DoubleWellModel: lambda m: (_float(m.barrier_height), _float(m.b) ** 2),
+    HarmonicModel: lambda m: (_float(m.k),),
+    RosenbrockModel: lambda m: (_float(m.a), _float(m.b)),
+    RastriginModel: lambda m: (_float(m.a),),
+    AckleyModel: lambda m: (_float(m.a), _float(m.b), _float(m.c))}
+
+def _scalar_energy(kind: int, params: Callable, model) -> AnalyticEnergy:
+    return AnalyticEnergy(kind, params(model), _UNUSED, _UNUSED)
+
+def scalar_form(model) -> Optional[Callable[[Any], AnalyticEnergy]]:
+    """`form(model) -> AnalyticEnergy`, the kernel form of a model of `model`'s class read afresh, for the energies
+    whose form holds only numbers (all but the Gaussian); `None` for the others. What a sampler keeps between runs."""
+    cls = _kernel_class(model)
+    return partial(_scalar_energy, _KIND[cls], _SCALAR_PARAMS[cls]) if cls in _SCALAR_PARAMS else None
+
 def analytic_energy(model, dtype: torch.dtype, device) -> Optional[AnalyticEnergy]:
     """The kernel form of `model` with tensors in `dtype` on `device`, or `None` if no kernel computes its energy.
     Read afresh on every call (so a changed parameter, also one written in place through `.data`, is never missed)."""
     cls = _kernel_class(model)
+    if cls in _SCALAR_PARAMS: return _scalar_energy(_KIND[cls], _SCALAR_PARAMS[cls], model)
     if cls is None: return None
-    mean = precision = _UNUSED
-    if cls is DoubleWellModel: params = (_float(model.barrier_height), _float(model.b) ** 2)
-    elif cls is HarmonicModel: params = (_float(model.k),)
-    elif cls is GaussianModel:
-        params = ()
-        mean = model.mean.detach().to(dtype=dtype, device=device).contiguous()
-        precision = _gaussian_precision(model).detach().to(dtype=dtype, device=device).contiguous()
-    elif cls is RosenbrockModel: params = (_float(model.a), _float(model.b))
-    elif cls is RastriginModel: params = (_float(model.a),)
-    else: params = (_float(model.a), _float(model.b), _float(model.c))
-    return AnalyticEnergy(_KIND[cls], params, mean, precision)
+    mean = model.mean.detach().to(dtype=dtype, device=device).contiguous()
+    precision = _gaussian_precision(model).detach().to(dtype=dtype, device=device).contiguous()
+    return AnalyticEnergy(_KIND[cls], (), mean, precision)
 
 # %% ../../nbs/41_kernels.ipynb #cc91fd0e
 def fused_unavailable_reason(model, x, *, mass=None) -> Optional[str]:

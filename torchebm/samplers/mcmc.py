@@ -88,7 +88,7 @@ def _empty_diagnostics(x, n_kept, keys):
 NAN_POLICIES = ('raise', 'warn')
 
 def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner: str = 'sampler',
-                        policy: str = 'raise') -> bool:
+                        policy: str = 'raise', stacklevel: int = 4) -> bool:
     """Whether all chains of `x: [n_chains, *dim]` are finite (one host sync); if not, raise `ValueError`
     (`policy='raise'`) or emit one `RuntimeWarning` (`policy='warn'`) naming the chains and the step window."""
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
@@ -98,7 +98,7 @@ def check_chains_finite(x: torch.Tensor, first_step: int, last_step: int, owner:
     message = (f"{owner}: NaN or inf appeared in {len(chains)} of {x.shape[0]} chains (chains [{shown}]) "
                f"between steps {first_step} and {last_step}; reduce step_size or check the model's energy")
     if policy == 'raise': raise ValueError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)  # points at the sampler.sample(...) call
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)  # 4: the caller of `sample` when `sample` calls our caller
     return False
 
 # %% ../../nbs/12_mcmc.ipynb #080e1d8a
@@ -391,6 +391,19 @@ class MCMCSampler(BaseSampler):
         self._reported = frozenset()  # the problems the last run warned about (not warned again while they persist)
         warn_deprecated_arguments(owner, deprecated)
 
+    _lean_plan = None  # what a lean run found, kept for the next runs: an object with `run(...)` (see `sample`)
+    _RUN_STATE = frozenset({'_reported'})  # attributes a run writes; setting any other attribute drops the plan
+
+    def __setattr__(self, name, value):
+        if name not in self._RUN_STATE: object.__setattr__(self, '_lean_plan', None)  # an option changed: re-plan
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        "What copies and pickles hold: everything but the lean plan (compiled code; a copy plans its own runs)."
+        state = super().__getstate__()
+        state.pop('_lean_plan', None)
+        return state
+
     def evaluation_model(self, model):
         "The model the steps evaluate: `model`, or its `CompiledModel` (built once per model) under `compile=`."
         if self.compile_options is None: return model
@@ -423,14 +436,28 @@ class MCMCSampler(BaseSampler):
         `None` when it does not apply."""
         return None
 
-    def check_fused_run(self, monitor: ChainMonitor, x, final, n_steps, model, nan_guard: bool = False) -> None:
-        """The checks of a fused run from `x` to `final` (warnings point at the caller of `sample`): the NaN guard
-        (unless the run made it), stuck chains (Metropolis samplers) and runaway energies at both ends."""
+    def finish_lean(self, x, n_steps: int, lean, return_trajectory: bool, return_diagnostics: bool):
+        "What `sample` returns for a lean run `(x_final, trajectory, diagnostics, flags)`, after the checks its flags call for."
+        final_x, trajectory, diagnostics, flags = lean
+        if flags is not None:  # a start that is not finite is flagged too
+            check_start_finite(x)
+            monitor = ChainMonitor(x, owner=type(self).__name__, quiet=self._reported)
+            self.check_fused_run(monitor, x, final_x, n_steps, self.model, nan_guard=True, stacklevel=5)
+            self._reported = monitor.found
+        elif self._reported: self._reported = frozenset()  # (nn.Module's __setattr__ is slow: set only on a change)
+        out = trajectory if return_trajectory else final_x
+        return (out, diagnostics) if return_diagnostics else out
+
+    def check_fused_run(self, monitor: ChainMonitor, x, final, n_steps, model, nan_guard: bool = False,
+                        stacklevel: int = 4) -> None:
+        """The checks of a fused run from `x` to `final` (warnings point at the caller of `sample` when `sample` calls
+        this; `stacklevel=5` when a method of its calls it): the NaN guard (unless the run made it), stuck chains
+        (Metropolis samplers) and runaway energies at both ends."""
         with torch.no_grad(), eval_mode(model):
-            if nan_guard: check_chains_finite(final, 1, n_steps, monitor.owner, self.nan_policy)
+            if nan_guard: check_chains_finite(final, 1, n_steps, monitor.owner, self.nan_policy, stacklevel=stacklevel)
             if 'acceptance_rate' in self.diagnostic_keys: monitor.check_moved(x, final, n_steps)
             monitor.check_energy(ChainState(x), model); monitor.check_energy(ChainState(final), model)
-            monitor.report(stacklevel=4)
+            monitor.report(stacklevel=stacklevel)
 
     def initial_state(self, x: torch.Tensor) -> ChainState:
         "The chain state at the start (nothing evaluated: steps evaluate what they need)."
@@ -506,6 +533,10 @@ class MCMCSampler(BaseSampler):
         `return_result=True`. `model=` samples another model for this run; `warm_start=` reuses adapted parameters.
         The model runs in eval mode (its modes are restored afterwards); warnings about stuck, divergent or runaway
         chains name them, once while a problem persists over consecutive runs of this sampler."""
+        if (self._lean_plan is not None and type(n_steps) is int and n_steps > 0 and type(thin) is int and thin > 0
+                and dim is None and model is None and warm_start is None and not (progress or return_result)):
+            lean = self._lean_plan.run(self, x, n_steps, thin, return_trajectory, return_diagnostics, generator)
+            if lean is not None: return self.finish_lean(x, n_steps, lean, return_trajectory, return_diagnostics)
         owner = type(self).__name__
         run_model = model if model is not None else self.model
         if run_model is None: raise ValueError(f"{owner} has no model; pass model= to the constructor or to sample")
@@ -519,16 +550,7 @@ class MCMCSampler(BaseSampler):
         shortcut = not (progress or return_result or warm_start is not None or run_model is not self.model)
         if shortcut:
             lean = self.lean_sample(x, n_steps, thin, return_trajectory, return_diagnostics, generator)
-            if lean is not None:  # (nn.Module's __setattr__ is slow: `_reported` is only set when it changes)
-                final_x, trajectory, diagnostics, flags = lean
-                if flags is not None:  # a start that is not finite is flagged too
-                    check_start_finite(x)
-                    monitor = ChainMonitor(x, owner=owner, quiet=self._reported)
-                    self.check_fused_run(monitor, x, final_x, n_steps, run_model, nan_guard=True)
-                    self._reported = monitor.found
-                elif self._reported: self._reported = frozenset()
-                out = trajectory if return_trajectory else final_x
-                return (out, diagnostics) if return_diagnostics else out
+            if lean is not None: return self.finish_lean(x, n_steps, lean, return_trajectory, return_diagnostics)
         check_start_finite(x)
         values = schedule_values(self.schedulers, n_steps)
         n_warmup, adapted = 0, None
