@@ -132,33 +132,35 @@ def test_conjugate_linear_regression():
     gaussian_checks(trajectory, mean, cov)
 
 
-def stationarity_p_value(k=4, n=600, seed=11):
+def stationarity_p_value(k=4, n=600, seed=11, use_kernels=True):
     "Start at exact banana draws, apply `k` NUTS transitions with a fixed step size, and test against fresh draws."
     g = torch.Generator().manual_seed(seed)
     model = Banana()
     transition = NoUTurnTransition()
     state = transition.init(model, Banana.exact(n, g))
-    params = NUTSParams(step_size=0.15, max_tree_depth=8)
+    params = NUTSParams(step_size=0.15, max_tree_depth=8, use_kernels=use_kernels)
     for _ in range(k): state, _ = transition.step(model, state, params, generator=g)
     return float(energy_distance_test(state.x, Banana.exact(n, g), n_permutations=200, generator=g).p_value)
 
 
-def test_stationarity_from_exact_draws():
-    assert stationarity_p_value() > 0.01
+@pytest.mark.parametrize('use_kernels', [True, False])  # the C++ leaf and the torch leaf
+def test_stationarity_from_exact_draws(use_kernels):
+    assert stationarity_p_value(use_kernels=use_kernels) > 0.01
 
 
-def unit_metric_gaussian(seed=0):
+def unit_metric_gaussian(seed=0, use_kernels=True):
     "64 chains from exact draws of N(0, diag(0.25, 1, 4)), 100 NUTS draws with a fixed step size 0.7 and a unit metric."
     scales = torch.tensor([0.5, 1.0, 2.0], dtype=DT)
     x0 = scales * torch.randn(64, 3, dtype=DT, generator=torch.Generator().manual_seed(seed))
     sampler = NoUTurnSampler(GaussianModel(torch.zeros(3, dtype=DT), torch.diag(scales ** 2)), step_size=0.7,
-                             metric='unit', n_warmup=0)
+                             metric='unit', n_warmup=0, use_kernels=use_kernels)
     trajectory = sampler.sample(x=x0, n_steps=100, return_trajectory=True, generator=torch.Generator().manual_seed(seed + 1))
     return trajectory, torch.zeros(3, dtype=DT), torch.diag(scales ** 2)
 
 
-def test_unit_metric_gaussian_with_fixed_step_size():
-    gaussian_checks(*unit_metric_gaussian())
+@pytest.mark.parametrize('use_kernels', [True, False])
+def test_unit_metric_gaussian_with_fixed_step_size(use_kernels):
+    gaussian_checks(*unit_metric_gaussian(use_kernels=use_kernels))
 
 
 def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
@@ -166,7 +168,8 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
     draw sits at the trajectory's edge: the variance of the widest coordinate comes out ~19 standard errors too big."""
     import torchebm.samplers.nuts as nuts
     monkeypatch.setattr(nuts, '_uniform_log', lambda shape, like, generator: like.new_full(torch.Size([shape]) if isinstance(shape, int) else shape, -math.inf))
-    with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian())
+    for use_kernels in (True, False):
+        with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian(use_kernels=use_kernels))
 
 
 def test_float32_per_chain_step_sizes_and_reproducible():
@@ -333,3 +336,91 @@ def test_stuck_chain_is_named_once_and_a_healthy_run_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # the same problems in the next run of this sampler are not warned again
         sampler.sample(x=x0, n_steps=30, generator=torch.Generator().manual_seed(2))
+
+
+# ---- the C++ leaf (`native_grow_leaf`) against the torch leaf (`grow_leaf`) ----------------------------------------
+def subtrees_both_ways(dtype, metric, depth, seed=0, event=(2, 3), n=24):
+    "One sub-tree of `depth` from the same start and random numbers, grown by the torch leaf and by the C++ leaf."
+    import torchebm.samplers.nuts as nuts
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(event)
+    model = GaussianModel(torch.linspace(-1, 1, d, dtype=dtype), torch.diag(torch.linspace(0.5, 2.0, d, dtype=dtype)))
+    flat = lambda t: t.reshape(n, *event)
+    x = flat(torch.randn(n, d, generator=g, dtype=dtype))
+    energy, grad = model.energy_and_gradient(x.reshape(n, d))
+    p = metric.sample_momentum(x, g)
+    start = nuts.Leaf(x, energy, flat(grad), p, metric.velocity(p))
+    h = 0.3 * (torch.rand(n, generator=g, dtype=dtype) + 0.5) * torch.where(torch.rand(n, generator=g) < 0.5, 1, -1).to(dtype)
+    h0 = energy + nuts.kinetic(start)
+    active = torch.rand(n, generator=g) < 0.9
+
+    class EventModel(torch.nn.Module):  # the Gaussian on [n, 2, 3] events, through autograd
+        def forward(self, x): return model(x.reshape(x.shape[0], -1))
+    out = []
+    for native in (None, nuts.native_leaf(x, metric)):
+        sub, ran = nuts.build_subtree(EventModel(), start, h, metric, depth, h0, active, 1000.0,
+                                      torch.Generator().manual_seed(seed + 1), native=native)
+        out.append((sub, ran))
+    return out
+
+
+def flat_fields(t):
+    return [f for field in t for f in (flat_fields(field) if isinstance(field, tuple) else [field])]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('metric_kind', ['unit', 'scalar', 'diagonal'])
+def test_native_leaf_grows_the_same_subtree_as_the_torch_leaf(dtype, metric_kind):
+    from torchebm.samplers.nuts import native_leaf
+    metric = {'unit': MassMatrix(1.0), 'scalar': MassMatrix(2.5),
+              'diagonal': MassMatrix(torch.linspace(0.5, 3.0, 6, dtype=dtype).reshape(2, 3))}[metric_kind]
+    assert native_leaf(torch.zeros(2, 2, 3, dtype=dtype), metric) is not None, 'the C++ leaf is not available'
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    mixed = False  # some sub-tree where some chains turned and others did not
+    for depth in range(8):
+        (ref, ran_ref), (got, ran_got) = subtrees_both_ways(dtype, metric, depth, seed=depth)
+        assert ran_ref == ran_got
+        for a, b in zip(flat_fields(ref), flat_fields(got)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            if a.is_floating_point(): torch.testing.assert_close(b, a, **tol)
+            else: assert torch.equal(a, b), (depth, a, b)
+        mixed |= bool(ref.is_turning.any()) and not bool(ref.is_turning.all())
+    assert mixed, 'no U-turn was exercised'
+
+
+def test_native_leaf_serves_eager_cpu_chains_with_a_scalar_or_diagonal_metric(monkeypatch):
+    import torchebm.samplers.nuts as nuts
+    import torchebm.cuda as cuda
+    from torchebm.samplers.mcmc import CompiledModel
+    calls = []
+    real = nuts.native_grow_leaf
+    monkeypatch.setattr(nuts, 'native_grow_leaf', lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    def leaves(**kwargs):
+        calls.clear()
+        NoUTurnSampler(model, n_warmup=0, step_size=0.5, **kwargs).sample(x=x0, n_steps=3)
+        return len(calls)
+    assert leaves(metric='unit') > 0 and leaves(metric='diagonal') > 0
+    assert leaves(use_kernels=False) == 0
+    assert leaves(metric=torch.tensor([[1.0, 0.3], [0.3, 1.0]], dtype=DT)) == 0  # a dense mass
+    assert leaves(metric='dense') > 0  # not adapted yet (no warm-up): the unit metric
+    cuda.disable_kernels()
+    try: assert leaves() == 0
+    finally: cuda.enable_kernels()
+    assert nuts.native_leaf(x0.half(), MassMatrix(1.0)) is None
+    assert nuts.native_leaf(x0.to(torch.bfloat16), MassMatrix(1.0)) is None
+
+
+def test_native_and_torch_nuts_runs_agree_to_rounding():
+    "Warm-up and draws through each leaf, same seed: float64 chains that differ only by rounding stay together."
+    model = GaussianModel(torch.tensor([1.0, -1.0, 0.5], dtype=DT),
+                          torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.2], [0.0, 0.2, 2.0]], dtype=DT))
+    x0 = torch.randn(16, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    runs = [NoUTurnSampler(model, n_warmup=50, use_kernels=k).sample(
+                x=x0, n_steps=30, return_result=True, return_trajectory=True, return_diagnostics=True,
+                generator=torch.Generator().manual_seed(1)) for k in (True, False)]
+    a, b = runs
+    torch.testing.assert_close(a.samples, b.samples, rtol=1e-6, atol=1e-6)
+    for key in ('tree_depth', 'n_leapfrog', 'is_divergent'): assert torch.equal(a.diagnostics[key], b.diagnostics[key])
+    torch.testing.assert_close(a.adapted.step_size, b.adapted.step_size, rtol=1e-6, atol=0)

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CSRC', 'CPU_EXTENSION', 'CUDA_EXTENSION', 'fused_langevin', 'langevin_kernel', 'fused_hmc', 'all_finite',
-           'AnalyticEnergy', 'scalar_form', 'analytic_energy', 'fused_unavailable_reason', 'fused_setup',
-           'fused_langevin_supported', 'fused_hmc_supported']
+           'nuts_leaf_extension', 'AnalyticEnergy', 'scalar_form', 'analytic_energy', 'fused_unavailable_reason',
+           'fused_setup', 'fused_langevin_supported', 'fused_hmc_supported']
 
 # %% ../../nbs/41_kernels.ipynb #2630f587
 import math
@@ -131,9 +131,10 @@ _SHARED = [CSRC / 'tebm_common.h', CSRC / 'tebm_outputs.h']  # shared by the C++
 
 # %% ../../nbs/41_kernels.ipynb #1e8d65c8
 CPU_EXTENSION = register_extension(ExtensionSpec(
-    name='cpu_samplers', cpp_sources=[CSRC / 'kernels.cpp'], headers=_SHARED,
-    functions=['langevin_chain', 'hmc_chain', 'energy_and_gradient', 'all_finite', 'standard_normal', 'max_threads'],
-    kernels=('langevin', 'mala', 'hmc')))
+    name='cpu_samplers', cpp_sources=[CSRC / 'kernels.cpp', CSRC / 'nuts_leaf.cpp'], headers=_SHARED,
+    functions=['langevin_chain', 'hmc_chain', 'energy_and_gradient', 'all_finite', 'standard_normal', 'max_threads',
+               'nuts_kick_drift', 'nuts_leaf'],
+    kernels=('langevin', 'mala', 'hmc', 'nuts leaf')))
 
 CUDA_EXTENSION = register_extension(ExtensionSpec(
     name='cuda_samplers', cpp_sources=[CSRC / 'kernels_cuda.h'], cuda_sources=[CSRC / 'kernels.cu'],
@@ -161,6 +162,12 @@ def all_finite(x: torch.Tensor) -> Optional[bool]:
     their start points: a third of the torch calls of `torch.isfinite(x).all()`, in a short run's per-call cost."""
     module = _LOADED.get('cpu')
     return module.all_finite(x) if module is not None and kernels_enabled() else None
+
+def nuts_leaf_extension(x: torch.Tensor):
+    """The CPU extension whose `nuts_kick_drift` and `nuts_leaf` grow NUTS leaves of chains like `x` (float32 or float64
+    on the CPU), building it on first use, or `None`: kernels disabled, another device or dtype, or no compiler."""
+    if not (x.is_cpu and x.dtype in (torch.float32, torch.float64) and kernels_enabled()): return None
+    return _extension_for(x)
 
 # %% ../../nbs/41_kernels.ipynb #636d0680
 _KIND = {DoubleWellModel: 0, HarmonicModel: 1, GaussianModel: 2, RosenbrockModel: 3, RastriginModel: 4,

@@ -6,9 +6,9 @@
 __all__ = ['NUTS', 'COMPILED_LEAVES_PER_CALL', 'MIN_VECTORIZED_EVENT', 'COMPILED_LEVELS', 'METRICS', 'NoUTurnSampler', 'Leaf',
            'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic', 'is_turning', 'merge_log_prob', 'Draw',
            'Subtree', 'GrowingSubtree', 'LevelMasks', 'level_masks', 'leaf_chunks', 'grow_leaf', 'grow_leaves',
-           'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'Trajectory', 'start_trajectory',
-           'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like', 'compiled_metric', 'NoUTurnTransition',
-           'start_leaf', 'find_reasonable_step_size']
+           'native_leaf', 'native_grow_leaf', 'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams',
+           'Trajectory', 'start_trajectory', 'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like',
+           'compiled_metric', 'NoUTurnTransition', 'start_leaf', 'find_reasonable_step_size']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
 import functools
@@ -20,8 +20,9 @@ import torch
 from ..core.base import check_choice, check_nonnegative_int, check_positive, eval_mode
 from ..integrators import MassMatrix
 from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, CompiledModel, MCMCSampler,
-                                    SamplingResult, Warmup, adaptation_options, jittered, run_chain)
-from .transitions import MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog
+                                    SamplingResult, Warmup, adaptation_options, fused_kernels, jittered, run_chain)
+from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog,
+                                           model_energy_and_gradient)
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
 class NoUTurnSampler(MCMCSampler):
@@ -41,7 +42,8 @@ class NoUTurnSampler(MCMCSampler):
                  jitter: float = 0.0,  # after warm-up, step sizes times U(1 - jitter, 1 + jitter) per chain and draw
                  restart_every: int = 50,  # warm-up steps between restarts of stuck chains (0: never)
                  nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
-                 compile: Union[bool, Dict[str, Any]] = False):  # trace each leaf of the trees, model included, as one torch.compile program
+                 compile: Union[bool, Dict[str, Any]] = False,  # trace each leaf of the trees, model included, as one torch.compile program
+                 use_kernels: bool = True):  # eager on the CPU (scalar or diagonal metric): grow leaves with the C++ leaf (`native_grow_leaf`)
         super().__init__(model, dtype=dtype, device=device, nan_policy=nan_policy, compile=compile)
         if step_size is not None and not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
         check_nonnegative_int('max_tree_depth', max_tree_depth, minimum=1)
@@ -54,11 +56,11 @@ class NoUTurnSampler(MCMCSampler):
         check_nonnegative_int('restart_every', restart_every)
         self.step_size, self.max_tree_depth, self.target_accept = step_size, max_tree_depth, target_accept
         self.n_warmup, self.adapt_per_chain, self.max_energy_error = n_warmup, bool(adapt_per_chain), max_energy_error
-        self.jitter, self.restart_every = float(jitter), restart_every
+        self.jitter, self.restart_every, self.use_kernels = float(jitter), restart_every, bool(use_kernels)
         self.transition = NoUTurnTransition()
 
     def params(self, step_size, metric) -> 'NUTSParams':
-        return NUTSParams(step_size, metric, self.max_tree_depth, self.max_energy_error)
+        return NUTSParams(step_size, metric, self.max_tree_depth, self.max_energy_error, self.use_kernels)
 
     def warmup(self, model, state: ChainState, n_warmup: int, generator=None, record_every: int = 0,
                progress: bool = False):
@@ -301,6 +303,32 @@ def grow_leaves(model, leaf: Leaf, h: torch.Tensor, metric: MassMatrix, h0: torc
     return first, leaf, tree
 
 
+def native_leaf(x: torch.Tensor, metric: MassMatrix) -> Optional[Tuple[Any, torch.Tensor]]:
+    """`(extension, inverse mass per coordinate [d])` for `native_grow_leaf` when the C++ leaf serves chains `x` with
+    `metric` (float32/float64 on the CPU, kernels enabled and built, scalar or diagonal metric), else `None`."""
+    kernels = fused_kernels()
+    if metric.kind == 'dense' or kernels is None: return None
+    ext = kernels.nuts_leaf_extension(x)
+    if ext is None: return None
+    if metric.kind == 'scalar': return ext, torch.full((x[0].numel(),), 1.0 / metric.scalar, dtype=x.dtype, device=x.device)
+    return ext, metric._event(x, metric.inverse).reshape(-1).to(x.dtype).contiguous()
+
+
+def native_grow_leaf(ext, inverse: torch.Tensor, model, leaf: Leaf, h: torch.Tensor, h0: torch.Tensor,
+                     tree: GrowingSubtree, log_u: torch.Tensor, k: int, max_energy_error: float) -> Leaf:
+    """`grow_leaf` for leaf `k` of a sub-tree through the CPU extension: `nuts_kick_drift`, the model's energy and
+    gradient, then `nuts_leaf` for the rest (closing kick, weight, multinomial draw, checkpoints and U-turn checks of
+    every level), updating `tree`'s tensors in place (they belong to the sub-tree being grown). Same arithmetic as
+    `grow_leaf` for a scalar or diagonal metric (`inverse: [d]`), in two calls instead of some forty tensor operations;
+    sums and `exp` round differently, so the chains agree with the torch path to rounding, not bitwise."""
+    x, p_half = ext.nuts_kick_drift(leaf.x, leaf.p, leaf.grad, h, inverse)
+    energy, grad = model_energy_and_gradient(model, x)
+    energy, grad = energy.to(x.dtype).contiguous(), grad.to(x.dtype).contiguous()
+    p, v = ext.nuts_leaf(x, energy, grad, p_half, h, inverse, h0, log_u, k, float(max_energy_error), *tree[:7],
+                         *tree.proposal, *tree[8:])
+    return Leaf(x, energy, grad, p, v)
+
+
 def empty_subtree(start: Leaf, active: torch.Tensor, n_levels: int) -> GrowingSubtree:
     "The `GrowingSubtree` before its first leaf (`n_levels` rows of checkpoints; no field aliases another)."
     levels = lambda: start.x.new_zeros((n_levels, *start.x.shape))
@@ -321,13 +349,14 @@ def compiled_levels(depth: int, max_tree_depth: int) -> int:
 
 def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth: int, h0: torch.Tensor,
                   active: torch.Tensor, max_energy_error: float, generator=None,
-                  n_levels: Optional[int] = None, leaves_per_call: int = 1) -> Tuple[Subtree, int]:
+                  n_levels: Optional[int] = None, leaves_per_call: int = 1, native=None) -> Tuple[Subtree, int]:
     """`2**depth` leapfrog steps from `start` (signed per-chain step `h`), every chain in lockstep, one `grow_leaf`
     per leaf; a chain stops at its first U-turn (checked on every balanced sub-subtree) or divergence. `n_levels`
     (default `depth + 1`) rows of level checkpoints are kept; a compiled model keeps `compiled_levels(depth, ...)` rows,
     so few traced programs serve every sub-tree. Leaves are grown `leaves_per_call` at a time (`grow_leaves`);
-    the batch stops early only after a run that ends at a power of two (one host sync). Returns the sub-tree and the
-    leapfrog steps the batch ran (every chain in lockstep)."""
+    the batch stops early only after a run that ends at a power of two (one host sync). `native=(extension, inverse)`
+    grows each leaf with `native_grow_leaf` instead (eager, one leaf per call). Returns the sub-tree and the leapfrog
+    steps the batch ran (every chain in lockstep)."""
     n, n_leaves = start.x.shape[0], 1 << depth
     n_levels = depth + 1 if n_levels is None else n_levels
     if n_levels < depth + 1: raise ValueError(f"n_levels must be at least depth + 1 = {depth + 1}, got {n_levels}")
@@ -335,9 +364,12 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
     log_u = _uniform_log((n_leaves, n), h0, generator)  # the progressive draws of every leaf, made at once
     vectorize, leaf = start.x[0].numel() >= MIN_VECTORIZED_EVENT, start
     for a, b, masks in leaf_chunks(n_levels, depth, leaves_per_call, h0.device):
-        grow = (model.compiled(grow_leaves, vectorize, variant=(b - a, n_levels)) if isinstance(model, CompiledModel)
-                else functools.partial(grow_leaves, model))
-        run_first, leaf, tree = grow(leaf, h, metric, h0, tree, log_u[a:b], masks, max_energy_error)
+        if native is not None:
+            run_first = leaf = native_grow_leaf(*native, model, leaf, h, h0, tree, log_u[a], a, max_energy_error)
+        else:
+            grow = (model.compiled(grow_leaves, vectorize, variant=(b - a, n_levels)) if isinstance(model, CompiledModel)
+                    else functools.partial(grow_leaves, model))
+            run_first, leaf, tree = grow(leaf, h, metric, h0, tree, log_u[a:b], masks, max_energy_error)
         if a == 0: first = run_first
         if b & (b - 1) == 0 and b < n_leaves and not bool(tree.alive.any()): break  # one sync per power of two
     return Subtree(first, leaf, tree.proposal, tree.rho, tree.log_weight, tree.is_turning & active,
@@ -350,6 +382,7 @@ class NUTSParams(NamedTuple):
     metric: Optional[MassMatrix] = None  # inverse mass (scalar, diagonal or dense); `None`: identity
     max_tree_depth: int = 10  # at most 2**max_tree_depth - 1 leapfrog steps per draw
     max_energy_error: float = MAX_ENERGY_ERROR  # an energy error above this is a divergence
+    use_kernels: bool = True  # eager CPU chains with a scalar or diagonal metric: leaves from the C++ leaf (`native_leaf`)
 
 
 class Trajectory(NamedTuple):
@@ -444,13 +477,14 @@ class NoUTurnTransition(Transition):
         compiled = isinstance(model, CompiledModel)
         if compiled: metric, vectorize = compiled_metric(metric, state.x), state.x[0].numel() >= MIN_VECTORIZED_EVENT
         leaves_per_call = COMPILED_LEAVES_PER_CALL if compiled else 1
+        native = native_leaf(state.x, metric) if params.use_kernels and not compiled else None
         for j in range(params.max_tree_depth):
             if j and not bool(traj.active.any()): break  # one sync per doubling
             forward = torch.rand(n, generator=generator, device=h0.device, dtype=h0.dtype) < 0.5
             n_levels = compiled_levels(j, params.max_tree_depth) if compiled else None
             sub, n_run = build_subtree(model, select(forward, traj.right, traj.left), torch.where(forward, eps, -eps),
                                        metric, j, h0, traj.active, params.max_energy_error, generator, n_levels,
-                                       leaves_per_call)
+                                       leaves_per_call, native)
             join = (model.compiled(join_subtree, vectorize, with_model=False, variant=j == 0) if compiled
                     else join_subtree)  # the first join has its own program: one leaf is both edges of its tree
             traj, n_evaluations = join(traj, sub, forward, _uniform_log(n, h0, generator)), n_evaluations + n_run
