@@ -408,6 +408,17 @@ def test_native_leaf_serves_eager_cpu_chains_with_a_scalar_or_diagonal_metric(mo
     cuda.disable_kernels()
     try: assert leaves() == 0
     finally: cuda.enable_kernels()
+    class Float32Energy(torch.nn.Module):  # energies in another dtype than the chains: H would be kept in float32
+        def forward(self, x): return (0.5 * (x ** 2).sum(-1)).float()
+    calls.clear()
+    NoUTurnSampler(Float32Energy(), n_warmup=0, step_size=0.5).sample(x=x0, n_steps=3)
+    assert len(calls) == 0
+    # chains in strided memory (a transposed view) take the C++ leaf and give the numbers of contiguous ones
+    strided = x0.T.contiguous().T
+    assert not strided.is_contiguous()
+    runs = [NoUTurnSampler(model, n_warmup=5).sample(x=x, n_steps=3, generator=torch.Generator().manual_seed(2))
+            for x in (strided, x0)]
+    assert torch.equal(runs[0], runs[1])
     assert nuts.native_leaf(x0.half(), MassMatrix(1.0)) is None
     assert nuts.native_leaf(x0.to(torch.bfloat16), MassMatrix(1.0)) is None
 

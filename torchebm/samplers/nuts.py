@@ -360,6 +360,7 @@ def build_subtree(model, start: Leaf, h: torch.Tensor, metric: MassMatrix, depth
     n, n_leaves = start.x.shape[0], 1 << depth
     n_levels = depth + 1 if n_levels is None else n_levels
     if n_levels < depth + 1: raise ValueError(f"n_levels must be at least depth + 1 = {depth + 1}, got {n_levels}")
+    if native is not None: start = Leaf(*(t.contiguous() for t in start))  # the C++ leaf reads rows of plain memory
     tree = empty_subtree(start, active, n_levels)
     log_u = _uniform_log((n_leaves, n), h0, generator)  # the progressive draws of every leaf, made at once
     vectorize, leaf = start.x[0].numel() >= MIN_VECTORIZED_EVENT, start
@@ -477,7 +478,8 @@ class NoUTurnTransition(Transition):
         compiled = isinstance(model, CompiledModel)
         if compiled: metric, vectorize = compiled_metric(metric, state.x), state.x[0].numel() >= MIN_VECTORIZED_EVENT
         leaves_per_call = COMPILED_LEAVES_PER_CALL if compiled else 1
-        native = native_leaf(state.x, metric) if params.use_kernels and not compiled else None
+        same_dtype = state.energy.dtype == state.x.dtype  # the C++ leaf keeps H in the chains' dtype
+        native = native_leaf(state.x, metric) if params.use_kernels and not compiled and same_dtype else None
         for j in range(params.max_tree_depth):
             if j and not bool(traj.active.any()): break  # one sync per doubling
             forward = torch.rand(n, generator=generator, device=h0.device, dtype=h0.dtype) < 0.5
