@@ -8,6 +8,7 @@
 // the level checkpoints [L, n, d]; leaf `k` of the sub-tree opens the levels m with 2^m | k and closes those with
 // 2^m | k + 1. Checked against the Python `grow_leaf` in tests/test_nuts.py.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -61,14 +62,16 @@ std::vector<torch::Tensor> nuts_kick_drift(torch::Tensor x, torch::Tensor p, tor
     const scalar_t *X = x.data_ptr<scalar_t>(), *P = p.data_ptr<scalar_t>(), *G = grad.data_ptr<scalar_t>();
     const scalar_t *H = h.data_ptr<scalar_t>(), *M = inverse.data_ptr<scalar_t>();
     scalar_t *XO = x_out.data_ptr<scalar_t>(), *PO = p_out.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < n; ++c) {
-      const scalar_t hc = H[c], half = scalar_t(-0.5) * hc;
-      for (int64_t i = c * d; i < (c + 1) * d; ++i) {
-        const scalar_t ph = P[i] + half * G[i];
-        PO[i] = ph;
-        XO[i] = X[i] + hc * (ph * M[i - c * d]);
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)), [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const scalar_t hc = H[c], half = scalar_t(-0.5) * hc;
+        for (int64_t i = c * d; i < (c + 1) * d; ++i) {
+          const scalar_t ph = P[i] + half * G[i];
+          PO[i] = ph;
+          XO[i] = X[i] + hc * (ph * M[i - c * d]);
+        }
       }
-    }
+    });
   });
   return {x_out, p_out};
 }
@@ -110,61 +113,65 @@ std::vector<torch::Tensor> nuts_leaf(
     int64_t *NL = n_leapfrog.data_ptr<int64_t>();
     bool *ALIVE = alive.data_ptr<bool>(), *TURN = is_turning.data_ptr<bool>(), *DIV = is_divergent.data_ptr<bool>();
     const T limit = -T(max_energy_error), neg_inf = -std::numeric_limits<T>::infinity();
-    auto at = [&](T *base, int64_t level, int64_t c) { return base + (level * n + c) * d; };
-    for (int64_t c = 0; c < n; ++c) {
-      T *p = P + c * d, *v = V + c * d, *r = RHO + c * d;
-      const T *g = G + c * d, *ph = PH + c * d;
-      const T half = -(T(0.5) * H[c]);
-      T kinetic = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        p[i] = ph[i] + half * g[i];
-        v[i] = p[i] * M[i];
-        kinetic += p[i] * v[i];
+    auto row = [&](T *base, int64_t level, int64_t c) { return base + (level * n + c) * d; };
+    // chains are independent: split them over torch's intra-op threads once a task has ~16k numbers to touch
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * (2 * levels + 6)));
+    at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        T *p = P + c * d, *v = V + c * d, *r = RHO + c * d;
+        const T *g = G + c * d, *ph = PH + c * d;
+        const T half = -(T(0.5) * H[c]);
+        T kinetic = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          p[i] = ph[i] + half * g[i];
+          v[i] = p[i] * M[i];
+          kinetic += p[i] * v[i];
+        }
+        const T delta = E[c] + T(0.5) * kinetic - H0[c];
+        const T w = std::isnan(delta) ? neg_inf : -delta;  // NaN: weight 0
+        const bool diverged = w < limit, was_alive = ALIVE[c];
+        SA[c] += T(was_alive ? 1 : 0) * std::exp(std::min(w, T(0)));
+        const T log_w = log_add_exp(LW[c], w);
+        if (LU[c] < w - log_w) {
+          std::copy(X + c * d, X + (c + 1) * d, PX + c * d);
+          std::copy(g, g + d, PG + c * d);
+          PE[c] = E[c];
+          PERR[c] = delta;
+        }
+        LW[c] = log_w;
+        for (int64_t m = 0; m < levels; ++m)
+          if (k % (int64_t(1) << m) == 0) {
+            std::copy(v, v + d, row(VS, m, c));
+            std::copy(p, p + d, row(PS, m, c));
+            std::copy(r, r + d, row(RB, m, c));
+          }
+        for (int64_t i = 0; i < d; ++i) r[i] += p[i];
+        auto closes = [&](int64_t m) { return (k + 1) % (int64_t(1) << m) == 0; };
+        bool turn = false;
+        for (int64_t m = 1; m < levels; ++m)
+          if (closes(m)) {
+            const T *rb = row(RB, m, c);
+            turn |= turning(row(VS, m, c), v, d, [&](int64_t i) { return r[i] - rb[i]; });
+          }
+        for (int64_t m = 2; m < levels; ++m)  // across the halves of blocks of 4 or more leaves
+          if (closes(m)) {
+            const T *rb = row(RB, m, c), *rb_half = row(RB, m - 1, c), *ps_half = row(PS, m - 1, c);
+            const T *pe_half = row(PEND, m - 1, c);
+            turn |= turning(row(VS, m, c), row(VS, m - 1, c), d,
+                            [&](int64_t i) { return rb_half[i] - rb[i] + ps_half[i]; }) ||
+                    turning(row(VE, m - 1, c), v, d, [&](int64_t i) { return r[i] - rb_half[i] + pe_half[i]; });
+          }
+        for (int64_t m = 0; m < levels; ++m)
+          if (closes(m)) {
+            std::copy(v, v + d, row(VE, m, c));
+            std::copy(p, p + d, row(PEND, m, c));
+          }
+        NL[c] += was_alive;
+        TURN[c] = TURN[c] || turn;
+        DIV[c] = DIV[c] || (was_alive && diverged);
+        ALIVE[c] = was_alive && !(turn || diverged);
       }
-      const T delta = E[c] + T(0.5) * kinetic - H0[c];
-      const T w = std::isnan(delta) ? neg_inf : -delta;  // NaN: weight 0
-      const bool diverged = w < limit, was_alive = ALIVE[c];
-      SA[c] += T(was_alive ? 1 : 0) * std::exp(std::min(w, T(0)));
-      const T log_w = log_add_exp(LW[c], w);
-      if (LU[c] < w - log_w) {
-        std::copy(X + c * d, X + (c + 1) * d, PX + c * d);
-        std::copy(g, g + d, PG + c * d);
-        PE[c] = E[c];
-        PERR[c] = delta;
-      }
-      LW[c] = log_w;
-      for (int64_t m = 0; m < levels; ++m)
-        if (k % (int64_t(1) << m) == 0) {
-          std::copy(v, v + d, at(VS, m, c));
-          std::copy(p, p + d, at(PS, m, c));
-          std::copy(r, r + d, at(RB, m, c));
-        }
-      for (int64_t i = 0; i < d; ++i) r[i] += p[i];
-      auto closes = [&](int64_t m) { return (k + 1) % (int64_t(1) << m) == 0; };
-      bool turn = false;
-      for (int64_t m = 1; m < levels; ++m)
-        if (closes(m)) {
-          const T *rb = at(RB, m, c);
-          turn |= turning(at(VS, m, c), v, d, [&](int64_t i) { return r[i] - rb[i]; });
-        }
-      for (int64_t m = 2; m < levels; ++m)  // across the halves of blocks of 4 or more leaves
-        if (closes(m)) {
-          const T *rb = at(RB, m, c), *rb_half = at(RB, m - 1, c), *ps_half = at(PS, m - 1, c);
-          const T *pe_half = at(PEND, m - 1, c);
-          turn |= turning(at(VS, m, c), at(VS, m - 1, c), d,
-                          [&](int64_t i) { return rb_half[i] - rb[i] + ps_half[i]; }) ||
-                  turning(at(VE, m - 1, c), v, d, [&](int64_t i) { return r[i] - rb_half[i] + pe_half[i]; });
-        }
-      for (int64_t m = 0; m < levels; ++m)
-        if (closes(m)) {
-          std::copy(v, v + d, at(VE, m, c));
-          std::copy(p, p + d, at(PEND, m, c));
-        }
-      NL[c] += was_alive;
-      TURN[c] = TURN[c] || turn;
-      DIV[c] = DIV[c] || (was_alive && diverged);
-      ALIVE[c] = was_alive && !(turn || diverged);
-    }
+    });
   });
   return {p_out, v_out};
 }
