@@ -339,7 +339,7 @@ def test_stuck_chain_is_named_once_and_a_healthy_run_does_not_warn():
 
 
 # ---- the C++ leaf (`native_grow_leaf`) against the torch leaf (`grow_leaf`) ----------------------------------------
-def subtrees_both_ways(dtype, metric, depth, seed=0, event=(2, 3), n=24, natives=None):
+def subtrees_both_ways(dtype, metric, depth, seed=0, event=(2, 3), n=24):
     "One sub-tree of `depth` from the same start and random numbers, grown by the torch leaf and by the C++ leaf."
     import torchebm.samplers.nuts as nuts
     g = torch.Generator().manual_seed(seed)
@@ -357,7 +357,7 @@ def subtrees_both_ways(dtype, metric, depth, seed=0, event=(2, 3), n=24, natives
     class EventModel(torch.nn.Module):  # the Gaussian on [n, 2, 3] events, through autograd
         def forward(self, x): return model(x.reshape(x.shape[0], -1))
     out = []
-    for native in (natives or (None, nuts.native_leaf(x, metric))):
+    for native in (None, nuts.native_leaf(x, metric)):
         sub, ran = nuts.build_subtree(EventModel(), start, h, metric, depth, h0, active, 1000.0,
                                       torch.Generator().manual_seed(seed + 1), native=native)
         out.append((sub, ran))
@@ -366,6 +366,14 @@ def subtrees_both_ways(dtype, metric, depth, seed=0, event=(2, 3), n=24, natives
 
 def flat_fields(t):
     return [f for field in t for f in (flat_fields(field) if isinstance(field, tuple) else [field])]
+
+
+def assert_same_subtree(ref, got, **tol):
+    "Every field of two sub-trees: floats within `tol` (exactly equal without one), flags and counts equal."
+    for a, b in zip(flat_fields(ref), flat_fields(got)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.is_floating_point() and tol: torch.testing.assert_close(b, a, **tol)
+        else: assert torch.equal(a, b), (a, b)
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
@@ -380,36 +388,28 @@ def test_native_leaf_grows_the_same_subtree_as_the_torch_leaf(dtype, metric_kind
     for depth in range(8):
         (ref, ran_ref), (got, ran_got) = subtrees_both_ways(dtype, metric, depth, seed=depth)
         assert ran_ref == ran_got
-        for a, b in zip(flat_fields(ref), flat_fields(got)):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            if a.is_floating_point(): torch.testing.assert_close(b, a, **tol)
-            else: assert torch.equal(a, b), (depth, a, b)
+        assert_same_subtree(ref, got, **tol)
         mixed |= bool(ref.is_turning.any()) and not bool(ref.is_turning.all())
     assert mixed, 'no U-turn was exercised'
 
 
 def test_native_leaf_splits_many_chains_over_threads_with_the_same_numbers():
     "512 chains of 64 numbers: the C++ leaf splits them over torch's threads; 1 or 2 threads, the same bits."
-    from torchebm.samplers.nuts import native_leaf
-    metric, x = MassMatrix(torch.linspace(0.5, 2.0, 64, dtype=DT)), torch.zeros(1, 64, dtype=DT)
+    metric = MassMatrix(torch.linspace(0.5, 2.0, 64, dtype=DT))
     threads = torch.get_num_threads()
     grown = []
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            grown.append(subtrees_both_ways(DT, metric, 4, event=(8, 8), n=512, natives=(None, native_leaf(x, metric))))
+            grown.append(subtrees_both_ways(DT, metric, 4, event=(8, 8), n=512))
     finally: torch.set_num_threads(threads)
-    for (ref, _), (got, _) in grown:
-        for a, b in zip(flat_fields(ref), flat_fields(got)):
-            if a.is_floating_point(): torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-            else: assert torch.equal(a, b)
-    for a, b in zip(flat_fields(grown[0][1][0]), flat_fields(grown[1][1][0])): assert torch.equal(a, b)
+    for (ref, _), (got, _) in grown: assert_same_subtree(ref, got, rtol=1e-12, atol=1e-12)
+    assert_same_subtree(grown[0][1][0], grown[1][1][0])  # the C++ leaf on 1 and on 2 threads: bitwise
 
 
 def test_native_leaf_serves_eager_cpu_chains_with_a_scalar_or_diagonal_metric(monkeypatch):
     import torchebm.samplers.nuts as nuts
     import torchebm.cuda as cuda
-    from torchebm.samplers.mcmc import CompiledModel
     calls = []
     real = nuts.native_grow_leaf
     monkeypatch.setattr(nuts, 'native_grow_leaf', lambda *a, **k: calls.append(1) or real(*a, **k))
