@@ -789,16 +789,27 @@ class Warmup:
         if self.per_chain: return h.expand(n).clone()
         return h.log().mean().exp() if h.ndim else h.clone()
 
+    def barriers(self) -> List[int]:
+        """The steps after which `update` does more than dual averaging and the moments: metric updates, stuck-chain checks
+        and the last step. Between them chains with their own step sizes need not move in step (asynchronous NUTS)."""
+        ends = {w[1] - 1 for w in self.windows} | {self.n_warmup - 1}
+        if self.restart_every: ends |= set(range(self.restart_every - 1, self.n_warmup, self.restart_every))
+        return sorted(i for i in ends if i >= 0)
+
     def update(self, i: int, state: WarmupState, chains: ChainState, accept_prob: torch.Tensor,
-               generator: Optional[torch.Generator] = None,
-               find_step_size: Optional[Callable] = None) -> Tuple[WarmupState, ChainState]:
+               generator: Optional[torch.Generator] = None, find_step_size: Optional[Callable] = None,
+               dual: Optional[DualAveragingState] = None) -> Tuple[WarmupState, ChainState]:
         """After warm-up step `i` with acceptance probabilities `[n_chains]`: the new warm-up state and the chains (some
         restarted). `find_step_size(chains, step_size [n_chains], metric) -> [n_chains]`, if given, picks the step size
-        again after each metric update (Stan's heuristic, as NUTS does); otherwise dual averaging restarts from the last one."""
-        h, metric, dual, moments = state.step_size, state.metric, state.dual_averaging, state.moments
-        if self.adapt_step_size:
-            dual = dual_averaging_update(dual, accept_prob, self.target_accept, self.gamma)
+        again after each metric update (Stan's heuristic, as NUTS does); otherwise dual averaging restarts from the last one.
+        `dual`: dual averaging already run by the caller through step `i` (chains that adapt as they go, between
+        `barriers()`), used instead of updating it here."""
+        h, metric, moments = state.step_size, state.metric, state.moments
+        if dual is not None: h = dual.log_step_size.exp()
+        elif self.adapt_step_size:
+            dual = dual_averaging_update(state.dual_averaging, accept_prob, self.target_accept, self.gamma)
             h = dual.log_step_size.exp()
+        else: dual = state.dual_averaging
         window = self._window_at.get(i)
         if window is not None:
             moments = welford_update(moments, chains.x)
