@@ -6,8 +6,9 @@ are scored with the same estimator (`torchebm.diagnostics.effective_sample_size`
 coordinates):
 
 - ESS per gradient evaluation: min ESS / (leapfrog steps the chains used while drawing). Load-independent.
-  For torchebm the chains advance in lockstep, so the batch computes `max over chains` steps per draw; that
-  lockstep cost is reported as a separate column (`grads_lockstep`).
+  For torchebm the leapfrog steps the whole batch computed are reported beside it (`grads_lockstep`, shown as
+  "batch"): eager on the CPU the chains run asynchronously, so the batch runs as many ticks as its busiest chain
+  needs; lockstep chains (`torchebm-lockstep`, `torchebm-compile`) compute the deepest tree of every draw.
 - ESS per second: min ESS / wall time of warm-up + draws (NumPyro and `torchebm-compile`: the second run, after
   jit compilation / `torch.compile` tracing; the first run's time of `torchebm-compile` is reported beside it).
   Pyro runs its chains one after another in one process (its multi-chain mode forks one process per chain,
@@ -19,6 +20,7 @@ torch==2.13.0; pip install numpyro jax pyro-ppl`), in a subprocess that writes t
 
     python benchmarks/bench_nuts.py                       # all targets, all libraries
     python benchmarks/bench_nuts.py --targets banana --libraries torchebm,numpyro
+    python benchmarks/bench_nuts.py --libraries torchebm,torchebm-lockstep   # asynchronous against lockstep chains
 
 Writes benchmarks/results/bench_nuts.{json,md}.
 """
@@ -89,10 +91,11 @@ def initial_points(n_chains: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-2, 2, size=(n_chains, dim))
 
 
-def run_torchebm(name, n_chains, n_warmup, n_draws, seed, compile=False):
+def run_torchebm(name, n_chains, n_warmup, n_draws, seed, compile=False, asynchronous=True):
     """torchebm's NUTS on one target. With `compile=True` (library `torchebm-compile`) each leaf of the trees is one
     program traced by `torch.compile`; the first run traces it (its wall time is kept as `first_seconds`) and the
-    second, timed run reuses it, as NumPyro's timed run reuses its jit-compiled program."""
+    second, timed run reuses it, as NumPyro's timed run reuses its jit-compiled program. `asynchronous=False` (library
+    `torchebm-lockstep`) keeps the eager chains in lockstep."""
     import torch
     torch.set_num_threads(1)
     from torchebm.samplers.nuts import NoUTurnSampler
@@ -102,7 +105,7 @@ def run_torchebm(name, n_chains, n_warmup, n_draws, seed, compile=False):
         def forward(self, x): return energy(name, data, x, torch)
 
     x0 = torch.tensor(initial_points(n_chains, data['dim'], seed))
-    sampler = NoUTurnSampler(Target(), n_warmup=n_warmup, metric='diagonal', compile=compile)
+    sampler = NoUTurnSampler(Target(), n_warmup=n_warmup, metric='diagonal', compile=compile, asynchronous=asynchronous)
     import warnings
     def sample(run_seed):
         start = time.perf_counter()
@@ -214,7 +217,7 @@ def markdown(rows, settings):
             vs_s = f"{r['ess_per_s'] / ref_s:.1f}x" if ref_s else ''
             grads = r['grads'] if r['grads'] is not None else 'n/a'
             seconds = f"{r['seconds']:.1f}" + (f" (first run {r['first_seconds']:.1f})" if r.get('first_seconds') else '')
-            if lib.startswith('torchebm'): grads = f"{grads} ({r['grads_lockstep']} lockstep)"
+            if lib.startswith('torchebm'): grads = f"{grads} ({r['grads_lockstep']} batch)"
             lines.append(f"| {name} | {seed} | {lib} | {r['n_chains']} | {r['ess_min']:.0f} | {grads} | {per_grad} | {vs_grad} | "
                          f"{seconds} | {r['ess_per_s']:.1f} | {vs_s} | {r['divergent'] if r['divergent'] is not None else 'n/a'} |")
     seeds = sorted({r['seed'] for r in rows})
@@ -272,7 +275,7 @@ def main():
         n_chains = args.pyro_chains if library == 'pyro' else args.chains
         if library.startswith('torchebm'):
             result = run_torchebm(name, n_chains, args.warmup, args.draws, seed,
-                                  compile=library == 'torchebm-compile')
+                                  compile=library == 'torchebm-compile', asynchronous=library != 'torchebm-lockstep')
         else:
             result = run_peer(library, name, n_chains, args.warmup, args.draws, seed, args.peers)
         row = dict(target=name, seed=seed, library=library, **score(result))

@@ -487,7 +487,7 @@ def test_status_reports_each_kernel(ext, capsys):
     rows = loader.status()
     printed = capsys.readouterr().out
     cpu = {r['kernel']: r for r in rows if r['device'] == 'cpu'}
-    assert set(cpu) == {'langevin', 'mala', 'hmc', 'nuts leaf'}
+    assert set(cpu) == {'langevin', 'mala', 'hmc', 'nuts leaf', 'nuts async'}
     assert all(r['path'] in ('compiled', 'cached') for r in cpu.values())
     assert CPU_EXTENSION.build_name() in cpu['langevin']['extension'] and 'langevin' in printed
     cuda = [r for r in rows if r['device'] == 'cuda']

@@ -16,7 +16,7 @@ import torch
 from torchebm.core.energies import GaussianModel
 from torchebm.diagnostics import effective_sample_size, energy_distance_test
 from torchebm.integrators import MassMatrix
-from torchebm.samplers.nuts import NUTS, NoUTurnSampler, NoUTurnTransition, NUTSParams
+from torchebm.samplers.nuts import AsyncNUTS, NUTS, NoUTurnSampler, NoUTurnTransition, NUTSParams, native_leaf
 
 Z = 4.5  # standard errors allowed per estimate: a false alarm per estimate has probability ~7e-6
 DT = torch.float64
@@ -132,35 +132,45 @@ def test_conjugate_linear_regression():
     gaussian_checks(trajectory, mean, cov)
 
 
-def stationarity_p_value(k=4, n=600, seed=11, use_kernels=True):
+# The three ways `NoUTurnSampler` grows trees: asynchronous chains (C++, the default on the CPU), lockstep chains with
+# the C++ leaf, lockstep chains with the torch leaf.
+PATHS = {'async': {}, 'lockstep C++ leaf': dict(asynchronous=False), 'torch leaf': dict(use_kernels=False)}
+
+
+def stationarity_p_value(k=4, n=600, seed=11, path='async'):
     "Start at exact banana draws, apply `k` NUTS transitions with a fixed step size, and test against fresh draws."
     g = torch.Generator().manual_seed(seed)
     model = Banana()
     transition = NoUTurnTransition()
     state = transition.init(model, Banana.exact(n, g))
-    params = NUTSParams(step_size=0.15, max_tree_depth=8, use_kernels=use_kernels)
-    for _ in range(k): state, _ = transition.step(model, state, params, generator=g)
-    return float(energy_distance_test(state.x, Banana.exact(n, g), n_permutations=200, generator=g).p_value)
+    if path == 'async':
+        chains = AsyncNUTS(native_leaf(state.x, MassMatrix(1.0))[0], model, state, 0.15, MassMatrix(1.0), max_tree_depth=8)
+        x = chains.run(k, generator=g)[0].x[-1]
+    else:
+        params = NUTSParams(step_size=0.15, max_tree_depth=8, use_kernels=path != 'torch leaf')
+        for _ in range(k): state, _ = transition.step(model, state, params, generator=g)
+        x = state.x
+    return float(energy_distance_test(x, Banana.exact(n, g), n_permutations=200, generator=g).p_value)
 
 
-@pytest.mark.parametrize('use_kernels', [True, False])  # the C++ leaf and the torch leaf
-def test_stationarity_from_exact_draws(use_kernels):
-    assert stationarity_p_value(use_kernels=use_kernels) > 0.01
+@pytest.mark.parametrize('path', PATHS)
+def test_stationarity_from_exact_draws(path):
+    assert stationarity_p_value(path=path) > 0.01
 
 
-def unit_metric_gaussian(seed=0, use_kernels=True):
+def unit_metric_gaussian(seed=0, **kwargs):
     "64 chains from exact draws of N(0, diag(0.25, 1, 4)), 100 NUTS draws with a fixed step size 0.7 and a unit metric."
     scales = torch.tensor([0.5, 1.0, 2.0], dtype=DT)
     x0 = scales * torch.randn(64, 3, dtype=DT, generator=torch.Generator().manual_seed(seed))
     sampler = NoUTurnSampler(GaussianModel(torch.zeros(3, dtype=DT), torch.diag(scales ** 2)), step_size=0.7,
-                             metric='unit', n_warmup=0, use_kernels=use_kernels)
+                             metric='unit', n_warmup=0, **kwargs)
     trajectory = sampler.sample(x=x0, n_steps=100, return_trajectory=True, generator=torch.Generator().manual_seed(seed + 1))
     return trajectory, torch.zeros(3, dtype=DT), torch.diag(scales ** 2)
 
 
-@pytest.mark.parametrize('use_kernels', [True, False])
-def test_unit_metric_gaussian_with_fixed_step_size(use_kernels):
-    gaussian_checks(*unit_metric_gaussian(use_kernels=use_kernels))
+@pytest.mark.parametrize('path', PATHS)
+def test_unit_metric_gaussian_with_fixed_step_size(path):
+    gaussian_checks(*unit_metric_gaussian(**PATHS[path]))
 
 
 def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
@@ -168,8 +178,13 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
     draw sits at the trajectory's edge: the variance of the widest coordinate comes out ~19 standard errors too big."""
     import torchebm.samplers.nuts as nuts
     monkeypatch.setattr(nuts, '_uniform_log', lambda shape, like, generator: like.new_full(torch.Size([shape]) if isinstance(shape, int) else shape, -math.inf))
-    for use_kernels in (True, False):
-        with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian(use_kernels=use_kernels))
+    real = nuts.AsyncNUTS.randomness
+    def always_newest(self, generator=None):  # the asynchronous chains' uniforms of both draws set to 0: log u = -inf
+        p, u = real(self, generator)
+        return p, torch.cat([torch.zeros_like(u[:, :2]), u[:, 2:]], 1)
+    monkeypatch.setattr(nuts.AsyncNUTS, 'randomness', always_newest)
+    for path in PATHS:
+        with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian(**PATHS[path]))
 
 
 def test_float32_per_chain_step_sizes_and_reproducible():
@@ -417,7 +432,7 @@ def test_native_leaf_serves_eager_cpu_chains_with_a_scalar_or_diagonal_metric(mo
     x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
     def leaves(**kwargs):
         calls.clear()
-        NoUTurnSampler(model, n_warmup=0, step_size=0.5, **kwargs).sample(x=x0, n_steps=3)
+        NoUTurnSampler(model, n_warmup=0, step_size=0.5, asynchronous=False, **kwargs).sample(x=x0, n_steps=3)
         return len(calls)
     assert leaves(metric='unit') > 0 and leaves(metric='diagonal') > 0
     assert leaves(use_kernels=False) == 0
@@ -429,7 +444,7 @@ def test_native_leaf_serves_eager_cpu_chains_with_a_scalar_or_diagonal_metric(mo
     class Float32Energy(torch.nn.Module):  # energies in another dtype than the chains: H would be kept in float32
         def forward(self, x): return (0.5 * (x ** 2).sum(-1)).float()
     calls.clear()
-    NoUTurnSampler(Float32Energy(), n_warmup=0, step_size=0.5).sample(x=x0, n_steps=3)
+    NoUTurnSampler(Float32Energy(), n_warmup=0, step_size=0.5, asynchronous=False).sample(x=x0, n_steps=3)
     assert len(calls) == 0
     # chains in strided memory (a transposed view) take the C++ leaf and give the numbers of contiguous ones
     strided = x0.T.contiguous().T
@@ -446,10 +461,124 @@ def test_native_and_torch_nuts_runs_agree_to_rounding():
     model = GaussianModel(torch.tensor([1.0, -1.0, 0.5], dtype=DT),
                           torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.2], [0.0, 0.2, 2.0]], dtype=DT))
     x0 = torch.randn(16, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
-    runs = [NoUTurnSampler(model, n_warmup=50, use_kernels=k).sample(
+    runs = [NoUTurnSampler(model, n_warmup=50, use_kernels=k, asynchronous=False).sample(
                 x=x0, n_steps=30, return_result=True, return_trajectory=True, return_diagnostics=True,
                 generator=torch.Generator().manual_seed(1)) for k in (True, False)]
     a, b = runs
     torch.testing.assert_close(a.samples, b.samples, rtol=1e-6, atol=1e-6)
     for key in ('tree_depth', 'n_leapfrog', 'is_divergent'): assert torch.equal(a.diagnostics[key], b.diagnostics[key])
     torch.testing.assert_close(a.adapted.step_size, b.adapted.step_size, rtol=1e-6, atol=0)
+
+
+# ---- asynchronous chains -----------------------------------------------------------------------------------------
+def one_chain_async(model, x, step_size, metric, ticks, n_draws, max_tree_depth, jitter=0.0, dual=None):
+    """One chain's asynchronous draws rebuilt from the lockstep pieces (`grow_leaf`, `join_subtree`,
+    `dual_averaging_update`) on its row of each tick's random numbers, `ticks[t] = (p [1, d], u [1, 4])` (`ticks[0]`
+    starts the first draw): the draws as `(Draw, accept_prob, depth, n_leapfrog, hit_max_depth)`, and `dual`."""
+    import torchebm.samplers.nuts as nuts
+    from torchebm.samplers.mcmc import dual_averaging_update
+    from torchebm.samplers.transitions import model_energy_and_gradient
+    energy, grad = model_energy_and_gradient(model, x)
+    draw, draws, ticks = (x, energy, grad), [], iter(ticks)
+    def begin_draw(p, u):
+        start = nuts.Leaf(*draw, p, metric.velocity(p))
+        eps = step_size * (1 + jitter * (2 * u[:, 3] - 1)) if jitter else step_size
+        return nuts.start_trajectory(start), start.energy + nuts.kinetic(start), eps
+    def begin_subtree(u):
+        forward = u[:, 2] < 0.5
+        leaf = traj.right if bool(forward) else traj.left
+        return forward, leaf, nuts.empty_subtree(leaf, traj.active, int(traj.depth) + 1), 0, torch.where(forward, eps, -eps)
+    p, u = next(ticks)
+    traj, h0, eps = begin_draw(p, u)
+    forward, leaf, sub, k, h = begin_subtree(u)
+    while len(draws) < n_draws:
+        p, u = next(ticks)
+        depth = int(traj.depth)
+        leaf, sub = nuts.grow_leaf(model, leaf, h, metric, h0, sub, u[:, 0].log(),
+                                   nuts.level_masks(depth + 1, x.device)[k], 1000.0)
+        first, k = leaf if k == 0 else first, k + 1
+        if k < 2 ** depth and bool(sub.alive): continue
+        traj = nuts.join_subtree(traj, nuts.Subtree(first, leaf, sub.proposal, sub.rho, sub.log_weight, sub.is_turning,
+                                                    sub.is_divergent, sub.sum_accept, sub.n_leapfrog), forward, u[:, 1].log())
+        if not bool(traj.active) or int(traj.depth) == max_tree_depth:
+            accept = traj.sum_accept / traj.n_leapfrog.clamp(min=1)
+            draws.append((traj.proposal, accept, traj.depth, traj.n_leapfrog, traj.active))
+            draw = traj.proposal[:3]
+            if dual is not None:
+                dual = dual_averaging_update(dual, accept, 0.8, 0.05)
+                step_size = dual.log_step_size.exp()
+            if len(draws) == n_draws: break
+            traj, h0, eps = begin_draw(p, u)
+        forward, leaf, sub, k, h = begin_subtree(u)
+    return draws, dual
+
+
+@pytest.mark.parametrize('adapt', [False, True])
+def test_async_chains_are_the_lockstep_pieces_chain_by_chain(adapt):
+    """Five chains (banana, diagonal metric, per-chain step sizes, jitter, max depth 6 reached) run asynchronously and
+    rebuilt one by one from `grow_leaf` and `join_subtree` on the same random numbers: the same draws to rounding, the
+    same depths and step counts; with dual averaging, the same step sizes."""
+    from torchebm.samplers.mcmc import dual_averaging_init
+    n, model = 5, Banana()
+    x0 = torch.randn(n, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    metric = MassMatrix(torch.tensor([0.5, 2.0], dtype=DT))
+    steps = torch.linspace(0.02, 0.6, n, dtype=DT)
+    chains = AsyncNUTS(native_leaf(x0, metric)[0], model, NoUTurnTransition().init(model, x0), steps, metric, 6)
+    ticks, real = [], chains.randomness
+    chains.randomness = lambda generator: ticks.append(real(generator)) or ticks[-1]
+    dual = dual_averaging_init(steps) if adapt else None
+    records, n_ticks = chains.run(15, torch.Generator().manual_seed(3), jitter=0.2, dual=dual)
+    assert n_ticks == len(ticks) - 1 == int(records.n_leapfrog.sum(0).max())  # the busiest chain sets the ticks
+    assert bool((records.tree_depth == 6).any()) and bool(records.hit_max_depth.any())
+    for c in range(n):
+        one = None if dual is None else type(dual)(*(v[c:c + 1] for v in dual[:4]), dual.count)
+        draws, one = one_chain_async(model, x0[c:c + 1], steps[c:c + 1], metric, [(p[c:c + 1], u[c:c + 1]) for p, u in ticks],
+                                     15, 6, jitter=0.2, dual=one)
+        torch.testing.assert_close(torch.cat([d[0].x for d in draws]), records.x[:, c], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(torch.cat([d[0].energy_error for d in draws]), records.energy_error[:, c], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(torch.cat([d[1] for d in draws]), records.accept_prob[:, c], rtol=1e-9, atol=1e-9)
+        for i, key in ((2, 'tree_depth'), (3, 'n_leapfrog'), (4, 'hit_max_depth')):
+            assert torch.equal(torch.cat([d[i] for d in draws]), getattr(records, key)[:, c])
+        if adapt: torch.testing.assert_close(chains.dual(15).log_step_size[c:c + 1], one.log_step_size, rtol=1e-9, atol=1e-9)
+
+
+def test_async_chains_split_over_threads_with_the_same_numbers():
+    "512 chains of 64 numbers: any thread count gives the same bits."
+    model = GaussianModel(torch.zeros(64, dtype=DT), torch.diag(torch.linspace(0.5, 2.0, 64, dtype=DT)))
+    x0 = torch.randn(512, 64, dtype=DT, generator=torch.Generator().manual_seed(0))
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(NoUTurnSampler(model, n_warmup=10).sample(x=x0, n_steps=3, generator=torch.Generator().manual_seed(1)))
+    finally: torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_async_chains_serve_where_the_cpp_leaf_does():
+    import torchebm.cuda as cuda
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    state = NoUTurnTransition().init(model, x0)
+    def serves(mass=MassMatrix(1.0), **kwargs):
+        return NoUTurnSampler(model, **kwargs).async_chains(model, state, 0.5, mass) is not None
+    assert serves() and serves(MassMatrix(torch.ones(2, dtype=DT))) and serves(metric='unit')
+    assert not serves(asynchronous=False) and not serves(use_kernels=False)
+    assert not serves(metric='dense')  # the metric warm-up would adapt is dense
+    assert not serves(MassMatrix(torch.eye(2, dtype=DT)))
+    cuda.disable_kernels()
+    try: assert not serves()
+    finally: cuda.enable_kernels()
+
+
+def test_async_warmup_adapts_each_chain():
+    "Asynchronous warm-up: each chain's step size reaches the target acceptance; the metric is adapted from every chain."
+    model = GaussianModel(torch.zeros(3, dtype=DT), torch.diag(torch.tensor([0.1, 1.0, 10.0], dtype=DT)))
+    x0 = torch.randn(16, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    result = NoUTurnSampler(model, n_warmup=200).sample(x=x0, n_steps=100, return_result=True, return_diagnostics=True,
+                                                         generator=torch.Generator().manual_seed(1))
+    accept = result.diagnostics['accept_prob'].mean(0)
+    assert bool(((accept > 0.65) & (accept < 0.95)).all()), accept
+    inverse = result.adapted.metric.inverse
+    assert 30 < float(inverse[2] / inverse[0]) < 300  # variances 0.1 and 10
+    assert result.adapted.step_size.shape == (16,) and float(result.adapted.step_size.std()) > 0

@@ -133,8 +133,9 @@ _SHARED = [CSRC / 'tebm_common.h', CSRC / 'tebm_outputs.h']  # shared by the C++
 CPU_EXTENSION = register_extension(ExtensionSpec(
     name='cpu_samplers', cpp_sources=[CSRC / 'kernels.cpp', CSRC / 'nuts_leaf.cpp'], headers=_SHARED,
     functions=['langevin_chain', 'hmc_chain', 'energy_and_gradient', 'all_finite', 'standard_normal', 'max_threads',
-               'nuts_kick_drift', 'nuts_leaf'],
-    kernels=('langevin', 'mala', 'hmc', 'nuts leaf')))
+               'nuts_kick_drift', 'nuts_leaf', 'nuts_async_fields', 'nuts_async_init',
+               'nuts_async_start', 'nuts_async_advance'],
+    kernels=('langevin', 'mala', 'hmc', 'nuts leaf', 'nuts async')))
 
 CUDA_EXTENSION = register_extension(ExtensionSpec(
     name='cuda_samplers', cpp_sources=[CSRC / 'kernels_cuda.h'], cuda_sources=[CSRC / 'kernels.cu'],
