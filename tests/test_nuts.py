@@ -55,6 +55,18 @@ class Banana(torch.nn.Module):
         x1 = 2 * torch.randn(n, generator=generator, dtype=DT)
         return torch.stack([x1, 0.5 * x1 ** 2 + 0.5 * torch.randn(n, generator=generator, dtype=DT)], 1)
 
+    @staticmethod
+    def cdf_x2(values):
+        "P(x2 < c) = E[Phi((c - x1^2 / 2) / 0.5)] over x1 ~ N(0, 4), by the trapezoid rule (error below 1e-10)."
+        x1 = torch.linspace(-20, 20, 40001, dtype=DT)
+        density = torch.exp(-x1 ** 2 / 8) / math.sqrt(8 * math.pi)
+        return [float(torch.trapezoid(density * normal_cdf((c - x1 ** 2 / 2) / 0.5), x1)) for c in values]
+
+
+def normal_cdf(t):
+    "The standard normal CDF of a float or a tensor."
+    return 0.5 * (1 + (torch.erf(t / math.sqrt(2)) if isinstance(t, torch.Tensor) else math.erf(t / math.sqrt(2))))
+
 
 class Funnel(torch.nn.Module):
     "Neal's funnel: v ~ N(0, 3^2), x_i | v ~ N(0, e^v)."
@@ -90,9 +102,14 @@ def test_ill_conditioned_gaussian_diagonal_metric():
 
 @pytest.mark.slow
 def test_banana():
+    """The mean of x1 and three probabilities (x1 < 1, x2 < 0.5, x2 < 2) against their exact values. Bounded
+    statistics: the moments of x2 are heavy-tailed (x2^2 ~ x1^4 / 4), so runs of this length underestimate E[x2^2] =
+    12.25 and its ESS-based standard error together, lockstep and asynchronous chains alike (|z| > 4.5 at 6 of 10
+    seeds for lockstep chains, 4 of 10 for asynchronous ones), and a test on them passes or fails by the seed."""
     trajectory, _ = run(Banana(), 2, target_accept=0.9)
-    mc_check(trajectory, [0.0, 2.0])
-    mc_check(trajectory ** 2, [4.0, 8.25 + 4.0])
+    mc_check(trajectory[..., :1], [0.0])
+    x1, x2 = trajectory[..., 0], trajectory[..., 1]
+    mc_check(torch.stack([x1 < 1, x2 < 0.5, x2 < 2], -1).to(DT), [normal_cdf(0.5), *Banana.cdf_x2([0.5, 2.0])])
 
 
 @pytest.mark.slow
