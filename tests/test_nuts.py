@@ -599,3 +599,32 @@ def test_async_warmup_adapts_each_chain():
     inverse = result.adapted.metric.inverse
     assert 30 < float(inverse[2] / inverse[0]) < 300  # variances 0.1 and 10
     assert result.adapted.step_size.shape == (16,) and float(result.adapted.step_size.std()) > 0
+
+
+def test_async_chains_reject_bad_input():
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
+    state = NoUTurnTransition().init(model, torch.zeros(4, 2, dtype=DT))
+    ext = native_leaf(state.x, MassMatrix(1.0))[0]
+    with pytest.raises(ValueError, match='metric'):
+        AsyncNUTS(ext, model, state, 0.5, MassMatrix(torch.eye(2, dtype=DT)))
+    with pytest.raises(ValueError, match='step_size'): AsyncNUTS(ext, model, state, -0.5, MassMatrix(1.0))
+    with pytest.raises(ValueError, match='max_tree_depth'): AsyncNUTS(ext, model, state, 0.5, MassMatrix(1.0), max_tree_depth=0)
+    chains = AsyncNUTS(ext, model, state, 0.5, MassMatrix(1.0))
+    with pytest.raises(ValueError, match='n_draws'): chains.run(-1)
+    records, ticks = chains.run(0)
+    assert ticks == 0 and records.x.shape == (0, 4, 2)
+
+
+def test_async_chains_keep_the_event_shape():
+    "Chains of [2, 3] events run asynchronously as flat rows and come back in their shape, with their energies."
+    class EventGaussian(torch.nn.Module):
+        def forward(self, x): return 0.5 * (x ** 2).sum((1, 2))
+    model = EventGaussian()
+    state = NoUTurnTransition().init(model, torch.randn(8, 2, 3, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    chains = AsyncNUTS(native_leaf(state.x, MassMatrix(1.0))[0], model, state, 0.5, MassMatrix(1.0))
+    draws = chains.run(3, generator=torch.Generator().manual_seed(1))[0]
+    x = draws.x[-1].view(8, 2, 3)
+    torch.testing.assert_close(draws.energy[-1], model(x))
+    result = NoUTurnSampler(model, n_warmup=50).sample(x=state.x, n_steps=5, return_trajectory=True,
+                                                       generator=torch.Generator().manual_seed(2))
+    assert result.shape == (8, 5, 2, 3)

@@ -350,6 +350,7 @@ def native_leaf(x: torch.Tensor, metric: MassMatrix) -> Optional[Tuple[Any, torc
 
 def inverse_mass(x: torch.Tensor, metric: MassMatrix) -> torch.Tensor:
     "A scalar or diagonal `metric`'s inverse mass per coordinate of chains `x`: `[d]`, contiguous, in `x`'s dtype."
+    if metric.kind == 'dense': raise ValueError("metric must be a scalar or diagonal MassMatrix here, got a dense one")
     if metric.kind == 'scalar': return torch.full((x[0].numel(),), 1.0 / metric.scalar, dtype=x.dtype, device=x.device)
     return metric._event(x, metric.inverse).reshape(-1).to(x.dtype).contiguous()
 
@@ -618,6 +619,7 @@ class AsyncNUTS:
         """`n_draws` more draws per chain: the records and the ticks it took. With `dual` (per chain, `[n_chains]`
         fields) each chain runs `dual_averaging_update` after each of its draws (`dual(...)` reads it back);
         `jitter` multiplies each draw's step size by U(1 - jitter, 1 + jitter)."""
+        check_nonnegative_int('n_draws', n_draws)
         f, ext = self.field, self.ext
         records = empty_records(n_draws, f['x'])
         f['done'].zero_()
