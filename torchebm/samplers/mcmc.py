@@ -4,16 +4,16 @@
 
 # %% auto #0
 __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLAPSE_ADVICE', 'DEFAULT_N_STEPS', 'PER_CHAIN_GAMMA',
-           'ADAPT_METRICS', 'warn_deprecated_arguments', 'resolve_sampler_model', 'schedule_values', 'check_schedule',
-           'chain_moments', 'check_chains_finite', 'ChainMonitor', 'run_chain', 'compile_options',
-           'traced_energy_and_gradient', 'with_own_code', 'compiled_energy_and_gradient', 'TracedModel',
-           'CompiledModel', 'AdaptedParameters', 'SamplingResult', 'fused_kernels', 'check_start_finite',
-           'AdaptationOptions', 'adaptation_options', 'MCMCSampler', 'per_step_tensor', 'DualAveragingState',
-           'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final', 'DualAveraging',
-           'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update', 'welford_covariance',
-           'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState', 'Warmup', 'jittered',
-           'ChainState', 'checked_energy', 'model_energy', 'model_gradient', 'model_energy_and_gradient', 'evaluated',
-           'acceptance_probability']
+           'DUAL_AVERAGING_T0', 'DUAL_AVERAGING_KAPPA', 'ADAPT_METRICS', 'warn_deprecated_arguments',
+           'resolve_sampler_model', 'schedule_values', 'check_schedule', 'chain_moments', 'check_chains_finite',
+           'ChainMonitor', 'run_chain', 'compile_options', 'traced_energy_and_gradient', 'with_own_code',
+           'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel', 'AdaptedParameters', 'SamplingResult',
+           'fused_kernels', 'check_start_finite', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
+           'per_step_tensor', 'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update',
+           'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init',
+           'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains',
+           'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
+           'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
 import array
@@ -608,6 +608,7 @@ def per_step_tensor(values: List[float]) -> torch.Tensor:
 
 # %% ../../nbs/12_mcmc.ipynb #cee51acc
 PER_CHAIN_GAMMA = 0.2  # gentler dual averaging for per-chain step sizes (noisier acceptance)
+DUAL_AVERAGING_T0, DUAL_AVERAGING_KAPPA = 10.0, 0.75  # Stan's offset and decay exponent
 
 class DualAveragingState(NamedTuple):
     "Dual averaging as explicit state: `log_step_size`, its running average, the averaged error, `mu` and the count."
@@ -623,7 +624,7 @@ def dual_averaging_init(step_size: torch.Tensor) -> DualAveragingState:
     return DualAveragingState(log_eps, log_eps.clone(), torch.zeros_like(log_eps), log_eps + math.log(10.0), 0)
 
 def dual_averaging_update(state: DualAveragingState, accept_prob: torch.Tensor, target: float, gamma: float = 0.05,
-                          t0: float = 10.0, kappa: float = 0.75) -> DualAveragingState:
+                          t0: float = DUAL_AVERAGING_T0, kappa: float = DUAL_AVERAGING_KAPPA) -> DualAveragingState:
     "One update from acceptance probabilities `[n_chains]` (their mean for a shared step size)."
     if state.h_bar.ndim == 0: accept_prob = accept_prob.mean()
     m = state.count + 1
@@ -643,8 +644,8 @@ class DualAveraging:
                  step_size: torch.Tensor,  # initial step size > 0: 0-d (shared) or `[n_chains]` (per chain)
                  target: float,  # target acceptance probability in (0, 1)
                  gamma: float = 0.05,  # shrinkage toward mu = log(10 step_size): larger moves the step size less
-                 t0: float = 10.0,  # offset that damps the first updates
-                 kappa: float = 0.75):  # decay exponent of the averaging weight m^-kappa, in (0.5, 1]
+                 t0: float = DUAL_AVERAGING_T0,  # offset that damps the first updates
+                 kappa: float = DUAL_AVERAGING_KAPPA):  # decay exponent of the averaging weight m^-kappa, in (0.5, 1]
         if not 0 < target < 1: raise ValueError(f"target acceptance must be in (0, 1), got {target!r}")
         self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
         self.restart(step_size)

@@ -21,9 +21,9 @@ import torch
 
 from ..core.base import check_choice, check_nonnegative_int, check_positive, eval_mode
 from ..integrators import MassMatrix
-from .mcmc import (ADAPT_METRICS, AdaptedParameters, ChainMonitor, CompiledModel, DualAveragingState,
-                                    MCMCSampler, SamplingResult, Warmup, adaptation_options, fused_kernels, jittered,
-                                    run_chain)
+from .mcmc import (ADAPT_METRICS, DUAL_AVERAGING_KAPPA, DUAL_AVERAGING_T0, AdaptedParameters, ChainMonitor,
+                                    CompiledModel, DualAveragingState, MCMCSampler, SamplingResult, Warmup,
+                                    adaptation_options, fused_kernels, jittered, run_chain)
 from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog,
                                            model_energy_and_gradient)
 
@@ -634,7 +634,7 @@ class AsyncNUTS:
             remaining = ext.nuts_async_advance(
                 self.fields, x, energy.to(x.dtype).contiguous(), grad.reshape(x.shape).to(x.dtype).contiguous(),
                 p_half, self.inverse, *self.randomness(generator), n_draws, self.max_tree_depth, self.max_energy_error,
-                float(jitter), list(records), dual is not None, target_accept, gamma, 10.0, 0.75,
+                float(jitter), list(records), dual is not None, target_accept, gamma, DUAL_AVERAGING_T0, DUAL_AVERAGING_KAPPA,
                 0 if dual is None else dual.count)
             ticks += 1
         return records, ticks
