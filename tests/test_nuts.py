@@ -197,8 +197,8 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
     monkeypatch.setattr(nuts, '_uniform_log', lambda shape, like, generator: like.new_full(torch.Size([shape]) if isinstance(shape, int) else shape, -math.inf))
     real = nuts.AsyncNUTS.randomness
     def always_newest(self, generator=None):  # the asynchronous chains' uniforms of both draws set to 0: log u = -inf
-        p, u = real(self, generator)
-        return p, torch.cat([torch.zeros_like(u[:, :2]), u[:, 2:]], 1)
+        u = real(self, generator)
+        return torch.cat([torch.zeros_like(u[:, :2]), u[:, 2:]], 1)
     monkeypatch.setattr(nuts.AsyncNUTS, 'randomness', always_newest)
     for path in PATHS:
         with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian(**PATHS[path]))
@@ -488,16 +488,18 @@ def test_native_and_torch_nuts_runs_agree_to_rounding():
 
 
 # ---- asynchronous chains -----------------------------------------------------------------------------------------
-def one_chain_async(model, x, step_size, metric, ticks, n_draws, max_tree_depth, jitter=0.0, dual=None):
+def one_chain_async(model, x, step_size, metric, momenta, ticks, n_draws, max_tree_depth, jitter=0.0, dual=None):
     """One chain's asynchronous draws rebuilt from the lockstep pieces (`grow_leaf`, `join_subtree`,
-    `dual_averaging_update`) on its row of each tick's random numbers, `ticks[t] = (p [1, d], u [1, 4])` (`ticks[0]`
-    starts the first draw): the draws as `(Draw, accept_prob, depth, n_leapfrog, hit_max_depth)`, and `dual`."""
+    `dual_averaging_update`) on its random numbers: the momenta its draws started with, in order, and its row of each
+    tick's uniforms, `ticks[t]: [1, 4]` (`ticks[0]` starts the first draw). Returns the draws as `(Draw, accept_prob,
+    depth, n_leapfrog, hit_max_depth)`, and `dual`."""
     import torchebm.samplers.nuts as nuts
     from torchebm.samplers.mcmc import dual_averaging_update
     from torchebm.samplers.transitions import model_energy_and_gradient
     energy, grad = model_energy_and_gradient(model, x)
-    draw, draws, ticks = (x, energy, grad), [], iter(ticks)
-    def begin_draw(p, u):
+    draw, draws, ticks, momenta = (x, energy, grad), [], iter(ticks), iter(momenta)
+    def begin_draw(u):
+        p = next(momenta)
         start = nuts.Leaf(*draw, p, metric.velocity(p))
         eps = step_size * (1 + jitter * (2 * u[:, 3] - 1)) if jitter else step_size
         return nuts.start_trajectory(start), start.energy + nuts.kinetic(start), eps
@@ -505,11 +507,11 @@ def one_chain_async(model, x, step_size, metric, ticks, n_draws, max_tree_depth,
         forward = u[:, 2] < 0.5
         leaf = traj.right if bool(forward) else traj.left
         return forward, leaf, nuts.empty_subtree(leaf, traj.active, int(traj.depth) + 1), 0, torch.where(forward, eps, -eps)
-    p, u = next(ticks)
-    traj, h0, eps = begin_draw(p, u)
+    u = next(ticks)
+    traj, h0, eps = begin_draw(u)
     forward, leaf, sub, k, h = begin_subtree(u)
     while len(draws) < n_draws:
-        p, u = next(ticks)
+        u = next(ticks)
         depth = int(traj.depth)
         leaf, sub = nuts.grow_leaf(model, leaf, h, metric, h0, sub, u[:, 0].log(),
                                    nuts.level_masks(depth + 1, x.device)[k], 1000.0)
@@ -525,9 +527,25 @@ def one_chain_async(model, x, step_size, metric, ticks, n_draws, max_tree_depth,
                 dual = dual_averaging_update(dual, accept, 0.8, 0.05)
                 step_size = dual.log_step_size.exp()
             if len(draws) == n_draws: break
-            traj, h0, eps = begin_draw(p, u)
+            traj, h0, eps = begin_draw(u)
         forward, leaf, sub, k, h = begin_subtree(u)
     return draws, dual
+
+
+class StartedMomenta:
+    "The extension of `chains`, recording after each call the momentum every chain started a draw with."
+    def __init__(self, chains):
+        self.ext, self.chains, self.momenta = chains.ext, chains, [[] for _ in range(chains.shape[0])]
+    def __getattr__(self, name): return getattr(self.ext, name)
+    def note(self):
+        f = self.chains.field
+        for c in ((f['depth'] == 0) & (f['leaf'] == 0)).nonzero().flatten().tolist():  # just started a draw
+            self.momenta[c].append(f['left_p'][c:c + 1].clone())
+    def nuts_async_start(self, *args): self.ext.nuts_async_start(*args); self.note()
+    def nuts_async_advance(self, *args):
+        remaining = self.ext.nuts_async_advance(*args)
+        self.note()
+        return remaining
 
 
 @pytest.mark.parametrize('adapt', [False, True])
@@ -543,14 +561,15 @@ def test_async_chains_are_the_lockstep_pieces_chain_by_chain(adapt):
     chains = AsyncNUTS(native_leaf(x0, metric)[0], model, NoUTurnTransition().init(model, x0), steps, metric, 6)
     ticks, real = [], chains.randomness
     chains.randomness = lambda generator: ticks.append(real(generator)) or ticks[-1]
+    chains.ext = started = StartedMomenta(chains)
     dual = dual_averaging_init(steps) if adapt else None
     records, n_ticks = chains.run(15, torch.Generator().manual_seed(3), jitter=0.2, dual=dual)
     assert n_ticks == len(ticks) - 1 == int(records.n_leapfrog.sum(0).max())  # the busiest chain sets the ticks
     assert bool((records.tree_depth == 6).any()) and bool(records.hit_max_depth.any())
     for c in range(n):
         one = None if dual is None else type(dual)(*(v[c:c + 1] for v in dual[:4]), dual.count)
-        draws, one = one_chain_async(model, x0[c:c + 1], steps[c:c + 1], metric, [(p[c:c + 1], u[c:c + 1]) for p, u in ticks],
-                                     15, 6, jitter=0.2, dual=one)
+        draws, one = one_chain_async(model, x0[c:c + 1], steps[c:c + 1], metric, started.momenta[c],
+                                     [u[c:c + 1] for u in ticks], 15, 6, jitter=0.2, dual=one)
         torch.testing.assert_close(torch.cat([d[0].x for d in draws]), records.x[:, c], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(torch.cat([d[0].energy_error for d in draws]), records.energy_error[:, c], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(torch.cat([d[1] for d in draws]), records.accept_prob[:, c], rtol=1e-9, atol=1e-9)

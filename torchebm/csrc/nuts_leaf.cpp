@@ -200,9 +200,10 @@ std::vector<torch::Tensor> nuts_leaf(
 // Each chain runs its own NUTS draws, one leapfrog step per tick: when its tree ends it records the draw and starts
 // the next one at once, instead of waiting for the deepest tree of the batch. A tick is nuts_kick_drift, the model
 // (in Python) and nuts_async_advance. The per-chain state is a list of tensors in the order of `async_fields` (the
-// Python `AsyncChains`); vectors are [n, d], level checkpoints [L, n, d] with L = max_tree_depth. Each tick brings
-// fresh momenta p_new [n, d] (used by a chain that starts a draw) and uniforms u [n, 4]: the leaf's progressive draw,
-// the join's, the next sub-tree's direction (forward if < 0.5) and the step-size jitter. Checked against a driver
+// Python `AsyncNUTS`); vectors are [n, d], level checkpoints [L, n, d] with L = max_tree_depth. Each tick brings
+// uniforms u [n, 4]: the leaf's progressive draw, the join's, the next sub-tree's direction (forward if < 0.5) and
+// the step-size jitter. A chain that starts a draw takes the next row of a pool of momenta [P, d] (row `cursor`,
+// then cursor + 1), in chain order, so each momentum drawn is used and any thread count gives the same numbers. Checked against a driver
 // made of the Python `grow_leaf` and `join_subtree` in tests/test_nuts.py.
 namespace tebm_nuts {
 
@@ -269,13 +270,13 @@ struct Chains {  // typed pointers to every field
 template <typename T>
 void copy_row(const T *from, T *to, int64_t c, int64_t d) { std::copy(from + c * d, from + (c + 1) * d, to + c * d); }
 
-// A new draw of chain c from its current draw (draw_*): momentum p_new[c], the one-leaf trajectory, this draw's step.
+// A new draw of chain c from its current draw (draw_*): momentum p_start [d], the one-leaf trajectory, this draw's step.
 template <typename T>
-void begin_draw(Chains<T> &s, int64_t c, int64_t d, const T *p_new, const T *M, T jitter, T u_jitter) {
+void begin_draw(Chains<T> &s, int64_t c, int64_t d, const T *p_start, const T *M, T jitter, T u_jitter) {
   T *p = s.f[A_left_p] + c * d, *v = s.f[A_left_v] + c * d;
   T kinetic = 0;
   for (int64_t i = 0; i < d; ++i) {
-    p[i] = p_new[c * d + i];
+    p[i] = p_start[i];
     v[i] = p[i] * M[i];
     kinetic += p[i] * v[i];
   }
@@ -407,23 +408,41 @@ std::vector<std::string> nuts_async_fields() {
   return std::vector<std::string>(tebm_nuts::ASYNC_NAMES, tebm_nuts::ASYNC_NAMES + tebm_nuts::A_COUNT);
 }
 
+namespace tebm_nuts {
+// The pool of momenta [P, d] and its cursor [1] (int64): checked, and the rows left.
+int64_t pool_rows_left(const torch::Tensor &pool, const torch::Tensor &cursor, const torch::Tensor &x, int64_t d) {
+  TORCH_CHECK(pool.device().is_cpu() && pool.is_contiguous() && pool.scalar_type() == x.scalar_type() &&
+              pool.dim() == 2 && pool.size(1) == d, "the pool of momenta must be a contiguous [P, d] CPU tensor of the chains' dtype");
+  check_flags(cursor, torch::kInt64, "cursor", 1);
+  return pool.size(0) - cursor.data_ptr<int64_t>()[0];
+}
+
+// Start a draw and its first sub-tree on chain c with the next momentum of the pool (in chain order: serial).
+template <typename T>
+void start_with_pool(Chains<T> &s, int64_t c, int64_t d, const T *pool, int64_t &cursor, int64_t rows, const T *M,
+                     T jitter, const T *u) {
+  TORCH_CHECK(cursor < rows, "the pool of momenta ran out");
+  begin_draw<T>(s, c, d, pool + cursor++ * d, M, jitter, u[3]);
+  begin_subtree<T>(s, c, d, u[2]);
+}
+}  // namespace tebm_nuts
+
 // Start a draw (and its first sub-tree) on every chain with fewer than n_draws draws, from its current draw.
-void nuts_async_start(std::vector<torch::Tensor> state, torch::Tensor inverse, torch::Tensor p_new, torch::Tensor u,
-                      int64_t n_draws, double jitter) {
+void nuts_async_start(std::vector<torch::Tensor> state, torch::Tensor inverse, torch::Tensor pool, torch::Tensor cursor,
+                      torch::Tensor u, int64_t n_draws, double jitter) {
   using namespace tebm_nuts;
   const int64_t n = state[A_energy].numel(), d = n ? state[A_x].numel() / n : 0;
   check_async(state, n, d, state[A_v_start].numel() / std::max<int64_t>(1, n * d));
-  check_rows(inverse, state[A_x], "inverse", d); check_rows(p_new, state[A_x], "p_new", n * d);
-  check_rows(u, state[A_x], "u", 4 * n);
+  check_rows(inverse, state[A_x], "inverse", d); check_rows(u, state[A_x], "u", 4 * n);
+  pool_rows_left(pool, cursor, state[A_x], d);
   AT_DISPATCH_FLOATING_TYPES(state[A_x].scalar_type(), "nuts_async_start", [&] {
     using T = scalar_t;
     Chains<T> s(state);
-    const T *P = p_new.data_ptr<T>(), *M = inverse.data_ptr<T>(), *U = u.data_ptr<T>();
+    const T *M = inverse.data_ptr<T>(), *U = u.data_ptr<T>();
+    int64_t &next = cursor.data_ptr<int64_t>()[0];
     for (int64_t c = 0; c < n; ++c)
-      if (s.count[A_done][c] < n_draws) {
-        begin_draw<T>(s, c, d, P, M, T(jitter), U[4 * c + 3]);
-        begin_subtree<T>(s, c, d, U[4 * c + 2]);
-      }
+      if (s.count[A_done][c] < n_draws)
+        start_with_pool<T>(s, c, d, pool.data_ptr<T>(), next, pool.size(0), M, T(jitter), U + 4 * c);
   });
 }
 
@@ -433,7 +452,8 @@ void nuts_async_start(std::vector<torch::Tensor> state, torch::Tensor inverse, t
 // [n_draws, n, ...] outputs (`AsyncRecords`); `adapt` runs dual averaging per chain after each draw (target, gamma,
 // t0, kappa, after `count` updates). Returns how many chains still have draws to make.
 int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, torch::Tensor energy, torch::Tensor grad,
-                           torch::Tensor p_half, torch::Tensor inverse, torch::Tensor p_new, torch::Tensor u,
+                           torch::Tensor p_half, torch::Tensor inverse, torch::Tensor pool, torch::Tensor cursor,
+                           torch::Tensor u,
                            int64_t n_draws, int64_t max_tree_depth, double max_energy_error, double jitter,
                            std::vector<torch::Tensor> records, bool adapt, double target, double gamma, double t0,
                            double kappa, int64_t count) {
@@ -446,7 +466,7 @@ int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, to
   const auto &ref = state[A_x];
   check_rows(x, ref, "x", n * d); check_rows(energy, ref, "energy", n); check_rows(grad, ref, "grad", n * d);
   check_rows(p_half, ref, "p_half", n * d); check_rows(inverse, ref, "inverse", d);
-  check_rows(p_new, ref, "p_new", n * d); check_rows(u, ref, "u", 4 * n);
+  check_rows(u, ref, "u", 4 * n); pool_rows_left(pool, cursor, ref, d);
   TORCH_CHECK((int64_t)records.size() == R_COUNT, "expected ", R_COUNT, " record tensors");
   for (int r = 0; r < R_COUNT; ++r) {
     const bool vec = r == R_x || r == R_grad;
@@ -461,7 +481,8 @@ int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, to
     using T = scalar_t;
     Chains<T> s(state);
     const T *X = x.data_ptr<T>(), *E = energy.data_ptr<T>(), *G = grad.data_ptr<T>(), *PH = p_half.data_ptr<T>();
-    const T *M = inverse.data_ptr<T>(), *PN = p_new.data_ptr<T>(), *U = u.data_ptr<T>();
+    const T *M = inverse.data_ptr<T>(), *U = u.data_ptr<T>();
+    std::vector<char> starting(n, 0);  // chains that start a draw this tick: they take momenta after the parallel part
     const LevelRows<T> rows{s.f[A_v_start], s.f[A_p_start], s.f[A_rho_before], s.f[A_v_end], s.f[A_p_end], n * d};
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * (2 * levels + 20)));
     std::atomic<int64_t> left{0};
@@ -491,13 +512,17 @@ int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, to
         if (!goes_on || s.count[A_depth][c] == max_tree_depth) {
           finish_draw<T>(s, c, d, n, goes_on, records, da);
           if (s.count[A_done][c] >= n_draws) continue;
-          begin_draw<T>(s, c, d, PN, M, T(jitter), U[4 * c + 3]);
+          starting[c] = 1;
+        } else {
+          begin_subtree<T>(s, c, d, U[4 * c + 2]);
         }
-        begin_subtree<T>(s, c, d, U[4 * c + 2]);
         ++mine;
       }
       left += mine;
     });
+    int64_t &next = cursor.data_ptr<int64_t>()[0];
+    for (int64_t c = 0; c < n; ++c)
+      if (starting[c]) start_with_pool<T>(s, c, d, pool.data_ptr<T>(), next, pool.size(0), M, T(jitter), U + 4 * c);
     remaining = left.load();
   });
   return remaining;

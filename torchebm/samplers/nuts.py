@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['NUTS', 'COMPILED_LEAVES_PER_CALL', 'MIN_VECTORIZED_EVENT', 'COMPILED_LEVELS', 'ASYNC_RECORD_NUMBERS', 'RANDOM_TICKS',
-           'METRICS', 'NoUTurnSampler', 'Leaf', 'as_chains', 'select', 'batch_dot', 'leapfrog_leaf', 'kinetic',
-           'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'GrowingSubtree', 'LevelMasks', 'level_masks',
-           'leaf_chunks', 'grow_leaf', 'grow_leaves', 'native_leaf', 'inverse_mass', 'native_grow_leaf',
-           'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'Trajectory', 'start_trajectory',
-           'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like', 'compiled_metric', 'NoUTurnTransition',
-           'start_leaf', 'AsyncRecords', 'empty_records', 'record_at', 'draws_per_run', 'AsyncNUTS',
-           'find_reasonable_step_size']
+           'MOMENTA_PER_CHAIN', 'METRICS', 'NoUTurnSampler', 'Leaf', 'as_chains', 'select', 'batch_dot',
+           'leapfrog_leaf', 'kinetic', 'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'GrowingSubtree',
+           'LevelMasks', 'level_masks', 'leaf_chunks', 'grow_leaf', 'grow_leaves', 'native_leaf', 'inverse_mass',
+           'native_grow_leaf', 'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'Trajectory',
+           'start_trajectory', 'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like', 'compiled_metric',
+           'NoUTurnTransition', 'start_leaf', 'AsyncRecords', 'empty_records', 'record_at', 'draws_per_run',
+           'AsyncNUTS', 'find_reasonable_step_size']
 
 # %% ../../nbs/18_nuts.ipynb #718c88e2
 import functools
@@ -573,7 +573,8 @@ def record_at(records: AsyncRecords, i: int, shape: torch.Size, n_grad_evals: in
 
 
 ASYNC_RECORD_NUMBERS = 1 << 22  # numbers of x per run of draws (the runs of 4,096 chains of 100 numbers hold 10 draws)
-RANDOM_TICKS = 32  # ticks whose random numbers are drawn at once: two torch calls per 32 ticks instead of two per tick
+RANDOM_TICKS = 32  # ticks whose uniforms are drawn at once: one torch call per 32 ticks
+MOMENTA_PER_CHAIN = 8  # rows of the pool of momenta per chain: refilled when fewer rows than chains are left
 
 def draws_per_run(x: torch.Tensor, limit: int = 100) -> int:
     "Draws per chain in each run after warm-up: up to `limit`, fewer for large batches (the records hold every draw)."
@@ -594,25 +595,29 @@ class AsyncNUTS:
                                           per_chain_step_size(step_size, state.x).contiguous(), max_tree_depth)
         self.field = dict(zip(ext.nuts_async_fields(), self.fields))  # the same tensors by name
         self.metric, self.inverse, self.randoms = metric, inverse_mass(state.x, metric), iter(())
+        self.pool, self.cursor = None, torch.zeros(1, dtype=torch.long)  # momenta for the draws chains start
 
     def reset(self, state: ChainState, step_size, metric: MassMatrix) -> None:
         "Go on from `state` (e.g. after stuck chains restarted) with step sizes (float, 0-d or `[n_chains]`) and metric."
         f, n = self.field, state.x.shape[0]
         f['draw_x'].copy_(state.x.reshape(n, -1)); f['draw_energy'].copy_(state.energy)
         f['draw_grad'].copy_(state.grad.reshape(n, -1)); f['step_size'].copy_(per_chain_step_size(step_size, state.x))
-        self.metric, self.inverse, self.randoms = metric, inverse_mass(state.x, metric), iter(())  # momenta of the new metric
+        self.metric, self.inverse, self.pool = metric, inverse_mass(state.x, metric), None  # momenta of the new metric
 
-    def randomness(self, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A tick's random numbers: momenta $p \\sim N(0, M)$ `[n, d]` for chains that start a draw, and four uniforms per
-        chain `[n, 4]`, taken from blocks of `RANDOM_TICKS` ticks drawn at once."""
-        tick = next(self.randoms, None)
-        if tick is None:
-            x, n = self.field['x'], self.shape[0]
-            p = self.metric.sample_momentum(x.new_empty((RANDOM_TICKS * n, *self.shape[1:])), generator)
-            u = torch.rand((RANDOM_TICKS, n, 4), generator=generator, dtype=x.dtype, device=x.device)
-            self.randoms = zip(p.view(RANDOM_TICKS, n, -1), u)
-            tick = next(self.randoms)
-        return tick
+    def randomness(self, generator=None) -> torch.Tensor:
+        """A tick's uniforms, four per chain `[n, 4]`, from blocks of `RANDOM_TICKS` ticks drawn at once; first the pool of
+        momenta $p \\sim N(0, M)$ is refilled if fewer rows than chains are left (a tick starts at most one draw per
+        chain, and the chains that start one take the next rows in chain order)."""
+        x, n = self.field['x'], self.shape[0]
+        if self.pool is None or self.pool.shape[0] - int(self.cursor) < n:
+            rows = MOMENTA_PER_CHAIN * n
+            self.pool = self.metric.sample_momentum(x.new_empty((rows, *self.shape[1:])), generator).reshape(rows, -1)
+            self.cursor.zero_()
+        u = next(self.randoms, None)
+        if u is None:
+            self.randoms = iter(torch.rand((RANDOM_TICKS, n, 4), generator=generator, dtype=x.dtype, device=x.device))
+            u = next(self.randoms)
+        return u
 
     def run(self, n_draws: int, generator=None, jitter: float = 0.0, dual: Optional[DualAveragingState] = None,
             target_accept: float = 0.8, gamma: float = 0.05) -> Tuple[AsyncRecords, int]:
@@ -626,14 +631,16 @@ class AsyncNUTS:
         if dual is not None:
             for name, value in zip(('log_step_size', 'log_step_size_bar', 'h_bar', 'mu'), dual[:4]):
                 f[name].copy_(value.expand(f['mu'].shape))
-        ext.nuts_async_start(self.fields, self.inverse, *self.randomness(generator), n_draws, float(jitter))
+        u = self.randomness(generator)
+        ext.nuts_async_start(self.fields, self.inverse, self.pool, self.cursor, u, n_draws, float(jitter))
         remaining, ticks = f['x'].shape[0] if n_draws else 0, 0
         while remaining:  # one tick: every chain that still has draws to make takes one leapfrog step
             x, p_half = ext.nuts_kick_drift(f['x'], f['p'], f['grad'], f['step'], self.inverse)
             energy, grad = model_energy_and_gradient(self.model, x.view(self.shape))
+            u = self.randomness(generator)
             remaining = ext.nuts_async_advance(
                 self.fields, x, energy.to(x.dtype).contiguous(), grad.reshape(x.shape).to(x.dtype).contiguous(),
-                p_half, self.inverse, *self.randomness(generator), n_draws, self.max_tree_depth, self.max_energy_error,
+                p_half, self.inverse, self.pool, self.cursor, u, n_draws, self.max_tree_depth, self.max_energy_error,
                 float(jitter), list(records), dual is not None, target_accept, gamma, DUAL_AVERAGING_T0, DUAL_AVERAGING_KAPPA,
                 0 if dual is None else dual.count)
             ticks += 1
