@@ -541,11 +541,11 @@ class StartedMomenta:
         f = self.chains.field
         for c in ((f['depth'] == 0) & (f['leaf'] == 0)).nonzero().flatten().tolist():  # just started a draw
             self.momenta[c].append(f['left_p'][c:c + 1].clone())
-    def nuts_async_start(self, *args): self.ext.nuts_async_start(*args); self.note()
-    def nuts_async_advance(self, *args):
-        remaining = self.ext.nuts_async_advance(*args)
+    def nuts_async_start(self, *args): return self.noted(self.ext.nuts_async_start(*args))
+    def nuts_async_advance(self, *args): return self.noted(self.ext.nuts_async_advance(*args))
+    def noted(self, result):
         self.note()
-        return remaining
+        return result
 
 
 @pytest.mark.parametrize('adapt', [False, True])

@@ -409,12 +409,11 @@ std::vector<std::string> nuts_async_fields() {
 }
 
 namespace tebm_nuts {
-// The pool of momenta [P, d] and its cursor [1] (int64): checked, and the rows left.
-int64_t pool_rows_left(const torch::Tensor &pool, const torch::Tensor &cursor, const torch::Tensor &x, int64_t d) {
+// The pool of momenta [P, d], checked.
+void check_pool(const torch::Tensor &pool, const torch::Tensor &x, int64_t d, int64_t cursor) {
   TORCH_CHECK(pool.device().is_cpu() && pool.is_contiguous() && pool.scalar_type() == x.scalar_type() &&
               pool.dim() == 2 && pool.size(1) == d, "the pool of momenta must be a contiguous [P, d] CPU tensor of the chains' dtype");
-  check_flags(cursor, torch::kInt64, "cursor", 1);
-  return pool.size(0) - cursor.data_ptr<int64_t>()[0];
+  TORCH_CHECK(cursor >= 0 && cursor <= pool.size(0), "cursor must be a row of the pool of momenta");
 }
 
 // Start a draw and its first sub-tree on chain c with the next momentum of the pool (in chain order: serial).
@@ -427,32 +426,34 @@ void start_with_pool(Chains<T> &s, int64_t c, int64_t d, const T *pool, int64_t 
 }
 }  // namespace tebm_nuts
 
-// Start a draw (and its first sub-tree) on every chain with fewer than n_draws draws, from its current draw.
-void nuts_async_start(std::vector<torch::Tensor> state, torch::Tensor inverse, torch::Tensor pool, torch::Tensor cursor,
-                      torch::Tensor u, int64_t n_draws, double jitter) {
+// Start a draw (and its first sub-tree) on every chain with fewer than n_draws draws, from its current draw, with the
+// momenta of the pool from row `cursor`; returns the next unused row.
+int64_t nuts_async_start(std::vector<torch::Tensor> state, torch::Tensor inverse, torch::Tensor pool, int64_t cursor,
+                         torch::Tensor u, int64_t n_draws, double jitter) {
   using namespace tebm_nuts;
   const int64_t n = state[A_energy].numel(), d = n ? state[A_x].numel() / n : 0;
   check_async(state, n, d, state[A_v_start].numel() / std::max<int64_t>(1, n * d));
   check_rows(inverse, state[A_x], "inverse", d); check_rows(u, state[A_x], "u", 4 * n);
-  pool_rows_left(pool, cursor, state[A_x], d);
+  check_pool(pool, state[A_x], d, cursor);
   AT_DISPATCH_FLOATING_TYPES(state[A_x].scalar_type(), "nuts_async_start", [&] {
     using T = scalar_t;
     Chains<T> s(state);
     const T *M = inverse.data_ptr<T>(), *U = u.data_ptr<T>();
-    int64_t &next = cursor.data_ptr<int64_t>()[0];
     for (int64_t c = 0; c < n; ++c)
       if (s.count[A_done][c] < n_draws)
-        start_with_pool<T>(s, c, d, pool.data_ptr<T>(), next, pool.size(0), M, T(jitter), U + 4 * c);
+        start_with_pool<T>(s, c, d, pool.data_ptr<T>(), cursor, pool.size(0), M, T(jitter), U + 4 * c);
   });
+  return cursor;
 }
 
 // The rest of a tick, from the new leaves (x, energy, grad at x, p' from nuts_kick_drift): every chain with fewer than
 // n_draws draws grows its leaf, joins its sub-tree when it is complete or has stopped, records its draw when the
 // trajectory ends (U-turn, divergence or max_tree_depth), then starts the next draw and sub-tree. `records` are the
 // [n_draws, n, ...] outputs (`AsyncRecords`); `adapt` runs dual averaging per chain after each draw (target, gamma,
-// t0, kappa, after `count` updates). Returns how many chains still have draws to make.
-int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, torch::Tensor energy, torch::Tensor grad,
-                           torch::Tensor p_half, torch::Tensor inverse, torch::Tensor pool, torch::Tensor cursor,
+// t0, kappa, after `count` updates). Returns how many chains still have draws to make and the next unused row of the
+// pool of momenta (chains that start a draw take rows from `cursor` on).
+std::vector<int64_t> nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, torch::Tensor energy, torch::Tensor grad,
+                           torch::Tensor p_half, torch::Tensor inverse, torch::Tensor pool, int64_t cursor,
                            torch::Tensor u,
                            int64_t n_draws, int64_t max_tree_depth, double max_energy_error, double jitter,
                            std::vector<torch::Tensor> records, bool adapt, double target, double gamma, double t0,
@@ -466,7 +467,7 @@ int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, to
   const auto &ref = state[A_x];
   check_rows(x, ref, "x", n * d); check_rows(energy, ref, "energy", n); check_rows(grad, ref, "grad", n * d);
   check_rows(p_half, ref, "p_half", n * d); check_rows(inverse, ref, "inverse", d);
-  check_rows(u, ref, "u", 4 * n); pool_rows_left(pool, cursor, ref, d);
+  check_rows(u, ref, "u", 4 * n); check_pool(pool, ref, d, cursor);
   TORCH_CHECK((int64_t)records.size() == R_COUNT, "expected ", R_COUNT, " record tensors");
   for (int r = 0; r < R_COUNT; ++r) {
     const bool vec = r == R_x || r == R_grad;
@@ -520,12 +521,11 @@ int64_t nuts_async_advance(std::vector<torch::Tensor> state, torch::Tensor x, to
       }
       left += mine;
     });
-    int64_t &next = cursor.data_ptr<int64_t>()[0];
     for (int64_t c = 0; c < n; ++c)
-      if (starting[c]) start_with_pool<T>(s, c, d, pool.data_ptr<T>(), next, pool.size(0), M, T(jitter), U + 4 * c);
+      if (starting[c]) start_with_pool<T>(s, c, d, pool.data_ptr<T>(), cursor, pool.size(0), M, T(jitter), U + 4 * c);
     remaining = left.load();
   });
-  return remaining;
+  return {remaining, cursor};
 }
 
 // Fresh asynchronous chains at x [n, d] (energy [n], grad [n, d]) with step sizes [n]: every field of `async_fields`,

@@ -595,7 +595,7 @@ class AsyncNUTS:
                                           per_chain_step_size(step_size, state.x).contiguous(), max_tree_depth)
         self.field = dict(zip(ext.nuts_async_fields(), self.fields))  # the same tensors by name
         self.metric, self.inverse, self.randoms = metric, inverse_mass(state.x, metric), iter(())
-        self.pool, self.cursor = None, torch.zeros(1, dtype=torch.long)  # momenta for the draws chains start
+        self.pool, self.cursor = None, 0  # momenta for the draws chains start, and the next unused row
 
     def reset(self, state: ChainState, step_size, metric: MassMatrix) -> None:
         "Go on from `state` (e.g. after stuck chains restarted) with step sizes (float, 0-d or `[n_chains]`) and metric."
@@ -609,10 +609,10 @@ class AsyncNUTS:
         momenta $p \\sim N(0, M)$ is refilled if fewer rows than chains are left (a tick starts at most one draw per
         chain, and the chains that start one take the next rows in chain order)."""
         x, n = self.field['x'], self.shape[0]
-        if self.pool is None or self.pool.shape[0] - int(self.cursor) < n:
+        if self.pool is None or self.pool.shape[0] - self.cursor < n:
             rows = MOMENTA_PER_CHAIN * n
             self.pool = self.metric.sample_momentum(x.new_empty((rows, *self.shape[1:])), generator).reshape(rows, -1)
-            self.cursor.zero_()
+            self.cursor = 0
         u = next(self.randoms, None)
         if u is None:
             self.randoms = iter(torch.rand((RANDOM_TICKS, n, 4), generator=generator, dtype=x.dtype, device=x.device))
@@ -632,13 +632,13 @@ class AsyncNUTS:
             for name, value in zip(('log_step_size', 'log_step_size_bar', 'h_bar', 'mu'), dual[:4]):
                 f[name].copy_(value.expand(f['mu'].shape))
         u = self.randomness(generator)
-        ext.nuts_async_start(self.fields, self.inverse, self.pool, self.cursor, u, n_draws, float(jitter))
+        self.cursor = ext.nuts_async_start(self.fields, self.inverse, self.pool, self.cursor, u, n_draws, float(jitter))
         remaining, ticks = f['x'].shape[0] if n_draws else 0, 0
         while remaining:  # one tick: every chain that still has draws to make takes one leapfrog step
             x, p_half = ext.nuts_kick_drift(f['x'], f['p'], f['grad'], f['step'], self.inverse)
             energy, grad = model_energy_and_gradient(self.model, x.view(self.shape))
             u = self.randomness(generator)
-            remaining = ext.nuts_async_advance(
+            remaining, self.cursor = ext.nuts_async_advance(
                 self.fields, x, energy.to(x.dtype).contiguous(), grad.reshape(x.shape).to(x.dtype).contiguous(),
                 p_half, self.inverse, self.pool, self.cursor, u, n_draws, self.max_tree_depth, self.max_energy_error,
                 float(jitter), list(records), dual is not None, target_accept, gamma, DUAL_AVERAGING_T0, DUAL_AVERAGING_KAPPA,
