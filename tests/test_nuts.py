@@ -5,6 +5,8 @@ A broken variant these tests catch: `test_a_broken_nuts_fails_the_moment_test` r
 each sub-tree and when a sub-tree joins the tree) by always taking the newest leaf; the variance check on a Gaussian
 then fails by ~19 standard errors while the real sampler passes. (Merging each new sub-tree without its weight, alone,
 was not rejected by the banana stationarity test: 600 chains, p = 0.10 after 4 and 0.065 after 20 transitions.)
+`test_a_broken_nuts_fails_the_banana_test` draws the momenta with the inverse mass instead of the mass; the banana's
+checks then fail by 7-14 standard errors.
 
 The long moment tests are marked `slow` (about 2.5 CPU-minutes for the first four on this machine's cores)."""
 import math
@@ -106,7 +108,10 @@ def test_banana():
     statistics: the moments of x2 are heavy-tailed (x2^2 ~ x1^4 / 4), so runs of this length underestimate E[x2^2] =
     12.25 and its ESS-based standard error together, lockstep and asynchronous chains alike (|z| > 4.5 at 6 of 10
     seeds for lockstep chains, 4 of 10 for asynchronous ones), and a test on them passes or fails by the seed."""
-    trajectory, _ = run(Banana(), 2, target_accept=0.9)
+    banana_checks(run(Banana(), 2, target_accept=0.9)[0])
+
+
+def banana_checks(trajectory):
     mc_check(trajectory[..., :1], [0.0])
     x1, x2 = trajectory[..., 0], trajectory[..., 1]
     mc_check(torch.stack([x1 < 1, x2 < 0.5, x2 < 2], -1).to(DT), [normal_cdf(0.5), *Banana.cdf_x2([0.5, 2.0])])
@@ -202,6 +207,22 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
     monkeypatch.setattr(nuts.AsyncNUTS, 'randomness', always_newest)
     for path in PATHS:
         with pytest.raises(AssertionError, match='estimate'): gaussian_checks(*unit_metric_gaussian(**PATHS[path]))
+
+
+@pytest.mark.slow
+def test_a_broken_nuts_fails_the_banana_test(monkeypatch):
+    """Momenta drawn with the inverse mass, p ~ N(0, M^-1) where the kinetic energy assumes N(0, M) (the two confused):
+    the refreshed momenta are too big by the adapted scales (~2-3 here), and the chains spread too far up the banana's
+    arms. `test_banana`'s checks reject it on every path (P(x2 < 0.5) off by 7-14 standard errors at seeds 0 and 1;
+    the unit-metric Gaussian test cannot see this bug)."""
+    from torchebm.integrators import MassMatrix
+    def momenta_with_the_inverse_mass(self, x, generator=None):
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        if self.kind == 'scalar': return eps / self.scalar ** 0.5  # the warm-up's first window
+        return eps * self._event(eps, self.inverse.sqrt())  # diagonal: the metric `run` adapts
+    monkeypatch.setattr(MassMatrix, 'sample_momentum', momenta_with_the_inverse_mass)
+    for path in PATHS:
+        with pytest.raises(AssertionError, match='estimate'): banana_checks(run(Banana(), 2, target_accept=0.9, **PATHS[path])[0])
 
 
 def test_float32_per_chain_step_sizes_and_reproducible():
