@@ -7,10 +7,11 @@ coordinates):
 
 - ESS per gradient evaluation: min ESS / (leapfrog steps the chains used while drawing). Load-independent.
   For torchebm the leapfrog steps the whole batch computed are reported beside it (`grads_lockstep`, shown as
-  "batch"): eager on the CPU the chains run asynchronously, so the batch runs as many ticks as its busiest chain
-  needs; lockstep chains (`torchebm-lockstep`, `torchebm-compile`) compute the deepest tree of every draw.
-- ESS per second: min ESS / wall time of warm-up + draws (NumPyro and `torchebm-compile`: the second run, after
-  jit compilation / `torch.compile` tracing; the first run's time of `torchebm-compile` is reported beside it).
+  "batch"): on the CPU the chains run asynchronously (`torchebm` eager, `torchebm-compile` with the model's energy
+  and gradient compiled), so the batch runs as many ticks as its busiest chain needs; lockstep chains
+  (`torchebm-lockstep`, `torchebm-compile-lockstep`: runs of leaves traced) compute the deepest tree of every draw.
+- ESS per second: min ESS / wall time of warm-up + draws (NumPyro and `torchebm-compile*`: the second run, after
+  jit compilation / `torch.compile` tracing; the first run's time of `torchebm-compile*` is reported beside it).
   Pyro runs its chains one after another in one process (its multi-chain mode forks one process per chain,
   which on one core is no faster), so its ESS/s is per core and does not depend on the chain count; it is
   measured on `--pyro-chains` chains. On a shared machine the ESS/s numbers move with the load.
@@ -21,6 +22,7 @@ torch==2.13.0; pip install numpyro jax pyro-ppl`), in a subprocess that writes t
     python benchmarks/bench_nuts.py                       # all targets, all libraries
     python benchmarks/bench_nuts.py --targets banana --libraries torchebm,numpyro
     python benchmarks/bench_nuts.py --libraries torchebm,torchebm-lockstep   # asynchronous against lockstep chains
+    python benchmarks/bench_nuts.py --libraries torchebm-compile,torchebm-compile-lockstep
 
 Writes benchmarks/results/bench_nuts.{json,md}.
 """
@@ -92,10 +94,10 @@ def initial_points(n_chains: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def run_torchebm(name, n_chains, n_warmup, n_draws, seed, compile=False, asynchronous=True):
-    """torchebm's NUTS on one target. With `compile=True` (library `torchebm-compile`) each leaf of the trees is one
-    program traced by `torch.compile`; the first run traces it (its wall time is kept as `first_seconds`) and the
-    second, timed run reuses it, as NumPyro's timed run reuses its jit-compiled program. `asynchronous=False` (library
-    `torchebm-lockstep`) keeps the eager chains in lockstep."""
+    """torchebm's NUTS on one target. With `compile=True` (libraries `torchebm-compile*`) the model's energy and
+    gradient (asynchronous chains) or each run of leaves (lockstep) is one program traced by `torch.compile`; the first
+    run traces it (its wall time is kept as `first_seconds`) and the second, timed run reuses it, as NumPyro's timed run
+    reuses its jit-compiled program. `asynchronous=False` (libraries `*-lockstep`) keeps the chains in lockstep."""
     import torch
     torch.set_num_threads(1)
     from torchebm.samplers.nuts import NoUTurnSampler
@@ -274,8 +276,8 @@ def main():
     for name, seed, library in itertools.product(args.targets.split(','), seeds, args.libraries.split(',')):
         n_chains = args.pyro_chains if library == 'pyro' else args.chains
         if library.startswith('torchebm'):
-            result = run_torchebm(name, n_chains, args.warmup, args.draws, seed,
-                                  compile=library == 'torchebm-compile', asynchronous=library != 'torchebm-lockstep')
+            result = run_torchebm(name, n_chains, args.warmup, args.draws, seed, compile='-compile' in library,
+                                  asynchronous=not library.endswith('-lockstep'))
         else:
             result = run_peer(library, name, n_chains, args.warmup, args.draws, seed, args.peers)
         row = dict(target=name, seed=seed, library=library, **score(result))

@@ -169,6 +169,27 @@ def test_each_compiled_model_has_its_own_recompile_budget():
         torch.testing.assert_close(grad, 2 * (k + 1) * x)
 
 
+def test_compiled_nuts_chains_run_asynchronously(monkeypatch):
+    """Under `compile=` with a scalar or diagonal metric the chains run asynchronously (the C++ engine), each tick's
+    energy and gradient one compiled program: without warm-up the draws are the eager asynchronous chains' to rounding."""
+    from torchebm.samplers.nuts import AsyncNUTS, NoUTurnSampler
+    models = []
+    real_init = AsyncNUTS.__init__
+    def spy(self, ext, model, *args, **kwargs):
+        models.append(model)
+        real_init(self, ext, model, *args, **kwargs)
+    monkeypatch.setattr(AsyncNUTS, '__init__', spy)
+    model = BowlWithMLP()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mass = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    def draws(**kwargs):
+        sampler = NoUTurnSampler(model, step_size=0.4, metric=mass, n_warmup=0, **kwargs)
+        return sampler.sample(x=x, n_steps=10, return_trajectory=True, generator=torch.Generator().manual_seed(2))
+    eager, compiled = draws(), draws(compile=True)
+    assert [type(m) for m in models] == [BowlWithMLP, CompiledModel]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-9)
+
+
 def test_compiled_nuts_samples_a_correlated_gaussian():
     "Compiled NUTS (dense metric) passes the eager sampler's moment checks (tolerances from the Monte Carlo standard error)."
     from test_nuts import gaussian_checks, run

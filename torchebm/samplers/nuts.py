@@ -45,8 +45,8 @@ class NoUTurnSampler(MCMCSampler):
                  jitter: float = 0.0,  # after warm-up, step sizes times U(1 - jitter, 1 + jitter) per chain and draw
                  restart_every: int = 50,  # warm-up steps between restarts of stuck chains (0: never)
                  nan_policy: str = 'warn',  # 'warn' (one warning naming chains) or 'raise' on NaN/inf
-                 compile: Union[bool, Dict[str, Any]] = False,  # trace each leaf of the trees, model included, as one torch.compile program
-                 use_kernels: bool = True,  # eager on the CPU (scalar or diagonal metric): grow leaves with the C++ leaf (`native_grow_leaf`)
+                 compile: Union[bool, Dict[str, Any]] = False,  # torch.compile the model's energy and gradient (asynchronous chains) or runs of leaves, model included (lockstep)
+                 use_kernels: bool = True,  # on the CPU (scalar or diagonal metric): grow leaves with the C++ leaf (`native_grow_leaf`)
                  asynchronous: bool = True):  # where the C++ leaf serves: chains do not wait for each other's trees (`AsyncNUTS`)
         super().__init__(model, dtype=dtype, device=device, nan_policy=nan_policy, compile=compile)
         if step_size is not None and not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
@@ -68,9 +68,10 @@ class NoUTurnSampler(MCMCSampler):
         return NUTSParams(step_size, metric, self.max_tree_depth, self.max_energy_error, self.use_kernels)
 
     def async_chains(self, model, state: ChainState, step_size, metric: MassMatrix) -> Optional['AsyncNUTS']:
-        """`AsyncNUTS` chains at `state` where they can run (asynchronous, kernels on, eager model, energies in the
-        chains' dtype, the C++ leaf serving `metric`, never dense), else `None`: the chains keep in lockstep."""
-        if not (self.asynchronous and self.use_kernels) or isinstance(model, CompiledModel): return None
+        """`AsyncNUTS` chains at `state` where they can run (asynchronous, kernels on, energies in the chains' dtype, the
+        C++ leaf serving `metric`, never dense), else `None`: the chains keep in lockstep. Under `compile=`, `model` is
+        the `CompiledModel`, so each tick's energy and gradient are one compiled program."""
+        if not (self.asynchronous and self.use_kernels): return None
         if state.energy.dtype != state.x.dtype or self.metric_kind == 'dense': return None
         native = native_leaf(state.x, metric)
         if native is None: return None
@@ -582,7 +583,7 @@ def draws_per_run(x: torch.Tensor, limit: int = 100) -> int:
 
 
 class AsyncNUTS:
-    """NUTS chains that do not wait for each other (eager, CPU, scalar or diagonal metric): each starts its next draw as
+    """NUTS chains that do not wait for each other (CPU, scalar or diagonal metric): each starts its next draw as
     soon as its tree ends, one leapfrog step of every chain per tick. `run(k)` makes `k` more draws per chain from
     where the last run ended; `reset` moves the chains and changes their step sizes and metric between runs."""
     def __init__(self, ext, model, state: ChainState, step_size: torch.Tensor, metric: MassMatrix,
