@@ -569,3 +569,27 @@ def test_samplers_run_on_cuda(make):
     assert out.is_cuda and all(v.is_cuda for v in diag.values()) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match='device'):
         make(model).sample(x=x0.cpu(), n_steps=1)
+
+
+def test_adapted_values_are_a_record_not_state():
+    """What the last warm-up adapted can be read off the sampler, but it is not a sub-module: `state_dict` keeps its
+    keys after an adaptive run, so a fresh sampler loads it."""
+    model = Gaussian(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+    make = lambda: HamiltonianMonteCarlo(model, step_size=0.1, adapt_step_size=True, adapt_mass=True, n_adapt_steps=30)
+    sampler, keys = make(), set(make().state_dict())
+    result = sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=40, return_result=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert set(sampler.state_dict()) == keys
+    make().load_state_dict(sampler.state_dict())
+    assert sampler.adapted_step_size is result.adapted.step_size and sampler.adapted_mass is result.adapted.metric
+
+
+def test_a_step_size_scheduler_is_followed_when_only_the_metric_adapts():
+    "With `adapt_mass=True, adapt_step_size=False` the step size keeps following its scheduler, in warm-up and after."
+    from torchebm.core import LinearScheduler
+    model = Gaussian(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+    sampler = HamiltonianMonteCarlo(model, step_size=LinearScheduler(start_value=0.1, end_value=0.3, n_steps=20),
+                                    adapt_step_size=False, adapt_mass=True, n_adapt_steps=10)
+    _, diag = sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=20, return_trajectory=True,
+                             return_diagnostics=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(diag['step_size'].reshape(20, -1)[:, 0], torch.linspace(0.1, 0.29, 20, dtype=F64))

@@ -244,3 +244,24 @@ def test_warm_start_of_the_wrong_type_or_shape():
         sampler.sample(x=x, n_steps=1, warm_start=AdaptedParameters(torch.ones(3, dtype=F64)))
     with pytest.raises(ValueError, match='cannot be warm-started'):
         LangevinDynamics(Gaussian2D(), integrator='heun').sample(x=x, n_steps=1, warm_start=AdaptedParameters(torch.tensor(0.1)))
+
+
+@pytest.mark.parametrize('bad', [torch.tensor(-0.1, dtype=F64), torch.tensor([0.1, 0.0, 0.1, 0.1], dtype=F64),
+                                 torch.tensor(float('nan'), dtype=F64)])
+def test_warm_start_step_sizes_must_be_finite_and_positive(bad):
+    from torchebm.samplers.mcmc import AdaptedParameters
+    from torchebm.samplers.nuts import NoUTurnSampler
+    x = torch.zeros(4, 2, dtype=F64)
+    for sampler in (HamiltonianMonteCarlo(Gaussian2D()), NoUTurnSampler(Gaussian2D())):
+        with pytest.raises(ValueError, match=r'warm_start.step_size must be finite and > 0'):
+            sampler.sample(x=x, n_steps=1, warm_start=AdaptedParameters(bad))
+    with pytest.raises(ValueError, match=r'^step_size must be finite and > 0'):
+        NoUTurnSampler(Gaussian2D(), step_size=bad)
+
+
+def test_more_warmup_steps_than_steps():
+    "The old API counts warm-up inside `n_steps`: asking for more warm-up than steps is an error, not a silent clamp."
+    sampler = HamiltonianMonteCarlo(Gaussian2D(), adapt_step_size=True, n_adapt_steps=50)
+    with pytest.raises(ValueError, match='n_adapt_steps=50 is more than n_steps=40'):
+        sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=40)
+    sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=50)  # all warm-up is allowed

@@ -53,8 +53,6 @@ class HamiltonianMonteCarlo(MCMCSampler):
         self.mass, self.grad_clip, self.box = as_mass(mass), check_grad_clip(grad_clip), as_box(box, box_mode)
         self.adapt_step_size, self.adapt_mass = bool(adapt_step_size), self.adaptation.metric is not None
         self.target_accept, self.n_adapt_steps, self.adapt_per_chain = target_accept, n_adapt_steps, bool(adapt_per_chain)
-        self.adapted_step_size: Optional[torch.Tensor] = None
-        self.adapted_mass: Optional[MassMatrix] = None
         self.transition = HMC()
         self.diagnostic_keys = ('energy', 'mean', 'var', 'acceptance_rate', 'step_size')
         self.register_scheduler('step_size', step_size)

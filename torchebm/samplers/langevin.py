@@ -95,8 +95,6 @@ class LangevinDynamics(MCMCSampler):
         if not euler and (self.mass is not None or self.grad_clip is not None or self.box is not None):
             raise ValueError("mass, grad_clip and box need integrator='euler_maruyama'")
         self.transition = (MALA() if self.metropolis else ULA()) if euler else None
-        self.adapted_step_size: Optional[torch.Tensor] = None
-        self.adapted_mass: Optional[MassMatrix] = None
         self.diagnostic_keys = ('energy', 'mean', 'var', 'step_size') + (('acceptance_rate',) if metropolis else ())
         self.register_scheduler('step_size', step_size)
         self.register_scheduler('noise_scale', noise_scale)

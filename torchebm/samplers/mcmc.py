@@ -9,7 +9,7 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'ChainMonitor', 'run_chain', 'compile_options', 'traced_energy_and_gradient', 'with_own_code',
            'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel', 'AdaptedParameters', 'SamplingResult',
            'fused_kernels', 'check_start_finite', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
-           'per_step_tensor', 'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update',
+           'check_step_sizes', 'per_step_tensor', 'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update',
            'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init',
            'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains',
            'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
@@ -114,7 +114,8 @@ COLLAPSE_ADVICE = "lower the step size, adapt it per chain (adapt_per_chain=True
 
 class ChainMonitor:
     """Per-chain acceptance and divergence counts from step `start` on, and warnings that name the chains whose
-    acceptance collapsed over a window, that diverged, or whose energies exploded while still finite."""
+    acceptance collapsed over a window, that diverged, whose energies exploded while still finite, or (NUTS) whose
+    trees reached the maximum depth."""
     def __init__(self,
                  x: torch.Tensor,  # chains `[n_chains, *dim]` (for shapes, dtype and device)
                  start: int = 0,  # first step counted (the end of warm-up)
@@ -130,6 +131,7 @@ class ChainMonitor:
         self._collapse_what = f"acceptance below {collapse_below} over a window of {window} steps (stuck chains)"
         self.accept_sum = torch.zeros(n, dtype=x.dtype, device=x.device)
         self.n_divergent = torch.zeros(n, dtype=torch.int64, device=x.device)
+        self.n_max_depth = torch.zeros_like(self.n_divergent)  # draws whose tree stopped at the maximum depth (NUTS)
         self.n_counted, self.metropolis = 0, False
         self._window_sum, self._window_count = torch.zeros_like(self.accept_sum), 0
         self.collapsed = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -143,6 +145,7 @@ class ChainMonitor:
         self.metropolis = self.metropolis or info.accepted is not None
         self.accept_sum += info.accept_prob
         self.n_divergent += info.is_divergent
+        if getattr(info, 'hit_max_depth', None) is not None: self.n_max_depth += info.hit_max_depth
         self._window_sum += info.accept_prob
         self.n_counted, self._window_count = self.n_counted + 1, self._window_count + 1
         if self._window_count == self.window:
@@ -180,7 +183,10 @@ class ChainMonitor:
                     ('divergent', self.n_divergent > 0, f"divergent transitions (energy error above {self.divergence_limit:g} or not finite): "
                      "lower the step size or reparametrise the model"),
                     ('exploded', self.exploded, f"energies above {ENERGY_LIMIT:g} or grown {ENERGY_GROWTH:g}-fold while "
-                     "still finite (the chains are running away): lower the step size or check the model's energy")]
+                     "still finite (the chains are running away): lower the step size or check the model's energy"),
+                    ('max depth', self.n_max_depth > 0, "trees that stopped at the maximum depth before turning (the draws "
+                     "are valid but the trajectories were cut short, so the chains explore slowly): raise max_tree_depth "
+                     "or reparametrise the model")]
         self.found = frozenset(key for key, mask, _ in problems if mask is not None and bool(mask.any()))
         for key, mask, what in problems:
             if key in self.found and key not in (self.quiet or ()):
@@ -389,7 +395,18 @@ class MCMCSampler(BaseSampler):
         self.compile_options = compile_options(compile)
         object.__setattr__(self, '_compiled', None)
         self._reported = frozenset()  # the problems the last run warned about (not warned again while they persist)
+        self.last_adapted: Optional['AdaptedParameters'] = None  # what the last warm-up adapted: a record, never read back
         warn_deprecated_arguments(owner, deprecated)
+
+    @property
+    def adapted_step_size(self) -> Optional[torch.Tensor]:
+        "The step size the last warm-up adapted (for inspection; pass `result.adapted` as `warm_start=` to reuse it)."
+        return None if self.last_adapted is None else self.last_adapted.step_size
+
+    @property
+    def adapted_mass(self) -> Optional[MassMatrix]:
+        "The metric the last warm-up adapted, if it adapted one (a plain attribute, not a sub-module: `state_dict` keeps its keys)."
+        return None if self.last_adapted is None or self.adaptation.metric is None else self.last_adapted.metric
 
     _lean_plan = None  # what a lean run found, kept for the next runs: an object with `run(...)` (see `sample`)
     _RUN_STATE = frozenset({'_reported'})  # attributes a run writes; setting any other attribute drops the plan
@@ -500,14 +517,17 @@ class MCMCSampler(BaseSampler):
         metric = warm_start.metric if warm_start is not None and warm_start.metric is not None else self.metric_for(x)
         fixed_h = None if warm_start is None else _warm_step_size(warm_start.step_size, x)
         adapt = warm_start is None and (options.step_size or options.metric is not None)
-        n_warmup = min(options.n_warmup if options.n_warmup is not None else n_steps // 2, n_steps) if adapt else 0
+        if adapt and options.n_warmup is not None and options.n_warmup > n_steps:
+            raise ValueError(f"n_adapt_steps={options.n_warmup} is more than n_steps={n_steps}: the warm-up steps are "
+                             "the first n_adapt_steps of the run's n_steps")
+        n_warmup = (options.n_warmup if options.n_warmup is not None else n_steps // 2) if adapt else 0
         warmup = Warmup(n_warmup, options.target_accept, options.step_size, options.metric, options.per_chain) \
             if n_warmup else None
         run = {'warmup': warmup.init(x, values['step_size'][0], metric) if warmup else None,
                'h': fixed_h, 'metric': metric}
         transition, n = self.transition, x.shape[0]
-        def step(state, i):
-            if i < n_warmup: h, m = run['warmup'].step_size, run['warmup'].metric
+        def step(state, i):  # a step size that is not adapted follows its scheduler, in warm-up and after
+            if i < n_warmup: h, m = run['warmup'].step_size if options.step_size else values['step_size'][i], run['warmup'].metric
             else:
                 h, m = run['h'] if run['h'] is not None else values['step_size'][i], run['metric']
                 if options.jitter:
@@ -515,7 +535,9 @@ class MCMCSampler(BaseSampler):
             new, info = transition.step(model, state, self.transition_params(values, i, h, m), generator)
             if i < n_warmup:
                 run['warmup'], new = warmup.update(i, run['warmup'], new, info.accept_prob, generator)
-                if i == n_warmup - 1: run['h'], run['metric'] = run['warmup'].step_size, run['warmup'].metric
+                if i == n_warmup - 1:
+                    run['metric'] = run['warmup'].metric
+                    if options.step_size: run['h'] = run['warmup'].step_size
             out = {'step_size': h, 'info': info}
             if info.accepted is not None: out['accepted'] = info.accepted
             return new, out
@@ -579,9 +601,7 @@ class MCMCSampler(BaseSampler):
                     progress=progress, owner=owner, nan_policy=self.nan_policy, monitor=monitor)
                 final_x = state.x
                 adapted = adapted_fn() if adapted_fn is not None else None
-                if adapted is not None and n_warmup:  # kept for older code that reads them off the sampler
-                    self.adapted_step_size = adapted.step_size
-                    if self.adaptation.metric is not None: self.adapted_mass = adapted.metric
+                if adapted is not None and n_warmup: self.last_adapted = adapted
         self._reported = monitor.found
         if return_result:
             kept = n_warmup // thin
@@ -592,8 +612,17 @@ class MCMCSampler(BaseSampler):
         out = trajectory if return_trajectory else final_x
         return (out, diagnostics) if return_diagnostics else out
 
+def check_step_sizes(name: str, step_size) -> None:
+    "Raise unless `step_size` (a number, or a tensor of one per chain) is finite and > 0 everywhere (a tensor: one host sync)."
+    if not isinstance(step_size, torch.Tensor): return check_positive(name, step_size)
+    if not step_size.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {step_size.dtype}")
+    if not bool((torch.isfinite(step_size) & (step_size > 0)).all()):
+        raise ValueError(f"{name} must be finite and > 0 for every chain, got {step_size}")
+
 def _warm_step_size(step_size, x: torch.Tensor) -> torch.Tensor:
     "A warm-start step size as a tensor on `x`'s device and dtype, 0-d or one per chain of `x`."
+    check_step_sizes('warm_start.step_size', step_size)
     h = torch.as_tensor(step_size).to(device=x.device, dtype=x.dtype)
     if h.ndim > 1 or (h.ndim == 1 and h.shape[0] != x.shape[0]):
         raise ValueError(f"warm_start.step_size must be 0-d or one per chain ({x.shape[0]},), got shape {tuple(h.shape)}")
