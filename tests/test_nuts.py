@@ -238,8 +238,9 @@ def test_float32_per_chain_step_sizes_and_reproducible():
 def test_max_tree_depth_is_reported():
     model = GaussianModel(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT))
     sampler = NoUTurnSampler(model, step_size=0.01, metric='unit', max_tree_depth=3, n_warmup=0)
-    _, diag = sampler.sample(x=torch.zeros(8, 2, dtype=DT), n_steps=3, return_diagnostics=True,
-                             generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=r'8 of 8 chains .* trees that stopped at the maximum depth'):
+        _, diag = sampler.sample(x=torch.zeros(8, 2, dtype=DT), n_steps=3, return_diagnostics=True,
+                                 generator=torch.Generator().manual_seed(0))
     assert bool(diag['hit_max_depth'].all()) and bool((diag['tree_depth'] == 3).all())
     assert bool((diag['n_leapfrog'] == 7).all())
 

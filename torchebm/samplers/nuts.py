@@ -23,7 +23,7 @@ from ..core.base import check_choice, check_nonnegative_int, check_positive, eva
 from ..integrators import MassMatrix
 from .mcmc import (ADAPT_METRICS, DUAL_AVERAGING_KAPPA, DUAL_AVERAGING_T0, AdaptedParameters, ChainMonitor,
                                     CompiledModel, DualAveragingState, MCMCSampler, SamplingResult, Warmup,
-                                    adaptation_options, fused_kernels, jittered, run_chain)
+                                    adaptation_options, check_step_sizes, fused_kernels, jittered, run_chain)
 from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog,
                                            model_energy_and_gradient)
 
@@ -49,7 +49,7 @@ class NoUTurnSampler(MCMCSampler):
                  use_kernels: bool = True,  # on the CPU (scalar or diagonal metric): grow leaves with the C++ leaf (`native_grow_leaf`)
                  asynchronous: bool = True):  # where the C++ leaf serves: chains do not wait for each other's trees (`AsyncNUTS`)
         super().__init__(model, dtype=dtype, device=device, nan_policy=nan_policy, compile=compile)
-        if step_size is not None and not isinstance(step_size, torch.Tensor): check_positive('step_size', step_size)
+        if step_size is not None: check_step_sizes('step_size', step_size)
         check_nonnegative_int('max_tree_depth', max_tree_depth, minimum=1)
         check_nonnegative_int('n_warmup', n_warmup)
         check_positive('max_energy_error', max_energy_error)
@@ -125,7 +125,7 @@ class NoUTurnSampler(MCMCSampler):
                progress: bool = False, warm_start: Optional[AdaptedParameters] = None, model=None):
         """Warm up, then draw `n_steps` states per chain from `x: [n_chains, *dim]`. Returns `x`, or the trajectory
         `[n_chains, n_steps // thin, *dim]` (warm-up not included), paired with the per-draw diagnostics if
-        `return_diagnostics`; `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric).
+        `return_diagnostics` (`[n_steps, n_chains]`, every draw's even when thinned: divergences and depths count them all); `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric).
         `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric; `model=`
         samples another model for this run. The model runs in eval mode (its modes are restored afterwards); warnings
         about stuck (acceptance collapsed), divergent or runaway chains after warm-up name them, once while a problem
@@ -148,7 +148,9 @@ class NoUTurnSampler(MCMCSampler):
                                                                                  record, progress)
             if warm_start is not None:
                 metric = warm_start.metric if warm_start.metric is not None else adapted.metric
+                check_step_sizes('warm_start.step_size', warm_start.step_size)
                 adapted = AdaptedParameters(per_chain_step_size(warm_start.step_size, x), metric_like(metric, x))
+            elif n_warmup: self.last_adapted = adapted
             step_size, metric, n = adapted.step_size, adapted.metric, x.shape[0]
             infos, chains, run = [], self.async_chains(evaluation, state, step_size, metric), None
             def step(state, i):
