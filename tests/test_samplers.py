@@ -593,3 +593,33 @@ def test_a_step_size_scheduler_is_followed_when_only_the_metric_adapts():
     _, diag = sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=20, return_trajectory=True,
                              return_diagnostics=True, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(diag['step_size'].reshape(20, -1)[:, 0], torch.linspace(0.1, 0.29, 20, dtype=F64))
+
+
+class ModeSpy(torch.nn.Module):
+    "N(0, I) on 2 coordinates that records the `training` flag of every call (dropout or batch norm would change with it)."
+    def __init__(self):
+        super().__init__()
+        self.dim, self.modes, self.layer = 2, set(), torch.nn.Linear(2, 1)
+    def forward(self, x):
+        self.modes.add(self.training)
+        return 0.5 * (x ** 2).sum(-1) + 0.0 * self.layer(x).squeeze(-1)
+
+
+def tempering_samplers():
+    from torchebm.diagnostics import annealed_importance_sampling
+    from torchebm.samplers.smc import SequentialMonteCarlo
+    from torchebm.samplers.tempering import ParallelTempering
+    g = torch.Generator().manual_seed(0)
+    return {'pt': lambda m: ParallelTempering(ModeSpy(), n_temperatures=3).sample(n_samples=4, n_steps=3, n_warmup=2, generator=g, model=m),
+            'smc': lambda m: SequentialMonteCarlo(ModeSpy()).sample(n_samples=16, generator=g, model=m),
+            'ais': lambda m: annealed_importance_sampling(m, n_chains=16, n_temperatures=5, generator=g)}
+
+
+@pytest.mark.parametrize('name', ['pt', 'smc', 'ais'])
+def test_tempered_samplers_run_the_model_in_eval_mode(name):
+    "Parallel tempering, SMC and AIS see the model in eval mode, as the MCMC samplers do, and restore its mode; PT and SMC take `model=` per run."
+    model = ModeSpy().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # runs this short may warn about their swaps or weights
+        tempering_samplers()[name](model)
+    assert model.modes == {False} and model.training

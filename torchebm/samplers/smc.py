@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..core.base import BaseSampler, check_choice, check_nonnegative_int, check_positive, model_tensor_dtype
+from ..core.base import BaseSampler, check_choice, check_nonnegative_int, check_positive, eval_mode, model_tensor_dtype
 from .mcmc import run_chain
 from .tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 from .transitions import ChainState, Transition
@@ -197,18 +197,21 @@ class SequentialMonteCarlo(BaseSampler):
                dim=None,  # event shape (default: the model's `dim`, else the base's)
                n_samples: int = 1024,  # particles
                *, generator: Optional[torch.Generator] = None,  # RNG for reproducible runs
-               progress: bool = False) -> SMCResult:  # show a progress bar (in beta)
-        "Run SMC from the base to the model; returns an `SMCResult` (particles, weights, `log_z`, `stderr`, ESS)."
+               progress: bool = False,  # show a progress bar (in beta)
+               model=None) -> SMCResult:  # another target for this run (default: the sampler's model)
+        """Run SMC from the base to the model; returns an `SMCResult` (particles, weights, `log_z`, `stderr`, ESS).
+        The model runs in eval mode (its modes are restored afterwards), without a graph."""
         check_nonnegative_int('n_samples', n_samples, minimum=2)
-        dim = event_shape(self.model, dim, self.base)
-        dtype = self._dtype or model_tensor_dtype(self.model) or base_dtype(self.base) or torch.get_default_dtype()
+        run_model = self.model if model is None else model
+        dim = event_shape(run_model, dim, self.base)
+        dtype = self._dtype or model_tensor_dtype(run_model) or base_dtype(self.base) or torch.get_default_dtype()
         base = resolve_base(self.base, dim, dtype, self.device)
-        tempered = TemperedModel(self.model, base)
-        result = run_smc(tempered, base.sample(n_samples, generator), self.transition, self.params,
-                       target_ess=self.target_ess, n_mutation_steps=self.n_mutation_steps,
-                       resampling=self.resampling, resample_threshold=self.resample_threshold,
-                       adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
-                       generator=generator, progress=progress, owner='SequentialMonteCarlo')
+        with torch.no_grad(), eval_mode(run_model):
+            result = run_smc(TemperedModel(run_model, base), base.sample(n_samples, generator), self.transition,
+                             self.params, target_ess=self.target_ess, n_mutation_steps=self.n_mutation_steps,
+                             resampling=self.resampling, resample_threshold=self.resample_threshold,
+                             adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
+                             generator=generator, progress=progress, owner='SequentialMonteCarlo')
         if result.n_ancestors == 1:
             warnings.warn("SequentialMonteCarlo: every particle descends from one initial particle, so the standard "
                           "error of log Z is void; use more particles, a larger target_ess or resample_threshold",

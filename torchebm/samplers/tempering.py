@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import distributions as D
 
-from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive
+from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive, eval_mode
 from .mcmc import (ChainMonitor, dual_averaging_final, dual_averaging_init, dual_averaging_update,
                                     run_chain)
 from .transitions import (
@@ -336,9 +336,11 @@ class ParallelTempering(BaseSampler):
                return_all_temperatures: bool = False,  # also return the draws of every temperature
                *, generator: Optional[torch.Generator] = None,  # RNG for reproducible runs
                progress: bool = False,  # show a progress bar
-               warm_start: Optional[Union[PTResult, AdaptedLadder]] = None) -> PTResult:  # a previous result (or its `adapted`): its ladder and step sizes, not adapted again
+               warm_start: Optional[Union[PTResult, AdaptedLadder]] = None,  # a previous result (or its `adapted`): its ladder and step sizes, not adapted again
+               model=None) -> PTResult:  # another target for this run (default: the sampler's model)
         """Run the K x n_chains replicas; returns a `PTResult` with the beta = 1 draws and the swap diagnostics.
-        With `warm_start=` the `n_warmup` steps only burn in, with the given ladder and step sizes.
+        With `warm_start=` the `n_warmup` steps only burn in, with the given ladder and step sizes. The model runs in
+        eval mode (its modes are restored afterwards), without a graph.
 
         Both phases run through `run_chain`: its NaN guard raises and its `ChainMonitor` warns naming chains, where
         chain `k * n_chains + j` is chain j at temperature k (also the order of `accept_rate` and `n_divergent`)."""
@@ -346,6 +348,7 @@ class ParallelTempering(BaseSampler):
         check_nonnegative_int('n_warmup', n_warmup)
         check_nonnegative_int('thin', thin, minimum=1)
         x0 = self.initial_chains(x, dim, n_samples, generator)
+        run_model = self.model if model is None else model
         if warm_start is not None and not isinstance(warm_start, (PTResult, AdaptedLadder)):
             raise TypeError(f"warm_start must be a PTResult (a previous run's result) or its .adapted, "
                             f"got {type(warm_start).__name__}")
@@ -365,7 +368,7 @@ class ParallelTempering(BaseSampler):
             parity = (torch.tensor(t % 2, device=device) if self.swap_scheme == 'deo'
                       else torch.randint(0, 2, (), generator=generator, device=device))
             params = self.params._replace(step_size=step_size.repeat_interleave(n))
-            return replica_exchange_step(self.model, base, state, betas, self.transition, params, parity, generator,
+            return replica_exchange_step(run_model, base, state, betas, self.transition, params, parity, generator,
                                          evaluate=hottest_is_base)
 
         def warmup_step(state, i):  # the exchange, then dual averaging per temperature and the ladder's updates
@@ -392,16 +395,17 @@ class ParallelTempering(BaseSampler):
             return state, info
 
         x = x0.repeat(K, *([1] * (x0.ndim - 1)))
-        state = ChainState(x, *TemperedModel(self.model, base).parts(x).at(betas.repeat_interleave(n)))
         owner = f"ParallelTempering (chain {n}k+j: chain j at temperature k)"
         view = None if return_all_temperatures else (lambda state: state.x[-n:])  # what the trajectories keep
         run = dict(thin=thin, return_trajectory=True, progress=progress, view=view)
-        # warm-up: the monitor watches the energies and counts nothing; then a fresh one counts the kept steps
-        state, warm, _ = run_chain(warmup_step, state, n_warmup, owner=f'{owner} warm-up',
-                                   monitor=ChainMonitor(x, start=n_warmup, owner=f'{owner} warm-up'), **run)
         monitor = ChainMonitor(x, owner=owner, collapse_advice="give the warm-up more steps to adapt these chains' step "
                                "sizes (one per temperature), or lower them in warm_start=")
-        state, kept, _ = run_chain(kept_step, state, n_steps, owner=owner, monitor=monitor, **run)
+        with torch.no_grad(), eval_mode(run_model):
+            state = ChainState(x, *TemperedModel(run_model, base).parts(x).at(betas.repeat_interleave(n)))
+            # warm-up: the monitor watches the energies and counts nothing; then a fresh one counts the kept steps
+            state, warm, _ = run_chain(warmup_step, state, n_warmup, owner=f'{owner} warm-up',
+                                       monitor=ChainMonitor(x, start=n_warmup, owner=f'{owner} warm-up'), **run)
+            state, kept, _ = run_chain(kept_step, state, n_steps, owner=owner, monitor=monitor, **run)
         rates = swap_sum / n_steps
         if bool((rates < MIN_SWAP_RATE).any()):
             pairs = [(k, k + 1) for k in torch.nonzero(rates < MIN_SWAP_RATE).flatten().tolist()]
