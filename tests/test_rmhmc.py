@@ -3,14 +3,16 @@ explain: finite differences of H, equality with HMC for a constant metric, rever
 
 The funnel test compares moments of Neal's funnel (v ~ N(0, 3^2), x | v ~ N(0, e^v)) with their closed forms, the
 tolerance being Z Monte Carlo standard errors (sd / sqrt(ESS), the project's ESS of the mean). The same check run on
-a sampler that drops the 1/2 log det G(x) term (so it samples e^{-E(x)} sqrt(det G(x)), pulled into the neck) fails."""
+a sampler that drops the 1/2 log det G(x) term (so it samples e^{-E(x)} sqrt(det G(x)), pulled into the neck) fails.
+The stationarity test starts at exact funnel draws, applies RMHMC transitions and compares with fresh draws (a
+two-sample test in the coordinates that make the funnel a standard Gaussian); it too rejects that broken sampler."""
 import math
 import warnings
 
 import pytest
 import torch
 
-from torchebm.diagnostics import effective_sample_size
+from torchebm.diagnostics import effective_sample_size, energy_distance_test
 from torchebm.integrators import MassMatrix
 from torchebm.samplers import RiemannianManifoldHMC
 from torchebm.samplers.rmhmc import RMHMC, FunctionMetric, RMHMCParams, SoftAbsMetric
@@ -75,6 +77,33 @@ def test_funnel_check_rejects_a_sampler_without_the_log_det_term():
     result = funnel_run(NoLogDetSoftAbs(1.0))
     with pytest.raises(AssertionError):
         funnel_checks(result.samples)
+
+
+def standardised_funnel(y):
+    "The bijection (v, x) -> (v / 3, x e^{-v/2}) that maps the funnel to N(0, I), where a two-sample test has power."
+    return torch.cat([y[:, :1] / 3, y[:, 1:] * torch.exp(-y[:, :1] / 2)], 1)
+
+
+def check_funnel_stationary(metric, n=500, k=10, seed=0):
+    """Start at `n` exact funnel draws, apply `k` RMHMC transitions (3 steps of 0.3), compare with fresh draws in
+    standardised coordinates (energy-distance permutation test, 400 permutations): p <= 0.01 means they moved away."""
+    g, transition, model = torch.Generator().manual_seed(seed), RMHMC(), Funnel()
+    state, params = transition.init(model, funnel_draws(n, 1, g)), RMHMCParams(0.3, 3, metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        for _ in range(k): state, _ = transition.step(model, state, params, g)
+    p = energy_distance_test(standardised_funnel(state.x), standardised_funnel(funnel_draws(n, 1, g)),
+                             n_permutations=400, generator=g).p_value.item()
+    assert p > 0.01, f"the chains moved away from the funnel: p = {p:.4f}"
+
+
+def test_rmhmc_leaves_the_funnel_invariant():
+    check_funnel_stationary(SoftAbsMetric(1.0))
+
+
+def test_stationarity_check_rejects_a_sampler_without_the_log_det_term():
+    with pytest.raises(AssertionError, match='moved away'):
+        check_funnel_stationary(NoLogDetSoftAbs(1.0))
 
 
 def test_sampler_equals_the_transition_loop_and_is_reproducible():
