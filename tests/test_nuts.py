@@ -669,3 +669,27 @@ def test_async_chains_keep_the_event_shape():
     result = NoUTurnSampler(model, n_warmup=50).sample(x=state.x, n_steps=5, return_trajectory=True,
                                                        generator=torch.Generator().manual_seed(2))
     assert result.shape == (8, 5, 2, 3)
+
+
+def test_warm_start_with_a_warmup_starts_from_the_adapted_values():
+    """`warm_start=` alone samples with the given step sizes and metric; with `n_warmup=` a warm-up starts from them (as
+    Stan's `stepsize` and `inv_metric`), instead of the explicit `n_warmup` being ignored."""
+    model = GaussianModel(torch.zeros(2, dtype=DT), torch.diag(torch.tensor([1.0, 9.0], dtype=DT)))
+    x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    first = NoUTurnSampler(model, n_warmup=150).sample(x=x0, n_steps=5, return_result=True,
+                                                       generator=torch.Generator().manual_seed(1))
+    sampler = NoUTurnSampler(model, n_warmup=150)
+    reuse = sampler.sample(x=x0, n_steps=5, return_result=True, warm_start=first.adapted)
+    assert torch.equal(reuse.adapted.step_size, first.adapted.step_size) and reuse.warmup is None
+    seen = []
+    real = NoUTurnSampler.warmup
+    def spy(self, model, state, n_warmup, *args):
+        seen.append((n_warmup, args[-1]))
+        return real(self, model, state, n_warmup, *args)
+    NoUTurnSampler.warmup = spy
+    try: again = sampler.sample(x=x0, n_steps=5, n_warmup=30, return_result=True, warm_start=first.adapted,
+                                generator=torch.Generator().manual_seed(2))
+    finally: NoUTurnSampler.warmup = real
+    assert seen == [(30, first.adapted)]
+    assert not torch.equal(again.adapted.step_size, first.adapted.step_size)  # adapted further
+    assert bool((again.adapted.step_size / first.adapted.step_size).log().abs().max() < math.log(3))  # from there

@@ -78,16 +78,19 @@ class NoUTurnSampler(MCMCSampler):
         return AsyncNUTS(native[0], model, state, step_size, metric, self.max_tree_depth, self.max_energy_error)
 
     def warmup(self, model, state: ChainState, n_warmup: int, generator=None, record_every: int = 0,
-               progress: bool = False):
+               progress: bool = False, initial: Optional[AdaptedParameters] = None):
         """Stan's warm-up from `state` with the engine's `Warmup`, run by the shared loop `run_chain` (progress bar,
         periodic NaN guard): returns the last state, the `AdaptedParameters`, the divergences per chain, the gradient
-        evaluations and (with `record_every > 0`) the warm-up draws thinned by it, `[n_chains, k, *dim]` or `None`."""
+        evaluations and (with `record_every > 0`) the warm-up draws thinned by it, `[n_chains, k, *dim]` or `None`.
+        `initial` (an earlier run's `adapted`) starts it from those step sizes and metric, as Stan's `stepsize` and
+        `inv_metric` arguments do."""
         x, options = state.x, self.adaptation
-        metric = metric_like(self.metric, x)
-        step_size = per_chain_step_size(self.step_size if self.step_size is not None else 1.0, x)
+        given = initial.step_size if initial is not None else self.step_size
+        metric = metric_like(initial.metric if initial is not None and initial.metric is not None else self.metric, x)
+        step_size = per_chain_step_size(given if given is not None else 1.0, x)
         n_divergent, n_grad_evals = torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 0
         if n_warmup == 0: return state, AdaptedParameters(step_size, metric), n_divergent, n_grad_evals, None
-        if self.step_size is None: step_size = find_reasonable_step_size(model, state, step_size, metric, generator)
+        if given is None: step_size = find_reasonable_step_size(model, state, step_size, metric, generator)
         warmup = Warmup(n_warmup, options.target_accept, True, options.metric, options.per_chain, self.restart_every,
                         gamma=0.05)  # Stan's shrinkage also per chain: a tree's mean acceptance is a steady signal
         find = lambda chains, h, m: find_reasonable_step_size(model, chains, h, m, generator)
@@ -126,7 +129,8 @@ class NoUTurnSampler(MCMCSampler):
         """Warm up, then draw `n_steps` states per chain from `x: [n_chains, *dim]`. Returns `x`, or the trajectory
         `[n_chains, n_steps // thin, *dim]` (warm-up not included), paired with the per-draw diagnostics if
         `return_diagnostics` (`[n_steps, n_chains]`, every draw's even when thinned: divergences and depths count them all); `return_result=True` returns a `SamplingResult` (with the adapted step sizes and metric).
-        `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric; `model=`
+        `warm_start=` (a result's `adapted`) skips the warm-up and samples with those step sizes and metric (with an
+        explicit `n_warmup=`, a warm-up of that length starts from them instead of from scratch); `model=`
         samples another model for this run. The model runs in eval mode (its modes are restored afterwards); warnings
         about stuck (acceptance collapsed), divergent or runaway chains after warm-up name them, once while a problem
         persists over consecutive runs of this sampler."""
@@ -136,7 +140,7 @@ class NoUTurnSampler(MCMCSampler):
         if warm_start is not None and not isinstance(warm_start, AdaptedParameters):
             raise TypeError(f"warm_start must be an AdaptedParameters (e.g. result.adapted), got {type(warm_start).__name__}")
         n_steps = self.resolve_n_steps(n_steps)
-        n_warmup = 0 if warm_start is not None else (self.n_warmup if n_warmup is None else n_warmup)
+        n_warmup = (0 if warm_start is not None else self.n_warmup) if n_warmup is None else n_warmup
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('thin', thin, minimum=1)
         x = self.start_points(x, dim, n_samples, generator, run_model)
         monitor = ChainMonitor(x, owner=owner, quiet=self._reported, divergence_limit=self.max_energy_error)
@@ -144,13 +148,10 @@ class NoUTurnSampler(MCMCSampler):
             evaluation = self.evaluation_model(run_model)
             state = self.transition.init(evaluation, x)
             record = thin if return_result and return_trajectory else 0
+            if warm_start is not None: check_step_sizes('warm_start.step_size', warm_start.step_size)
             state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(evaluation, state, n_warmup, generator,
-                                                                                 record, progress)
-            if warm_start is not None:
-                metric = warm_start.metric if warm_start.metric is not None else adapted.metric
-                check_step_sizes('warm_start.step_size', warm_start.step_size)
-                adapted = AdaptedParameters(per_chain_step_size(warm_start.step_size, x), metric_like(metric, x))
-            elif n_warmup: self.last_adapted = adapted
+                                                                                 record, progress, warm_start)
+            if n_warmup: self.last_adapted = adapted
             step_size, metric, n = adapted.step_size, adapted.metric, x.shape[0]
             infos, chains, run = [], self.async_chains(evaluation, state, step_size, metric), None
             def step(state, i):
