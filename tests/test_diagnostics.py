@@ -149,6 +149,10 @@ def test_energy_test_calibrated_and_powerful():
 
 
 # -- partition function (annealed importance sampling) ---------------------------------------------------------
+# Tolerances are 4 reported standard errors and nothing more. AIS's weights are unbiased for Z at any number of
+# temperatures (each move leaves its pi_beta invariant); log Z-hat has only Jensen's bias, about -stderr^2 / 2
+# (delta method): below 0.02 for the stderr < 0.2 these runs have, a tenth of one standard error, so no slack is
+# added for it. The quadrature reference below is exact to 1e-15 (halving its grid changes it by 0).
 from torch import distributions as D
 from torch import nn
 
@@ -193,7 +197,7 @@ def test_ais_recovers_gaussian_log_z(transition, seed):
     model = _random_gaussian(4, seed)
     est = estimate_log_z(model, n_chains=256, n_temperatures=150, transition=transition, step_size=0.05,
                          n_leapfrog=4, generator=torch.Generator().manual_seed(seed))
-    assert abs(est.log_z.item() - model.log_z) < 4 * est.stderr.item() + 0.03
+    assert abs(est.log_z.item() - model.log_z) < 4 * est.stderr.item()
     assert 0 < est.stderr.item() < 0.2
 
 
@@ -213,7 +217,7 @@ def test_ais_float32_autograd_model_and_event_shape():
                          generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     exact = 4 * (0.5 * math.log(2 * math.pi) + math.log(scale))
     assert est.log_z.dtype == torch.float64
-    assert abs(est.log_z.item() - exact) < 4 * est.stderr.item() + 0.03
+    assert abs(est.log_z.item() - exact) < 4 * est.stderr.item()
 
 
 def test_ais_exact_when_base_equals_model():
@@ -230,7 +234,7 @@ def test_ais_mvn_base_and_reproducible():
     a = estimate_log_z(model, base=base, n_temperatures=40, generator=torch.Generator().manual_seed(4))
     b = estimate_log_z(model, base=base, n_temperatures=40, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.log_z, b.log_z)
-    assert abs(a.log_z.item() - model.log_z) < 4 * a.stderr.item() + 0.02
+    assert abs(a.log_z.item() - model.log_z) < 4 * a.stderr.item()
 
 
 def test_ais_bad_inputs():
@@ -274,13 +278,15 @@ def test_ais_bimodal_against_quadrature(transition):
     class DoubleWell(nn.Module):
         def forward(self, x): return 2.0 * (x[:, 0] ** 2 - 1.5) ** 2 + 0.5 * x[:, 1] ** 2
 
+    # the trapezoid rule on a smooth integrand that vanishes at the ends (e^-420 at +-4) converges geometrically:
+    # the 4001-point grid gives the same log Z1 to 1e-16, so the reference's error is nil next to the stderr (0.015)
     grid = torch.linspace(-4, 4, 8001, dtype=torch.float64)
     log_z1 = torch.log(torch.trapezoid(torch.exp(-2.0 * (grid ** 2 - 1.5) ** 2), grid)).item()
     exact = log_z1 + 0.5 * math.log(2 * math.pi)
     est = estimate_log_z(DoubleWell(), dim=2, n_chains=512, n_temperatures=200, transition=transition,
                          step_size=0.05, n_leapfrog=3, generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
-    assert abs(est.log_z.item() - exact) < 4 * est.stderr.item() + 0.03
+    assert abs(est.log_z.item() - exact) < 4 * est.stderr.item()
 
 
 def check_ais_unbiased(transition='langevin', n_runs=4):
@@ -315,7 +321,7 @@ def test_ais_keeps_float64_for_a_parameter_free_energy():
     res = annealed_importance_sampling(lambda x: 0.5 * x.pow(2).sum(-1), dim=3, base=base, n_temperatures=20,
                                        generator=torch.Generator().manual_seed(0))
     assert res.samples.dtype == torch.float64 and res.log_weights.dtype == torch.float64
-    assert abs(res.log_z.item() - 1.5 * math.log(2 * math.pi)) < 4 * res.stderr.item() + 1e-9
+    assert abs(res.log_z.item() - 1.5 * math.log(2 * math.pi)) < 4 * res.stderr.item()
 
 
 def test_ais_warns_when_the_weights_collapse():
