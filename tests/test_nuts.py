@@ -5,8 +5,9 @@ A broken variant these tests catch: `test_a_broken_nuts_fails_the_moment_test` r
 each sub-tree and when a sub-tree joins the tree) by always taking the newest leaf; the variance check on a Gaussian
 then fails by ~19 standard errors while the real sampler passes. (Merging each new sub-tree without its weight, alone,
 was not rejected by the banana stationarity test: 600 chains, p = 0.10 after 4 and 0.065 after 20 transitions.)
-`test_a_broken_nuts_fails_the_banana_test` draws the momenta with the inverse mass instead of the mass; the banana's
-checks then fail by 7-14 standard errors.
+`test_a_broken_nuts_fails_the_banana_test` and `test_a_broken_nuts_fails_the_stationarity_test` draw the momenta
+with the inverse mass instead of the mass; the banana's moment checks then fail by 7-14 standard errors, and the
+stationarity test (with a diagonal metric) gives p = 1/201.
 
 The long moment tests are marked `slow` (about 2.5 CPU-minutes for the first four on this machine's cores)."""
 import math
@@ -159,17 +160,21 @@ def test_conjugate_linear_regression():
 PATHS = {'async': {}, 'lockstep C++ leaf': dict(asynchronous=False), 'torch leaf': dict(use_kernels=False)}
 
 
-def stationarity_p_value(k=4, n=600, seed=11, path='async'):
-    "Start at exact banana draws, apply `k` NUTS transitions with a fixed step size, and test against fresh draws."
+# A diagonal metric near the banana's scales (x1: sd 2, x2: sd 2.9): mass = 1 / variance.
+BANANA_MASS = MassMatrix(torch.tensor([0.25, 0.125], dtype=DT))
+
+
+def stationarity_p_value(k=4, n=600, seed=11, path='async', metric=MassMatrix(1.0), step_size=0.15):
+    "Start at exact banana draws, apply `k` NUTS transitions with a fixed step size and metric, and test against fresh draws."
     g = torch.Generator().manual_seed(seed)
     model = Banana()
     transition = NoUTurnTransition()
     state = transition.init(model, Banana.exact(n, g))
     if path == 'async':
-        chains = AsyncNUTS(native_leaf(state.x, MassMatrix(1.0))[0], model, state, 0.15, MassMatrix(1.0), max_tree_depth=8)
+        chains = AsyncNUTS(native_leaf(state.x, metric)[0], model, state, step_size, metric, max_tree_depth=8)
         x = chains.run(k, generator=g)[0].x[-1]
     else:
-        params = NUTSParams(step_size=0.15, max_tree_depth=8, use_kernels=path != 'torch leaf')
+        params = NUTSParams(step_size=step_size, metric=metric, max_tree_depth=8, use_kernels=path != 'torch leaf')
         for _ in range(k): state, _ = transition.step(model, state, params, generator=g)
         x = state.x
     return float(energy_distance_test(x, Banana.exact(n, g), n_permutations=200, generator=g).p_value)
@@ -178,6 +183,21 @@ def stationarity_p_value(k=4, n=600, seed=11, path='async'):
 @pytest.mark.parametrize('path', PATHS)
 def test_stationarity_from_exact_draws(path):
     assert stationarity_p_value(path=path) > 0.01
+    assert stationarity_p_value(path=path, metric=BANANA_MASS, step_size=0.1) > 0.01
+
+
+def momenta_with_the_inverse_mass(self, x, generator=None):
+    "A broken `MassMatrix.sample_momentum`: p ~ N(0, M^-1), where the kinetic energy assumes N(0, M) (the two confused)."
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    if self.kind == 'scalar': return eps / self.scalar ** 0.5
+    return eps * self._event(eps, self.inverse.sqrt())
+
+
+def test_a_broken_nuts_fails_the_stationarity_test(monkeypatch):
+    """With momenta drawn with the inverse mass the chains leave the banana within 4 draws: p = 1/201 (the smallest
+    200 permutations give) on every path at seeds 11-13, against 0.13-0.92 for the real sampler."""
+    monkeypatch.setattr(MassMatrix, 'sample_momentum', momenta_with_the_inverse_mass)
+    for path in PATHS: assert stationarity_p_value(path=path, metric=BANANA_MASS, step_size=0.1) < 0.01
 
 
 def unit_metric_gaussian(seed=0, **kwargs):
@@ -211,18 +231,12 @@ def test_a_broken_nuts_fails_the_moment_test(monkeypatch):
 
 @pytest.mark.slow
 def test_a_broken_nuts_fails_the_banana_test(monkeypatch):
-    """Momenta drawn with the inverse mass, p ~ N(0, M^-1) where the kinetic energy assumes N(0, M) (the two confused):
-    the refreshed momenta are too big by the adapted scales (~2-3 here), and the chains spread too far up the banana's
-    arms. `test_banana`'s checks reject it on every path (P(x2 < 0.5) off by 7-14 standard errors at seeds 0 and 1;
-    the unit-metric Gaussian test cannot see this bug)."""
-    from torchebm.integrators import MassMatrix
-    def momenta_with_the_inverse_mass(self, x, generator=None):
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        if self.kind == 'scalar': return eps / self.scalar ** 0.5  # the warm-up's first window
-        return eps * self._event(eps, self.inverse.sqrt())  # diagonal: the metric `run` adapts
+    """Momenta drawn with the inverse mass (`momenta_with_the_inverse_mass`): the refreshed momenta are too big by the
+    adapted scales (~2-3 here), and the chains spread too far up the banana's arms. `test_banana`'s checks reject it
+    (P(x2 < 0.5) off by 7-14 standard errors at seeds 0 and 1 on each of the three paths; the unit-metric Gaussian test
+    cannot see this bug). Run here on the default path; `test_a_broken_nuts_fails_the_stationarity_test` runs all three."""
     monkeypatch.setattr(MassMatrix, 'sample_momentum', momenta_with_the_inverse_mass)
-    for path in PATHS:
-        with pytest.raises(AssertionError, match='estimate'): banana_checks(run(Banana(), 2, target_accept=0.9, **PATHS[path])[0])
+    with pytest.raises(AssertionError, match='estimate'): banana_checks(run(Banana(), 2, target_accept=0.9)[0])
 
 
 def test_float32_per_chain_step_sizes_and_reproducible():
