@@ -58,8 +58,12 @@ def _mixture_runs(n_runs=6):
 def check_mixture(model, runs, weight=0.3):
     "log Z of every run within 4 standard errors; the weight of the (+4, 0) mode within 4 errors across runs."
     weights = torch.stack([torch.softmax(r.log_weights, 0)[r.samples[:, 0] > 0].sum() for r in runs])
+    # No slack beyond the standard error: the split at x = 0 is 8 standard deviations from either mode. The error
+    # is estimated from the runs themselves, so with 6 runs the ratio is Student-t with 5 degrees of freedom and
+    # |t| > 4 has probability ~0.01 for a correct sampler (not 6e-5); the seeds are fixed. Over ten sets of 6
+    # seeds (0-59) |t| stayed below 1.8.
     stderr = weights.std().item() / math.sqrt(len(runs))
-    assert abs(weights.mean().item() - weight) < 4 * stderr + 0.01, \
+    assert abs(weights.mean().item() - weight) < 4 * stderr, \
         f"mode weight {weights.mean().item():.3f} +- {stderr:.3f}, expected {weight}"
     for r in runs: check_log_z(r, model.log_z)
 
