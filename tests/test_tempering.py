@@ -124,7 +124,9 @@ def check_mixture_weight(result, weight=0.3):
     per_column = (result.samples[..., 0] > 0).double().mean(1)  # columns are independent replica systems
     stderr = per_column.std().item() / math.sqrt(len(per_column))
     assert stderr < 0.05, f"the check has no power (standard error {stderr:.3f})"
-    assert abs(per_column.mean().item() - weight) < 4 * stderr + 1e-3, \
+    # no slack beyond the standard error (the once added 1e-3 stood for no stated error); the stderr comes from 24
+    # columns, Student-t with 23 dof: |t| > 4 has probability ~6e-4. Seeds 0-4 of every scheme gave |t| < 1.1.
+    assert abs(per_column.mean().item() - weight) < 4 * stderr, \
         f"mode weight {per_column.mean().item():.3f} +- {stderr:.3f}, expected {weight}"
 
 
