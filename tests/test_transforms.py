@@ -1,10 +1,13 @@
 """Constrained targets sampled unconstrained with `TransformedModel` and NUTS: moments against closed forms with
 tolerances from the Monte Carlo standard error; without the log-Jacobian term the same checks fail."""
+import math
+
 import pytest
 import torch
 
 from torchebm.core.transforms import (BlockTransform, ExpTransform, IntervalTransform, SoftplusTransform,
                                       StickBreakingTransform, TransformedModel, transform_for)
+from torchebm.core.energies import GaussianModel
 from torchebm.diagnostics import effective_sample_size
 from torchebm.samplers.nuts import NoUTurnSampler
 
@@ -80,3 +83,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match='sizes must be ints'): BlockTransform(['positive'], [0])
     with pytest.raises(ValueError, match='last axis of length 3'): BlockTransform([None, 'simplex'], [1, 3]).forward(torch.zeros(2, 4))
     with pytest.raises(ValueError, match='length >= 2'): StickBreakingTransform().inverse(torch.ones(2, 1))
+
+
+def test_bounds_must_be_finite_and_points_inside_the_support():
+    for make in (ExpTransform, SoftplusTransform):
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match='lower must be a finite number'): make(bad)
+    model = TransformedModel(GaussianModel(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)), 'positive')
+    with pytest.raises(ValueError, match=r'x has 1 points outside the support of ExpTransform \(rows \[1\]\)'):
+        model.unconstrain(torch.tensor([[1.0, 2.0], [-1.0, 3.0]], dtype=torch.float64))
+    simplex = TransformedModel(GaussianModel(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)), 'simplex')
+    with pytest.raises(ValueError, match='outside the support of StickBreakingTransform'):
+        simplex.unconstrain(torch.tensor([[0.5, 0.7, -0.2]], dtype=torch.float64))
