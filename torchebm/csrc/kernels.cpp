@@ -1,11 +1,15 @@
 
 // torchebm fused samplers, CPU build: OpenMP over blocks of chains. The random streams and the energies'
 // formulas come from tebm_common.h (shared with kernels.cu); this file holds the lane-vectorised loops and
-// the entry points `langevin_chain`, `hmc_chain`, `energy_and_gradient`, `all_finite`, `standard_normal`, `max_threads`.
+// the entry points `langevin_chain`, `hmc_chain`, `energy_and_gradient`, `energy_kinds`, `all_finite`, `standard_normal`,
+// `max_threads`.
 #include <torch/extension.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+#include <string>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -70,6 +74,10 @@ inline void fill_log_uniform(Rng<L> &g, float *lu) {
   }
 }
 
+// void, declaring a member for energy F only if F has shape S.
+template <typename F, typename S>
+using Shape = std::enable_if_t<std::is_base_of_v<S, F>>;
+
 template <typename T, int L>
 struct Energy {
   int kind;
@@ -82,42 +90,49 @@ struct Energy {
   // compiled copy, so an energy's last bits (where the compiler fuses a multiply-add) do not depend on the caller.
   __attribute__((noinline)) void eval(const T *x, T *g, T *e, T *work) const {
     switch (kind) {
-      case DOUBLE_WELL: double_well(x, g, e); break;
-      case HARMONIC: harmonic(x, g, e); break;
-      case GAUSSIAN: gaussian(x, g, e, work); break;
-      case ROSENBROCK: rosenbrock(x, g, e); break;
-      case RASTRIGIN: rastrigin(x, g, e); break;
-      default: ackley(x, g, e); break;
+#define TEBM_EVAL(CODE, Formula)                                                         \
+  case CODE:                                                                             \
+    if constexpr (std::is_base_of_v<Quadratic, Formula>) apply<Formula>(x, g, e, work); \
+    else apply<Formula>(x, g, e);                                                        \
+    break;
+      TEBM_ENERGIES(TEBM_EVAL)
+#undef TEBM_EVAL
     }
   }
 
-  // The formulas are tebm_common.h's; these loops apply them to every lane of every coordinate.
-  // A sum of one formula over coordinates: g_i = grad(x_i), E = sum_i term(x_i).
-  template <typename Grad, typename Term>
-  void coordinatewise(const T *x, T *g, T *e, Grad grad, Term term) const {
-    if (e) for (int j = 0; j < L; ++j) e[j] = 0;
+  // The loops, one per shape of tebm_common.h (`apply<F>` is the one for F's shape), applying F's formulas. Called
+  // straight from eval, with only the arguments they use: with a layer in between, GCC summarised eval's memory
+  // effects before those of the loops it calls and compiled the samplers' loops around eval differently (HMC 3%
+  // slower); an unused argument gets a loop cloned and compiled differently (Ackley 3% slower).
+
+  // g_i = grad(x_i), E = base + sum_i term(x_i) on every lane of every coordinate, the lane loop marked SIMD if F::simd.
+  template <typename F>
+  Shape<F, Separable> apply(const T *x, T *g, T *e) const {
+    const T a = p0, b = p1, c = p2;  // copied: the lambdas then hold values, not `this`
+    const T base = F::base(d, a, b, c);
+    const auto grad = [=](T v) { return F::grad(v, a, b, c); };
+    const auto term = [=](T v) { return F::term(v, a, b, c); };
+    if (e) for (int j = 0; j < L; ++j) e[j] = base;
     for (int64_t i = 0; i < d; ++i) {
       const T *xi = x + i * L; T *gi = g + i * L;
+      if constexpr (F::simd) {
 #pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        gi[j] = grad(xi[j]);
-        if (e) e[j] += term(xi[j]);
+        for (int j = 0; j < L; ++j) {
+          gi[j] = grad(xi[j]);
+          if (e) e[j] += term(xi[j]);
+        }
+      } else {
+        for (int j = 0; j < L; ++j) {
+          gi[j] = grad(xi[j]);
+          if (e) e[j] += term(xi[j]);
+        }
       }
     }
   }
 
-  void double_well(const T *x, T *g, T *e) const {
-    const T h = p0, c = p1;  // copied: the lambdas then hold values, not `this`
-    coordinatewise(x, g, e, [=](T v) { return double_well_grad(v, h, c); }, [=](T v) { return double_well_term(v, h, c); });
-  }
-
-  void harmonic(const T *x, T *g, T *e) const {
-    const T k = p0;
-    coordinatewise(x, g, e, [=](T v) { return harmonic_grad(v, k); }, [=](T v) { return harmonic_term(v, k); });
-  }
-
   // E = (x - mu)^T P (x - mu) / 2, grad = P (x - mu).
-  void gaussian(const T *x, T *g, T *e, T *delta) const {
+  template <typename F>
+  Shape<F, Quadratic> apply(const T *x, T *g, T *e, T *delta) const {
     for (int64_t i = 0; i < d; ++i) {
 #pragma omp simd
       for (int j = 0; j < L; ++j) delta[i * L + j] = x[i * L + j] - mean[i];
@@ -156,7 +171,9 @@ struct Energy {
     }
   }
 
-  void rosenbrock(const T *x, T *g, T *e) const {
+  // E = sum_{i<d-1} term(x_i, x_{i+1}): the pair adds `own` to g_i and `next` to g_{i+1}.
+  template <typename F>
+  Shape<F, Chained> apply(const T *x, T *g, T *e) const {
     if (e) for (int j = 0; j < L; ++j) e[j] = 0;
     for (int j = 0; j < L; ++j) g[(d - 1) * L + j] = 0;
     for (int64_t i = 0; i + 1 < d; ++i) {
@@ -166,37 +183,38 @@ struct Energy {
 #pragma omp simd
       for (int j = 0; j < L; ++j) {
         T own, next;
-        rosenbrock_grad(xi[j], xn[j], p0, p1, own, next);
+        F::grad(xi[j], xn[j], p0, p1, p2, own, next);
         gi[j] = first ? own : gi[j] + own;
         gn[j] = next;
-        if (e) e[j] += rosenbrock_term(xi[j], xn[j], p0, p1);
+        if (e) e[j] += F::term(xi[j], xn[j], p0, p1, p2);
       }
     }
   }
 
-  void rastrigin(const T *x, T *g, T *e) const {
-    if (e) for (int j = 0; j < L; ++j) e[j] = p0 * (T)d;
-    for (int64_t i = 0; i < d; ++i) {
-      const T *xi = x + i * L; T *gi = g + i * L;
-      for (int j = 0; j < L; ++j) {
-        gi[j] = rastrigin_grad(xi[j], p0);
-        if (e) e[j] += rastrigin_term(xi[j], p0);
-      }
-    }
-  }
-
-  void ackley(const T *x, T *g, T *e) const {
+  // E = energy(S1, S2, d) of S1 = sum_i sum1(x_i), S2 = sum_i sum2(x_i); g_i = grad(x_i, fa, fc), the factors from energy.
+  template <typename F>
+  Shape<F, OfTwoSums> apply(const T *x, T *g, T *e) const {
     T s1[L] = {}, s2[L] = {}, fa[L], fc[L];
     for (int64_t i = 0; i < d; ++i)
-      for (int j = 0; j < L; ++j) { const T v = x[i * L + j]; s1[j] += v * v; s2[j] += ackley_cos(v, p2); }
+      for (int j = 0; j < L; ++j) {
+        const T v = x[i * L + j];
+        s1[j] += F::sum1(v, p0, p1, p2); s2[j] += F::sum2(v, p0, p1, p2);
+      }
     for (int j = 0; j < L; ++j) {
-      const T ej = ackley_energy(s1[j], s2[j], (T)d, p0, p1, p2, fa[j], fc[j]);
+      const T ej = F::energy(s1[j], s2[j], (T)d, p0, p1, p2, fa[j], fc[j]);
       if (e) e[j] = ej;
     }
     for (int64_t i = 0; i < d; ++i)
-      for (int j = 0; j < L; ++j) g[i * L + j] = ackley_grad(x[i * L + j], fa[j], fc[j], p2);
+      for (int j = 0; j < L; ++j) g[i * L + j] = F::grad(x[i * L + j], fa[j], fc[j], p0, p1, p2);
   }
 };
+
+// Whether ULA takes F's one-pass step (separable_ula_step): a Separable energy whose lane loop vectorises.
+template <typename F>
+constexpr bool has_one_pass_ula() {
+  if constexpr (std::is_base_of_v<Separable, F>) return F::simd;
+  else return false;
+}
 
 // What a chain records every `thin`-th step; null pointers mean "not asked for".
 template <typename T>
@@ -253,6 +271,24 @@ inline void separable_ula_step(Rng<L> &g, T *xb, int64_t d, T h, T c, Grad grad)
     a = u - h * grad(u) + c * (T)n0;
     b = v - h * grad(v) + c * (T)n1;
   });
+}
+
+// ULA's one-pass step with F's gradient.
+template <typename F, int L, typename T>
+__attribute__((always_inline)) inline void one_pass_ula(const Energy<T, L> &E, Rng<L> &rng, T *xb, int64_t d, T h, T c) {
+  const T a = E.p0, b = E.p1, p = E.p2;
+  separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return F::grad(v, a, b, p); });
+}
+
+// Takes ULA's one-pass step if E's energy has one (has_one_pass_ula) and says whether it did.
+template <int L, typename T>
+__attribute__((always_inline)) inline bool one_pass_ula_step(const Energy<T, L> &E, Rng<L> &rng, T *xb, int64_t d, T h, T c) {
+#define TEBM_ONE_PASS(CODE, Formula)                                              \
+  if constexpr (has_one_pass_ula<Formula>())                                      \
+    if (E.kind == CODE) { one_pass_ula<Formula>(E, rng, xb, d, h, c); return true; }
+  TEBM_ENERGIES(TEBM_ONE_PASS)
+#undef TEBM_ONE_PASS
+  return false;
 }
 
 // One thread's block of L chains and its scratch, each [d][L]: the state x with g = grad E(x) and energy e,
@@ -337,13 +373,7 @@ void langevin_run(const T *x, T *out, int64_t n, const Energy<T, L> &E, const do
     // locals, not captures: a store through T* could alias a captured T, which stops the loops vectorising
     T *xb = b.x, *gb = b.g, *z = b.z, *y = b.y, *gy = b.gy;
     const T h = (T)eta[t], c = (T)(std::sqrt(2.0 * eta[t]) * scale[t]);
-    if (!metropolis && E.kind == DOUBLE_WELL) {
-      const T hw = E.p0, cc = E.p1;
-      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return double_well_grad(v, hw, cc); });
-      if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
-    } else if (!metropolis && E.kind == HARMONIC) {
-      const T k = E.p0;
-      separable_ula_step<L>(rng, xb, d, h, c, [=](T v) { return harmonic_grad(v, k); });
+    if (!metropolis && one_pass_ula_step(E, rng, xb, d, h, c)) {
       if (rec.wants_energy(t)) E.eval(xb, gb, b.e, b.work);
     } else if (!metropolis) {
       fill_normal(rng, z, d);
@@ -442,7 +472,16 @@ Recorder<T> recorder(const Outputs &o, int64_t n, int64_t d, int64_t n_records, 
                      Outputs::ptr<double>(o.stats), Outputs::ptr<T>(o.accepted)};
 }
 
-bool one_pass_ula(int64_t kind, bool metropolis) { return !metropolis && (kind == DOUBLE_WELL || kind == HARMONIC); }
+// Whether ULA (not `metropolis`) takes the one-pass step for energy `kind` (then in wide blocks).
+bool one_pass_ula(int64_t kind, bool metropolis) {
+  if (metropolis) return false;
+  switch (kind) {
+#define TEBM_ONE_PASS(CODE, Formula) case CODE: return has_one_pass_ula<Formula>();
+    TEBM_ENERGIES(TEBM_ONE_PASS)
+#undef TEBM_ONE_PASS
+  }
+  return false;
+}
 
 }  // namespace
 
@@ -523,6 +562,9 @@ std::vector<torch::Tensor> energy_and_gradient(torch::Tensor x, int64_t kind, st
   });
   return {energy, grad};
 }
+
+// The energies' codes in the order of their values (TEBM_ENERGIES): what Python's table is checked against.
+std::vector<std::string> energy_kinds() { return {std::begin(KIND_NAMES), std::end(KIND_NAMES)}; }
 
 // Whether every element of x is finite (one pass, no temporaries: the samplers' check of the start points).
 bool all_finite(torch::Tensor x) {

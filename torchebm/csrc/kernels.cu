@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "tebm_common.h"
@@ -46,42 +47,43 @@ struct Energy {
 
   // g <- grad E(x); returns E(x). `work` is a per-chain [d] scratch (Gaussian only).
   __device__ T eval(const T *x, T *g, T *work) const {
-    T e = 0;
     switch (kind) {
-      case DOUBLE_WELL:
-        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = double_well_grad(v, p0, p1); e += double_well_term(v, p0, p1); }
-        break;
-      case HARMONIC:
-        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = harmonic_grad(v, p0); e += harmonic_term(v, p0); }
-        break;
-      case GAUSSIAN:
-        for (int64_t i = 0; i < d; ++i) work[i * stride] = at(x, i) - mean[i];
-        for (int64_t i = 0; i < d; ++i) {
-          T acc = 0;
-          for (int64_t k = 0; k < d; ++k) acc += prec[i * d + k] * work[k * stride];
-          g[i * stride] = acc;
-          e += T(0.5) * work[i * stride] * acc;
-        }
-        break;
-      case ROSENBROCK:
-        for (int64_t i = 0; i < d; ++i) g[i * stride] = 0;
-        for (int64_t i = 0; i + 1 < d; ++i) {
-          T own, next;
-          rosenbrock_grad(at(x, i), at(x, i + 1), p0, p1, own, next);
-          g[i * stride] += own;
-          g[(i + 1) * stride] += next;
-          e += rosenbrock_term(at(x, i), at(x, i + 1), p0, p1);
-        }
-        break;
-      case RASTRIGIN:
-        e = p0 * (T)d;
-        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = rastrigin_grad(v, p0); e += rastrigin_term(v, p0); }
-        break;
-      default: {
-        T s1 = 0, s2 = 0, fa, fc;
-        for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); s1 += v * v; s2 += ackley_cos(v, p2); }
-        e = ackley_energy(s1, s2, (T)d, p0, p1, p2, fa, fc);
-        for (int64_t i = 0; i < d; ++i) g[i * stride] = ackley_grad(at(x, i), fa, fc, p2);
+#define TEBM_EVAL(CODE, Formula) case CODE: return eval_as<Formula>(x, g, work);
+      TEBM_ENERGIES(TEBM_EVAL)
+#undef TEBM_EVAL
+    }
+    return 0;
+  }
+
+  // The loop of F's shape (tebm_common.h) applied to F's formulas.
+  template <typename F>
+  __device__ __forceinline__ T eval_as(const T *x, T *g, T *work) const {
+    T e = 0;
+    if constexpr (std::is_base_of<Separable, F>::value) {
+      e = F::base(d, p0, p1, p2);
+      for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); g[i * stride] = F::grad(v, p0, p1, p2); e += F::term(v, p0, p1, p2); }
+    } else if constexpr (std::is_base_of<Chained, F>::value) {
+      for (int64_t i = 0; i < d; ++i) g[i * stride] = 0;
+      for (int64_t i = 0; i + 1 < d; ++i) {
+        T own, next;
+        F::grad(at(x, i), at(x, i + 1), p0, p1, p2, own, next);
+        g[i * stride] += own;
+        g[(i + 1) * stride] += next;
+        e += F::term(at(x, i), at(x, i + 1), p0, p1, p2);
+      }
+    } else if constexpr (std::is_base_of<OfTwoSums, F>::value) {
+      T s1 = 0, s2 = 0, fa, fc;
+      for (int64_t i = 0; i < d; ++i) { const T v = at(x, i); s1 += F::sum1(v, p0, p1, p2); s2 += F::sum2(v, p0, p1, p2); }
+      e = F::energy(s1, s2, (T)d, p0, p1, p2, fa, fc);
+      for (int64_t i = 0; i < d; ++i) g[i * stride] = F::grad(at(x, i), fa, fc, p0, p1, p2);
+    } else {
+      static_assert(std::is_base_of<Quadratic, F>::value, "an energy derives from one of the shapes of tebm_common.h");
+      for (int64_t i = 0; i < d; ++i) work[i * stride] = at(x, i) - mean[i];
+      for (int64_t i = 0; i < d; ++i) {
+        T acc = 0;
+        for (int64_t k = 0; k < d; ++k) acc += prec[i * d + k] * work[k * stride];
+        g[i * stride] = acc;
+        e += T(0.5) * work[i * stride] * acc;
       }
     }
     return e;

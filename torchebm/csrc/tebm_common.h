@@ -1,10 +1,11 @@
 // torchebm fused samplers: what the CPU (kernels.cpp) and CUDA (kernels.cu) builds share.
 // - the random streams: splitmix64 seeding per (seed, chain), xoshiro128+, float32 Box-Muller;
-// - the analytic energies' formulas, one coordinate (or one pair of coordinates) at a time;
+// - the analytic energies: each one's formulas and the one list of them, TEBM_ENERGIES, from which the energy codes
+//   (Kind) and both devices' dispatch switches are generated;
 // - the screening rule that flags a chain for the samplers' checks (screen_chain).
 // Everything here is TEBM_HD: plain always-inline host code for the C++ build, __host__ __device__ under nvcc.
-// Adding an energy: its formula here (section "Energies"), a Kind below, one `case` in each file's
-// Energy::eval, and the model in _KIND / analytic_energy of nbs/41_kernels.ipynb.
+// Adding an energy of a known shape: its struct in section "Energies" and one line in TEBM_ENERGIES, here; in Python,
+// one entry in `_ENERGIES` of nbs/41_kernels.ipynb. Neither device file changes (a new shape needs a loop in each).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -18,9 +19,6 @@
 
 namespace tebm {
 
-// The energy codes passed from Python (`_KIND` in torchebm.cuda.kernels).
-enum Kind { DOUBLE_WELL = 0, HARMONIC = 1, GAUSSIAN = 2, ROSENBROCK = 3, RASTRIGIN = 4, ACKLEY = 5 };
-constexpr int N_KINDS = 6;
 constexpr double TWO_PI = 6.283185307179586;
 
 // ---- Random numbers ----------------------------------------------------------------------------------------
@@ -84,52 +82,104 @@ TEBM_HD void box_muller(uint32_t r1, uint32_t r2, float &z0, float &z1) {
 }
 
 // ---- Energies ----------------------------------------------------------------------------------------------
-// Scalar parameters p0, p1, p2 as set by analytic_energy in Python. Each function gives one coordinate's (or
-// one pair's) gradient and energy term; the callers sum the terms in coordinate order.
+// One struct of static formulas per energy, on its scalar parameters p0, p1, p2 (as the Python table `_ENERGIES` reads
+// them from a model), deriving from its shape. The shape says which loop of each device file applies the formulas
+// (kernels.cpp: over a block's lanes; kernels.cu: over one chain's coordinates); the loops sum the terms in
+// coordinate order. An unused parameter is left unnamed.
+
+// E = base(d) + sum_i term(x_i), grad_i = grad(x_i). `simd`: the CPU's lane loop is marked `#pragma omp simd`, and ULA
+// takes its one-pass step (noise, gradient and update fused); false for formulas that call sin or cos, which GCC
+// keeps scalar without -ffast-math (every marked loop must vectorise: test_every_lane_loop_vectorizes_on_avx2...).
+struct Separable {
+  static constexpr bool simd = true;
+  template <typename T> TEBM_HD static T base(int64_t, T, T, T) { return T(0); }
+};
+// E = sum_{i<d-1} term(x_i, x_{i+1}); the pair adds `own` to grad_i and `next` to grad_{i+1} (needs d >= 2).
+struct Chained {};
+// E = energy(S1, S2, d) of two sums over coordinates, S1 = sum_i sum1(x_i), S2 = sum_i sum2(x_i); energy also gives
+// two factors fa, fc of grad_i = grad(x_i, fa, fc).
+struct OfTwoSums {};
+// E = (x - mean)^T P (x - mean) / 2, grad = P (x - mean), from the tensors mean [d] and P [d, d] (no scalars).
+struct Quadratic {};
 
 // E = h * sum (x_i^2 - c)^2, grad = 4 h x (x^2 - c); p0 = h, p1 = c.
-template <typename T> TEBM_HD T double_well_grad(T v, T h, T c) { return 4 * h * v * (v * v - c); }
-template <typename T> TEBM_HD T double_well_term(T v, T h, T c) { const T q = v * v - c; return h * q * q; }
+struct DoubleWell : Separable {
+  template <typename T> TEBM_HD static T grad(T v, T h, T c, T) { return 4 * h * v * (v * v - c); }
+  template <typename T> TEBM_HD static T term(T v, T h, T c, T) { const T q = v * v - c; return h * q * q; }
+};
 
 // E = k/2 * |x|^2, grad = k x; p0 = k.
-template <typename T> TEBM_HD T harmonic_grad(T v, T k) { return k * v; }
-template <typename T> TEBM_HD T harmonic_term(T v, T k) { return T(0.5) * k * v * v; }
+struct Harmonic : Separable {
+  template <typename T> TEBM_HD static T grad(T v, T k, T, T) { return k * v; }
+  template <typename T> TEBM_HD static T term(T v, T k, T, T) { return T(0.5) * k * v * v; }
+};
+
+// The multivariate normal with mean `mean` and precision P.
+struct Gaussian : Quadratic {};
+
+// E = sum_{i<d-1} (a - x_i)^2 + b (x_{i+1} - x_i^2)^2; p0 = a, p1 = b. `term` kept apart from `grad`: fusing them
+// changes the rounding.
+struct Rosenbrock : Chained {
+  template <typename T> TEBM_HD static void grad(T xi, T xn, T a, T b, T, T &own, T &next) {
+    const T t = xn - xi * xi, u = a - xi;
+    own = -2 * u - 4 * b * xi * t;
+    next = 2 * b * t;
+  }
+  template <typename T> TEBM_HD static T term(T xi, T xn, T a, T b, T) {
+    const T t = xn - xi * xi, u = a - xi;
+    return u * u + b * t * t;
+  }
+};
 
 // E = a d + sum x_i^2 - a cos(2 pi x_i); p0 = a.
-template <typename T> TEBM_HD T rastrigin_grad(T v, T a) {
-  using std::sin;
-  const T w = T(TWO_PI);
-  return 2 * v + a * w * sin(w * v);
-}
-template <typename T> TEBM_HD T rastrigin_term(T v, T a) {
-  using std::cos;
-  const T w = T(TWO_PI);
-  return v * v - a * cos(w * v);
-}
-
-// E = sum_{i<d-1} (a - x_i)^2 + b (x_{i+1} - x_i^2)^2; p0 = a, p1 = b. The pair (x_i, x_{i+1}) adds `own` to
-// grad_i and `next` to grad_{i+1}, and rosenbrock_term to E (kept apart: fusing them changes the rounding).
-template <typename T> TEBM_HD void rosenbrock_grad(T xi, T xn, T a, T b, T &own, T &next) {
-  const T t = xn - xi * xi, u = a - xi;
-  own = -2 * u - 4 * b * xi * t;
-  next = 2 * b * t;
-}
-template <typename T> TEBM_HD T rosenbrock_term(T xi, T xn, T a, T b) {
-  const T t = xn - xi * xi, u = a - xi;
-  return u * u + b * t * t;
-}
+struct Rastrigin : Separable {
+  static constexpr bool simd = false;
+  template <typename T> TEBM_HD static T base(int64_t d, T a, T, T) { return a * (T)d; }
+  template <typename T> TEBM_HD static T grad(T v, T a, T, T) {
+    using std::sin;
+    const T w = T(TWO_PI);
+    return 2 * v + a * w * sin(w * v);
+  }
+  template <typename T> TEBM_HD static T term(T v, T a, T, T) {
+    using std::cos;
+    const T w = T(TWO_PI);
+    return v * v - a * cos(w * v);
+  }
+};
 
 // E = -a exp(-b sqrt(S1 / d)) - exp(S2 / d) + a + e, S1 = sum x^2, S2 = sum cos(c x); p0..p2 = a, b, c.
 // grad_i = fa x_i + fc sin(c x_i). At x = 0 the first term has no gradient (a cone tip); we use 0 there.
-template <typename T> TEBM_HD T ackley_cos(T v, T c) { using std::cos; return cos(c * v); }
-template <typename T> TEBM_HD T ackley_energy(T s1, T s2, T n, T a, T b, T c, T &fa, T &fc) {
-  using std::exp; using std::sqrt;
-  const T r = sqrt(s1 / n), ea = exp(-b * r), ec = exp(s2 / n);
-  fa = r > 0 ? a * b * ea / (n * r) : T(0);
-  fc = ec * c / n;
-  return -a * ea - ec + a + T(2.718281828459045);
-}
-template <typename T> TEBM_HD T ackley_grad(T v, T fa, T fc, T c) { using std::sin; return fa * v + fc * sin(c * v); }
+struct Ackley : OfTwoSums {
+  template <typename T> TEBM_HD static T sum1(T v, T, T, T) { return v * v; }
+  template <typename T> TEBM_HD static T sum2(T v, T, T, T c) { using std::cos; return cos(c * v); }
+  template <typename T> TEBM_HD static T energy(T s1, T s2, T n, T a, T b, T c, T &fa, T &fc) {
+    using std::exp; using std::sqrt;
+    const T r = sqrt(s1 / n), ea = exp(-b * r), ec = exp(s2 / n);
+    fa = r > 0 ? a * b * ea / (n * r) : T(0);
+    fc = ec * c / n;
+    return -a * ea - ec + a + T(2.718281828459045);
+  }
+  template <typename T> TEBM_HD static T grad(T v, T fa, T fc, T, T, T c) { using std::sin; return fa * v + fc * sin(c * v); }
+};
+
+// The energies, X(CODE, Formula) each: CODE names the energy in enum Kind (its value, the code Python passes, is its
+// position here) and in Python's `_ENERGIES`; Formula is its struct above. Both devices' Energy::eval switch over
+// this list, so a new line here reaches both builds.
+#define TEBM_ENERGIES(X) \
+  X(DOUBLE_WELL, DoubleWell) \
+  X(HARMONIC, Harmonic) \
+  X(GAUSSIAN, Gaussian) \
+  X(ROSENBROCK, Rosenbrock) \
+  X(RASTRIGIN, Rastrigin) \
+  X(ACKLEY, Ackley)
+
+#define TEBM_KIND_CODE(CODE, Formula) CODE,
+enum Kind { TEBM_ENERGIES(TEBM_KIND_CODE) N_KINDS };
+#undef TEBM_KIND_CODE
+
+#define TEBM_KIND_NAME(CODE, Formula) #CODE,
+constexpr const char *KIND_NAMES[N_KINDS] = {TEBM_ENERGIES(TEBM_KIND_NAME)};  // for the extension to report
+#undef TEBM_KIND_NAME
 
 // ---- Screening ----------------------------------------------------------------------------------------------
 // What a run tells the sampler's checks, per chain (a superset of what they flag: the sampler runs its exact checks
