@@ -18,8 +18,8 @@ pytest.importorskip('torchebm.core.energies', reason='the analytic energies (tor
 from torchebm.core.energies import (AckleyModel, DoubleWellModel, GaussianModel, HarmonicModel, RastriginModel,
                                     RosenbrockModel)
 from torchebm.cuda import loader
-from torchebm.cuda.kernels import (CPU_EXTENSION, analytic_energy, fused_hmc, fused_hmc_supported, fused_langevin,
-                                   fused_langevin_supported)
+from torchebm.cuda.kernels import (CPU_EXTENSION, KINDS, _ENERGIES, analytic_energy, fused_hmc, fused_hmc_supported,
+                                   fused_langevin, fused_langevin_supported)
 from torchebm.samplers.transitions import HMC, MALA, ULA, HMCParams, LangevinParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,7 @@ def test_energy_and_gradient_match_models(ext, dtype, tol, dim):
               GaussianModel(mean=torch.randn(dim, generator=g, dtype=F64), cov=a @ a.T + dim * torch.eye(dim, dtype=F64)),
               RastriginModel(a=4.0), AckleyModel(a=10.0, b=0.5, c=3.0)]
     if dim >= 2: models.append(RosenbrockModel(a=0.5, b=20.0))
+    assert {type(m) for m in models} == {cls for cls, entry in _ENERGIES.items() if dim >= entry.min_dim}  # all of them
     x = torch.randn(45, dim, generator=g, dtype=F64) * 1.3
     for model in models:
         model = model.to(F64)
@@ -88,6 +89,22 @@ def test_energy_and_gradient_match_models(ext, dtype, tol, dim):
         scale = 1 + e_ref.abs().max()
         assert (e.double() - e_ref).abs().max() <= tol * scale, type(model).__name__
         assert (grad.double() - g_ref).abs().max() <= tol * (1 + g_ref.abs().max()), type(model).__name__
+
+
+def test_the_python_table_and_the_cpp_list_of_energies_agree(ext):
+    """TEBM_ENERGIES in tebm_common.h is the one C++ list (codes, dispatch of both devices), `_ENERGIES` the one Python
+    table: the compiled extension reports the header's list, every table entry names an energy of it, and every energy
+    of it is reachable from a model class, under its position in the list."""
+    assert ext.energy_kinds() == KINDS and len(set(KINDS)) == len(KINDS) > 0
+    assert sorted(entry.kind for entry in _ENERGIES.values()) == sorted(KINDS)
+    g = torch.Generator().manual_seed(0)
+    for cls, entry in _ENERGIES.items():
+        model = cls(mean=torch.zeros(3), cov=torch.eye(3)) if entry.params is None else cls()
+        assert analytic_energy(model, F64, 'cpu').kind == KINDS.index(entry.kind), cls.__name__
+        assert fused_langevin_supported(model, torch.zeros(5, 3)), cls.__name__
+        x = torch.randn(4, 3, generator=g)
+        assert torch.allclose(fused_langevin(model, x, step_sizes=[1e-3], noise_scales=[0.0])[0],
+                              x - 1e-3 * model_grad(model, x)[1], atol=1e-5), cls.__name__
 
 
 def test_ackley_gradient_at_origin_is_zero(ext):
