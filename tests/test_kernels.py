@@ -342,6 +342,29 @@ def test_mala_step_is_the_transition_given_the_same_noise(ext, noise_scale):
     assert torch.equal(moved[clear], (log_u < log_ratio)[clear])
 
 
+@pytest.mark.parametrize('mass', [1.0, 2.5])
+def test_hmc_step_is_the_transition_given_the_same_noise(ext, mass):
+    """One kernel HMC step equals the transitions' leapfrog and Metropolis test fed the kernel's momenta and uniform:
+    the same end points for the chains that moved, and the same decisions wherever rounding cannot decide them."""
+    from torchebm.integrators import MassMatrix
+    from torchebm.samplers.transitions import hamiltonian, leapfrog
+    gauss4 = GaussianModel(mean=torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=F64),
+                           cov=torch.diag(torch.tensor([1.0, 0.8, 0.6, 1.3], dtype=F64)) + 0.1).to(F64)
+    n, h, n_leapfrog, seed = 4000, 1.3 * math.sqrt(mass), 4, 9  # a large step for the mass: many proposals are rejected
+    x = 1.5 * torch.randn(n, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    fused = fused_hmc(gauss4, x, step_sizes=steps(1, h), n_leapfrog_steps=n_leapfrog, mass=mass, seed=seed)[0]
+    z, log_u = _kernel_noise(ext, n, 4, seed)
+    metric, start = MassMatrix(mass), HMC().init(gauss4, x)
+    p = math.sqrt(mass) * z
+    end, p_end = leapfrog(gauss4, start, p, h, n_leapfrog, metric)
+    log_ratio = hamiltonian(start, p, metric) - hamiltonian(end, p_end, metric)
+    moved = (fused - x).abs().amax(1) > 0
+    assert torch.allclose(fused[moved], end.x[moved], rtol=1e-12, atol=1e-12)
+    clear = (log_u - log_ratio).abs() > 1e-4
+    assert clear.float().mean() > 0.99 and 0.2 < moved.float().mean() < 0.95
+    assert torch.equal(moved[clear], (log_u < log_ratio)[clear])
+
+
 def test_double_well_agrees_with_transitions_and_quadrature(ext):
     g = torch.Generator().manual_seed(7)
     dw = DoubleWellModel(barrier_height=2.0, b=1.0)
