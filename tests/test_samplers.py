@@ -623,3 +623,14 @@ def test_tempered_samplers_run_the_model_in_eval_mode(name):
         warnings.simplefilter('ignore', RuntimeWarning)  # runs this short may warn about their swaps or weights
         tempering_samplers()[name](model)
     assert model.modes == {False} and model.training
+
+
+def test_run_chain_records_the_steps_asked_for():
+    "`record_at` (SG-MCMC's burn-in, thinning and cyclical phases) records after exactly those steps; bad steps raise."
+    state = mcmc.ChainState(torch.zeros(2, 1, dtype=F64))
+    count = lambda state, i: (mcmc.ChainState(state.x + 1), {})
+    _, trajectory, _ = mcmc.run_chain(count, state, 10, return_trajectory=True, record_at=[0, 3, 4, 9])
+    assert trajectory[0, :, 0].tolist() == [1.0, 4.0, 5.0, 10.0]
+    for bad in ([3, 3], [10], [-1]):
+        with pytest.raises(ValueError, match='record_at must hold distinct steps'):
+            mcmc.run_chain(count, state, 10, return_trajectory=True, record_at=bad)

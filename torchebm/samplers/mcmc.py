@@ -21,7 +21,7 @@ import functools
 import math
 import types
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -197,18 +197,23 @@ class ChainMonitor:
 def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1, return_trajectory: bool = False,
               return_diagnostics: bool = False, diagnostic_keys=('energy', 'mean', 'var'), model=None,
               progress: bool = False, check_every: int = 100, owner: str = 'sampler', nan_policy: str = 'raise',
-              monitor: Optional[ChainMonitor] = None, view: Optional[Callable] = None):
+              monitor: Optional[ChainMonitor] = None, view: Optional[Callable] = None,
+              record_at: Optional[Sequence[int]] = None):
     """Run `state = step(state, i)[0]` for `i < n_steps` (through `run_steps`, with the chains' recorder); returns `(final state, trajectory or None, diagnostics or None)`.
 
     `step(state, i) -> (state, info)`; `info` may hold `accepted: [n_chains]` (bool), `step_size` and `info` (a
-    `TransitionInfo`, counted by `monitor`). Trajectory: `[n_chains, n_steps // thin, *dim]` of `state.x`, or of
+    `TransitionInfo`, counted by `monitor`). Trajectory: `[n_chains, n_steps // thin, *dim]` of `state.x` after steps
+    `thin - 1, 2 thin - 1, ...`, or after the increasing steps `record_at` (instead of thinning), or of
     `view(state) -> [m, *dim]` (e.g. some of the chains); diagnostics recorded at the same steps. Non-finite chains
     raise (`nan_policy='raise'`) or warn once (`'warn'`, and the run goes on)."""
     check_nonnegative_int('n_steps', n_steps); check_nonnegative_int('thin', thin, minimum=1)
     check_nonnegative_int('check_every', check_every, minimum=1)
     check_choice('nan_policy', nan_policy, NAN_POLICIES)
+    slots = None if record_at is None else {step: k for k, step in enumerate(record_at)}
+    if slots is not None and (len(slots) != len(record_at) or any(not 0 <= i < n_steps for i in slots)):
+        raise ValueError(f"record_at must hold distinct steps in [0, {n_steps}), got {list(record_at)[:10]}...")
     x, view = state.x, view if view is not None else (lambda state: state.x)
-    n_kept, kept = n_steps // thin, view(state)
+    n_kept, kept = (n_steps // thin if slots is None else len(slots)), view(state)
     trajectory = torch.empty((kept.shape[0], n_kept, *kept.shape[1:]), dtype=kept.dtype, device=kept.device) \
         if return_trajectory else None
     diagnostics = _empty_diagnostics(x, n_kept, diagnostic_keys) if return_diagnostics else None
@@ -217,8 +222,8 @@ def run_chain(step: Callable, state: ChainState, n_steps: int, *, thin: int = 1,
     def record(i, state, info):  # the recorder: monitor, thinning, trajectory, diagnostics, NaN guard
         nonlocal last_checked, guarding
         if monitor is not None: monitor.update(i, info)
-        if (i + 1) % thin == 0:
-            k = (i + 1) // thin - 1
+        k = ((i + 1) // thin - 1 if (i + 1) % thin == 0 else None) if slots is None else slots.get(i)
+        if k is not None:
             if trajectory is not None: trajectory[:, k] = view(state)
             if diagnostics is not None: _record_diagnostics(diagnostics, k, state, info, model)
         if guarding and (i + 1) % check_every == 0:

@@ -19,7 +19,7 @@ from torch.func import functional_call, vmap
 
 from ..core.base import BaseScheduler, check_choice, check_nonnegative_int, check_positive, randn_like
 from ..core.schedulers import CyclicalCosineScheduler, PolynomialDecayScheduler
-from .mcmc import NAN_POLICIES, check_chains_finite, check_schedule, schedule_values
+from .mcmc import NAN_POLICIES, check_schedule, run_chain, schedule_values
 from .transitions import (ULA, ChainState, LangevinParams, Transition, _deterministic_info,
                                           model_gradient, per_chain)
 
@@ -318,8 +318,10 @@ class SGMCMCSampler:
                init_scale: float = 0.1,  # std of the N(0, init_scale^2) jitter added to each chain's start (0: none)
                generator: Optional[torch.Generator] = None,  # for minibatches, jitter and noise
                nan_policy: str = 'raise',  # 'raise' or 'warn' when a chain's parameters become NaN or inf
-               check_every: int = 100) -> PosteriorSamples:  # steps between NaN checks (each is one host sync)
-        "Run `n_chains` chains for `n_steps` steps; returns the kept draws (after `burn_in`, every `thin`-th)."
+               check_every: int = 100,  # steps between NaN checks (each is one host sync)
+               progress: bool = False) -> PosteriorSamples:  # show a progress bar
+        """Run `n_chains` chains for `n_steps` steps; returns the kept draws (after `burn_in`, every `thin`-th). The
+        steps run through the samplers' shared loop `run_chain` (recorder, NaN guard, progress bar)."""
         for name, value, low in (('n_chains', n_chains, 1), ('n_steps', n_steps, 1), ('thin', thin, 1),
                                  ('check_every', check_every, 1)):
             check_nonnegative_int(name, value, minimum=low)
@@ -333,19 +335,15 @@ class SGMCMCSampler:
         kept = [k for k in range(burn_in, n_steps) if (k - burn_in) % thin == 0 and self.keep(k)]
         if not kept: raise ValueError("no draw is kept: lower burn_in or thin, or raise n_steps")
         theta = self.initial_theta(posterior, n_chains, initial, init_scale, generator)
-        draws = theta.new_empty(n_chains, len(kept), theta.shape[1])
-        state, batches, slot, checked = self.init_state(theta, generator), minibatches(data, batch_size, generator), 0, 0
-        for k in range(n_steps):
+        batches = minibatches(data, batch_size, generator)
+        def step(state, k):  # one transition on the next minibatch
             x, y = next(batches)
             if x.shape[0] > posterior.dataset_size:
                 raise ValueError(f"a minibatch has {x.shape[0]} examples, more than dataset_size N = {posterior.dataset_size}")
-            state, _ = self.transition.step(posterior.minibatch(x, y), state, self.params(steps[k], k), generator)
-            if slot < len(kept) and kept[slot] == k:
-                draws[:, slot] = state.x
-                slot += 1
-            if (k + 1) % check_every == 0 or k == n_steps - 1:
-                check_chains_finite(state.x, checked, k, type(self).__name__, nan_policy)
-                checked = k + 1
+            return self.transition.step(posterior.minibatch(x, y), state, self.params(steps[k], k), generator)
+        _, draws, _ = run_chain(step, self.init_state(theta, generator), n_steps, return_trajectory=True, record_at=kept,
+                                check_every=check_every, owner=type(self).__name__, nan_policy=nan_policy,
+                                progress=progress)
         return PosteriorSamples(posterior, draws)
 
     def step_sizes(self, n_steps: int) -> list:
