@@ -650,7 +650,8 @@ def test_async_warmup_adapts_each_chain():
     result = NoUTurnSampler(model, n_warmup=200).sample(x=x0, n_steps=100, return_result=True, return_diagnostics=True,
                                                          generator=torch.Generator().manual_seed(1))
     accept = result.diagnostics['accept_prob'].mean(0)
-    assert bool(((accept > 0.65) & (accept < 0.95)).all()), accept
+    # Stan's final step size exp(x-bar) accepts above the 0.8 target; one chain's mean over 100 draws moves by ~0.03
+    assert bool(((accept > 0.65) & (accept < 0.98)).all()) and 0.8 < float(accept.mean()) < 0.95, accept
     inverse = result.adapted.metric.inverse
     assert 30 < float(inverse[2] / inverse[0]) < 300  # variances 0.1 and 10
     assert result.adapted.step_size.shape == (16,) and float(result.adapted.step_size.std()) > 0
@@ -707,3 +708,22 @@ def test_warm_start_with_a_warmup_starts_from_the_adapted_values():
     assert seen == [(30, first.adapted)]
     assert not torch.equal(again.adapted.step_size, first.adapted.step_size)  # adapted further
     assert bool((again.adapted.step_size / first.adapted.step_size).log().abs().max() < math.log(3))  # from there
+
+
+@pytest.mark.slow
+def test_async_chains_give_the_same_numbers_run_after_run():
+    """Same seed, same numbers, however the heap lies: a funnel warm-up (stuck-chain restarts, per-chain dual averaging,
+    deep trees) four times in one process, with allocations of other sizes in between. With fused multiply-adds in the
+    C++ engine, GCC's alias-checked vector and scalar versions of a loop rounded the last chain's energy error
+    differently, and the adapted step sizes came out different in most such series."""
+    model = Funnel()
+    x0 = 4 * torch.rand(64, 4, dtype=DT, generator=torch.Generator().manual_seed(0)) - 2
+    runs = []
+    for k in range(4):
+        heap = [torch.empty(1000 + 777 * k + 13 * j, dtype=DT) for j in range(20)]  # noqa: F841 (moves later allocations)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)
+            result = NoUTurnSampler(model, n_warmup=200, metric='diagonal').sample(
+                x=x0, n_steps=1, return_result=True, generator=torch.Generator().manual_seed(0))
+        runs.append(result.adapted.step_size)
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), [float(r.sum()) for r in runs]

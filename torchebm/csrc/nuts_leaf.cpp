@@ -16,6 +16,14 @@
 #include <string>
 #include <vector>
 
+// No fused multiply-adds here. GCC versions a vectorised loop with a runtime check that its arrays do not overlap,
+// and contracts a*b+c into an FMA differently in the vector and the scalar version; which version runs depends on
+// where the arrays lie in memory (the last chain's rows sit at the end of their allocations). With contraction the
+// same chains gave last-bit differences from run to run in one process (a funnel warm-up at seed 0: 4 adapted step
+// sizes in 6 runs); without it both versions round alike, and the arithmetic is that of the torch leaf.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 namespace tebm_nuts {
 
 template <typename T>
@@ -547,3 +555,5 @@ std::vector<torch::Tensor> nuts_async_init(torch::Tensor x, torch::Tensor energy
   s[A_x].copy_(x); s[A_energy].copy_(energy); s[A_grad].copy_(grad);
   return s;
 }
+
+#pragma GCC pop_options
