@@ -414,7 +414,7 @@ class MCMCSampler(BaseSampler):
         return None if self.last_adapted is None or self.adaptation.metric is None else self.last_adapted.metric
 
     _lean_plan = None  # what a lean run found, kept for the next runs: an object with `run(...)` (see `sample`)
-    _RUN_STATE = frozenset({'_reported'})  # attributes a run writes; setting any other attribute drops the plan
+    _RUN_STATE = frozenset({'_reported', 'last_adapted'})  # attributes a run writes; setting any other attribute drops the plan
 
     def __setattr__(self, name, value):
         if name not in self._RUN_STATE: object.__setattr__(self, '_lean_plan', None)  # an option changed: re-plan
