@@ -14,8 +14,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import distributions as D
 
-from ..core.base import (check_choice, check_nonnegative_int, check_positive, eval_mode, model_tensor_device,
-                                model_tensor_dtype)
+from ..core.base import check_choice, check_nonnegative_int, check_positive, model_tensor_device, model_tensor_dtype
 from ..samplers.smc import SMCResult, base_dtype, event_shape, run_smc
 from ..samplers.tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 
@@ -84,10 +83,9 @@ def annealed_importance_sampling(model, dim=None, base: Optional[D.Distribution]
     device = torch.device(device) if device is not None else (model_tensor_device(model) or torch.device('cpu'))
     base = resolve_base(base, dim, dtype, device)
     move, params, _ = transition_and_params(name, None, step_size, n_leapfrog)
-    with torch.no_grad(), eval_mode(model):  # as every sampler runs its model
-        result = run_smc(TemperedModel(model, base), base.sample(n_chains, generator), move, params,
-                         betas=betas.to(device), n_mutation_steps=n_steps_per_temperature, resampling=None,
-                         adapt_step_size=False, mutate_last=False, generator=generator)
+    result = run_smc(TemperedModel(model, base), base.sample(n_chains, generator), move, params,
+                     betas=betas.to(device), n_mutation_steps=n_steps_per_temperature, resampling=None,
+                     adapt_step_size=False, mutate_last=False, generator=generator)
     ais_warning(result, 'annealed_importance_sampling')
     return AISResult(result.log_z, result.stderr, result.log_weights, result.samples, result.acceptance_rate)
 

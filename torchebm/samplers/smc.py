@@ -95,58 +95,59 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
 
     `betas` fixes the ladder (else adaptive by conditional ESS); `resampling=None` gives AIS. Each stage's
     mutation steps run through `run_chain`, whose NaN guard raises naming the stage (`owner`, stage k) and the
-    particles (its chains) that left the finite numbers."""
-    n, device = len(x), x.device
-    parts = tempered.parts(x)
-    log_w = torch.zeros(n, dtype=torch.float64, device=device)
-    log_z, eve, n_resampled = log_w.new_zeros(()), torch.arange(n, device=device), 0
-    beta = log_w.new_zeros(())
-    step_size = torch.as_tensor(params.step_size, dtype=x.dtype, device=device)
-    ladder, ess_history, accept_history, step_history = [beta], [], [], []
-    accept = None
-    def mutate(state, i):  # one transition at the stage's beta, the step size following the acceptance
-        nonlocal step_size, accept
-        state, info = transition.step(tempered, state, params._replace(step_size=step_size), generator)
-        rate = info.accept_prob.mean()
-        accept = rate / n_mutation_steps if i == 0 else accept + rate / n_mutation_steps
-        if adapt_step_size: step_size = step_size * (rate - target_accept).exp()
-        return state, info
-    bar = tqdm(total=1.0, disable=not progress, desc=owner)
-    for k in range(1, max_stages + 1):
-        gap = parts.gap.to(torch.float64)
-        new_beta = betas[k] if betas is not None else next_beta(log_w, gap, beta, target_ess)
-        increment = incremental_log_weight(gap, beta, new_beta)
-        log_z = log_z + torch.logsumexp(torch.log_softmax(log_w, 0) + increment, 0)
-        log_w = log_w + increment
-        ess_history.append(weight_ess(log_w))
-        last = bool(new_beta >= 1)
-        if resampling is not None and bool(ess_history[-1] < resample_threshold * n):
-            ancestors = RESAMPLING[resampling](torch.softmax(log_w, 0), generator)
-            x, parts, eve = x[ancestors], parts.index(ancestors), eve[ancestors]
-            log_w, n_resampled = torch.zeros_like(log_w), n_resampled + 1
-        beta = new_beta
-        ladder.append(beta)
-        if progress: bar.update(float(beta) - bar.n)
-        if last and not mutate_last: break
-        if n_mutation_steps:
-            tempered.beta = beta
-            state, _, _ = run_chain(mutate, ChainState(x, *parts.at(beta)), n_mutation_steps,
-                                    owner=f'{owner} stage {k}')
-            accept_history.append(accept)
-            step_history.append(step_size)
-            x, parts = state.x, tempered.parts_from_state(state)  # beta > 0 here: no extra evaluation
-        if last: break
-    else:
-        raise RuntimeError(f"SMC did not reach beta = 1 within {max_stages} stages (beta = {float(beta):.3g}); "
-                           "check the energy for NaN or lower target_ess")
-    bar.close()
-    if not bool(torch.isfinite(log_z)):
-        raise ValueError(f"{owner}: log Z is not finite (NaN or inf energies); check the model and step_size")
-    variance = log_z_variance(log_w, eve, n_resampled)
-    stack = lambda v: torch.stack(v) if v else log_w.new_zeros(0)
-    return SMCResult(log_z, variance.clamp_min(0).sqrt(), x, log_w, weight_ess(log_w), torch.stack(ladder),
-                     stack(ess_history), stack([a.to(torch.float64) for a in accept_history]),
-                     stack([s.to(torch.float64) for s in step_history]), n_resampled, len(eve.unique()))
+    particles (its chains) that left the finite numbers. The target model runs in eval mode, without a graph."""
+    with torch.no_grad(), eval_mode(tempered.model):  # as every sampler runs its model
+        n, device = len(x), x.device
+        parts = tempered.parts(x)
+        log_w = torch.zeros(n, dtype=torch.float64, device=device)
+        log_z, eve, n_resampled = log_w.new_zeros(()), torch.arange(n, device=device), 0
+        beta = log_w.new_zeros(())
+        step_size = torch.as_tensor(params.step_size, dtype=x.dtype, device=device)
+        ladder, ess_history, accept_history, step_history = [beta], [], [], []
+        accept = None
+        def mutate(state, i):  # one transition at the stage's beta, the step size following the acceptance
+            nonlocal step_size, accept
+            state, info = transition.step(tempered, state, params._replace(step_size=step_size), generator)
+            rate = info.accept_prob.mean()
+            accept = rate / n_mutation_steps if i == 0 else accept + rate / n_mutation_steps
+            if adapt_step_size: step_size = step_size * (rate - target_accept).exp()
+            return state, info
+        bar = tqdm(total=1.0, disable=not progress, desc=owner)
+        for k in range(1, max_stages + 1):
+            gap = parts.gap.to(torch.float64)
+            new_beta = betas[k] if betas is not None else next_beta(log_w, gap, beta, target_ess)
+            increment = incremental_log_weight(gap, beta, new_beta)
+            log_z = log_z + torch.logsumexp(torch.log_softmax(log_w, 0) + increment, 0)
+            log_w = log_w + increment
+            ess_history.append(weight_ess(log_w))
+            last = bool(new_beta >= 1)
+            if resampling is not None and bool(ess_history[-1] < resample_threshold * n):
+                ancestors = RESAMPLING[resampling](torch.softmax(log_w, 0), generator)
+                x, parts, eve = x[ancestors], parts.index(ancestors), eve[ancestors]
+                log_w, n_resampled = torch.zeros_like(log_w), n_resampled + 1
+            beta = new_beta
+            ladder.append(beta)
+            if progress: bar.update(float(beta) - bar.n)
+            if last and not mutate_last: break
+            if n_mutation_steps:
+                tempered.beta = beta
+                state, _, _ = run_chain(mutate, ChainState(x, *parts.at(beta)), n_mutation_steps,
+                                        owner=f'{owner} stage {k}')
+                accept_history.append(accept)
+                step_history.append(step_size)
+                x, parts = state.x, tempered.parts_from_state(state)  # beta > 0 here: no extra evaluation
+            if last: break
+        else:
+            raise RuntimeError(f"SMC did not reach beta = 1 within {max_stages} stages (beta = {float(beta):.3g}); "
+                               "check the energy for NaN or lower target_ess")
+        bar.close()
+        if not bool(torch.isfinite(log_z)):
+            raise ValueError(f"{owner}: log Z is not finite (NaN or inf energies); check the model and step_size")
+        variance = log_z_variance(log_w, eve, n_resampled)
+        stack = lambda v: torch.stack(v) if v else log_w.new_zeros(0)
+        return SMCResult(log_z, variance.clamp_min(0).sqrt(), x, log_w, weight_ess(log_w), torch.stack(ladder),
+                         stack(ess_history), stack([a.to(torch.float64) for a in accept_history]),
+                         stack([s.to(torch.float64) for s in step_history]), n_resampled, len(eve.unique()))
 
 # %% ../../nbs/18b_smc.ipynb #6cd866a5
 def event_shape(model, dim, base) -> tuple:
@@ -206,12 +207,11 @@ class SequentialMonteCarlo(BaseSampler):
         dim = event_shape(run_model, dim, self.base)
         dtype = self._dtype or model_tensor_dtype(run_model) or base_dtype(self.base) or torch.get_default_dtype()
         base = resolve_base(self.base, dim, dtype, self.device)
-        with torch.no_grad(), eval_mode(run_model):
-            result = run_smc(TemperedModel(run_model, base), base.sample(n_samples, generator), self.transition,
-                             self.params, target_ess=self.target_ess, n_mutation_steps=self.n_mutation_steps,
-                             resampling=self.resampling, resample_threshold=self.resample_threshold,
-                             adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
-                             generator=generator, progress=progress, owner='SequentialMonteCarlo')
+        result = run_smc(TemperedModel(run_model, base), base.sample(n_samples, generator), self.transition,
+                         self.params, target_ess=self.target_ess, n_mutation_steps=self.n_mutation_steps,
+                         resampling=self.resampling, resample_threshold=self.resample_threshold,
+                         adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
+                         generator=generator, progress=progress, owner='SequentialMonteCarlo')
         if result.n_ancestors == 1:
             warnings.warn("SequentialMonteCarlo: every particle descends from one initial particle, so the standard "
                           "error of log Z is void; use more particles, a larger target_ess or resample_threshold",
