@@ -888,6 +888,14 @@ def test_cuda_entry_points_return_the_cpu_outputs(ext, kind, dtype):
 
 
 @cuda
+def test_the_cuda_build_reports_the_headers_energies():
+    "The CUDA build compiles the same TEBM_ENERGIES list as the CPU build, in the same order."
+    cuda_ext = loader.load_extension('cuda_samplers')
+    assert cuda_ext is not None, loader.extension_state('cuda_samplers')
+    assert cuda_ext.energy_kinds() == KINDS
+
+
+@cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_cuda_screen_flags_what_the_cpu_flags(ext, dtype):
     """The screen on the device: the same flags as the CPU's where they do not depend on the noise (a start far out,

@@ -1,12 +1,14 @@
 // torchebm fused samplers, CUDA build: one thread per chain, per-chain work arrays laid out [d, n_chains] so
 // neighbouring threads touch neighbouring addresses. Seeding, xoshiro128+, the energies' formulas and the screening
 // rule come from tebm_common.h, the outputs from tebm_outputs.h (both shared with kernels.cpp); entry points
-// `tebm_cuda::langevin_chain` and `tebm_cuda::hmc_chain`, declared for the C++ side in kernels_cuda.h, which binds
-// them under the CPU build's names: the same arguments and the same outputs on both devices.
+// `tebm_cuda::langevin_chain`, `tebm_cuda::hmc_chain` and `tebm_cuda::energy_kinds`, declared for the C++ side in
+// kernels_cuda.h, which binds them under the CPU build's names: the same arguments and outputs on both devices.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <cstdint>
+#include <iterator>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -340,5 +342,8 @@ std::vector<torch::Tensor> hmc_chain(torch::Tensor x, int64_t kind, std::vector<
                       return HmcMove<T>{eta.data_ptr<double>(), n_leapfrog, (T)sqrt(mass), (T)(1.0 / mass)};
                     });
 }
+
+// The energies' codes in the order of their values (TEBM_ENERGIES), as kernels.cpp reports them.
+std::vector<std::string> energy_kinds() { return {std::begin(KIND_NAMES), std::end(KIND_NAMES)}; }
 
 }  // namespace tebm_cuda

@@ -141,7 +141,7 @@ CPU_EXTENSION = register_extension(ExtensionSpec(
 
 CUDA_EXTENSION = register_extension(ExtensionSpec(
     name='cuda_samplers', cpp_sources=[CSRC / 'kernels_cuda.h'], cuda_sources=[CSRC / 'kernels.cu'],
-    headers=_SHARED, functions=['langevin_chain', 'hmc_chain'], kernels=('langevin', 'mala', 'hmc'),
+    headers=_SHARED, functions=['langevin_chain', 'hmc_chain', 'energy_kinds'], kernels=('langevin', 'mala', 'hmc'),
     extra_cflags=('-O3',), extra_ldflags=()))
 
 _LOADED: Dict[str, Any] = {}  # device type -> its compiled module, once loaded (what `all_finite` uses: it never builds)
