@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['RESAMPLING', 'weight_ess', 'incremental_log_weight', 'conditional_ess', 'next_beta', 'systematic_resample',
-           'multinomial_resample', 'log_z_variance', 'SMCResult', 'run_smc', 'event_shape', 'base_dtype',
-           'SequentialMonteCarlo']
+           'multinomial_resample', 'log_z_variance', 'SMCResult', 'run_smc', 'weight_collapse_warning', 'event_shape',
+           'base_dtype', 'SequentialMonteCarlo']
 
 # %% ../../nbs/18b_smc.ipynb #6bc710b7
 import math
@@ -86,7 +86,7 @@ class SMCResult(NamedTuple):
     n_ancestors: int               # distinct time-0 ancestors of the final particles (1: the standard error is void)
 
 def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, params, *,
-            betas: Optional[torch.Tensor] = None, target_ess: float = 0.5, n_mutation_steps: int = 5,
+            betas: Optional[torch.Tensor] = None, target_ess: float = 0.9, n_mutation_steps: int = 5,
             resampling: Optional[str] = 'systematic', resample_threshold: float = 0.5,
             adapt_step_size: bool = True, target_accept: float = 0.574, mutate_last: bool = True,
             max_stages: int = 10_000, generator: Optional[torch.Generator] = None, progress: bool = False,
@@ -149,6 +149,14 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
                          stack(ess_history), stack([a.to(torch.float64) for a in accept_history]),
                          stack([s.to(torch.float64) for s in step_history]), n_resampled, len(eve.unique()))
 
+def weight_collapse_warning(result: SMCResult, owner: str, min_ess_fraction: float = 0.01) -> None:
+    "Warn when the final weight ESS of a run without resampling fell below `min_ess_fraction` of its particles (and below 2)."
+    n = len(result.log_weights)
+    if bool(result.ess < max(2.0, min_ess_fraction * n)):
+        warnings.warn(f"{owner}: the importance weights collapsed (ESS {float(result.ess):.1f} of {n}); log Z and its "
+                      "standard error are unreliable: use more temperatures or mutation steps", RuntimeWarning,
+                      stacklevel=3)
+
 # %% ../../nbs/18b_smc.ipynb #6cd866a5
 def event_shape(model, dim, base) -> tuple:
     "The event shape from `dim=`, else the model's `dim`, else the base's."
@@ -174,8 +182,8 @@ class SequentialMonteCarlo(BaseSampler):
                  n_leapfrog_steps: int = 5,  # leapfrog steps per HMC mutation
                  params=None,  # the transition's params NamedTuple (its `step_size` is replaced)
                  n_mutation_steps: int = 5,  # transitions per stage
-                 target_ess: float = 0.5,  # each stage's beta keeps the conditional ESS at this fraction of the particles
-                 resampling: str = 'multinomial',  # 'multinomial' (the standard error assumes it) or 'systematic'
+                 target_ess: float = 0.9,  # each stage's beta keeps the conditional ESS at this fraction of the particles (0.9: a calibrated standard error)
+                 resampling: Optional[str] = 'multinomial',  # 'multinomial' (the standard error assumes it), 'systematic', or None (never: AIS on the adaptive ladder)
                  resample_threshold: float = 0.5,  # resample when the weight ESS falls below this fraction
                  adapt_step_size: bool = True,  # move the step size toward `target_accept` after every mutation step
                  target_accept: Optional[float] = None,  # default 0.574 (MALA), 0.65 (HMC)
@@ -190,7 +198,7 @@ class SequentialMonteCarlo(BaseSampler):
         self.transition, self.params, default_target = transition_and_params(transition, params, step_size,
                                                                              n_leapfrog_steps)
         self.target_accept = default_target if target_accept is None else target_accept
-        self.resampling = check_choice('resampling', resampling, list(RESAMPLING))
+        self.resampling = None if resampling is None else check_choice('resampling', resampling, list(RESAMPLING))
         self.base, self.n_mutation_steps, self.target_ess = base, n_mutation_steps, target_ess
         self.resample_threshold, self.adapt_step_size = resample_threshold, adapt_step_size
 
@@ -212,7 +220,8 @@ class SequentialMonteCarlo(BaseSampler):
                          resampling=self.resampling, resample_threshold=self.resample_threshold,
                          adapt_step_size=self.adapt_step_size, target_accept=self.target_accept,
                          generator=generator, progress=progress, owner='SequentialMonteCarlo')
-        if result.n_ancestors == 1:
+        if self.resampling is None: weight_collapse_warning(result, 'SequentialMonteCarlo')
+        elif result.n_ancestors == 1:
             warnings.warn("SequentialMonteCarlo: every particle descends from one initial particle, so the standard "
                           "error of log Z is void; use more particles, a larger target_ess or resample_threshold",
                           RuntimeWarning, stacklevel=2)
