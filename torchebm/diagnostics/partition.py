@@ -57,11 +57,14 @@ def annealed_importance_sampling(model, dim=None, base: Optional[D.Distribution]
                                  n_leapfrog: int = 5, n_steps_per_temperature: int = 1, schedule: str = 'sigmoid',
                                  betas: Optional[Sequence[float]] = None, *,
                                  generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None,
-                                 device=None) -> AISResult:
+                                 device=None, adapt_step_size: bool = True,
+                                 target_accept: Optional[float] = None) -> AISResult:
     """Annealed importance sampling from a Gaussian `base` (default $N(0, I)$ on `dim`) to `model`.
 
     `transition`: `'langevin'` (MALA) or `'hmc'` (`n_leapfrog` steps), both Metropolis-corrected;
-    `betas` overrides `schedule`/`n_temperatures`; `dtype` defaults to the model's, else the base's. Returns an `AISResult`."""
+    `betas` overrides `schedule`/`n_temperatures`; `dtype` defaults to the model's, else the base's. `step_size` is
+    the first step's: with `adapt_step_size` it then follows the chains' acceptance toward `target_accept` (default
+    0.574 for MALA, 0.65 for HMC) after every step, as SMC's mutations do. Returns an `AISResult`."""
     dim = event_shape(model, dim, base)
     check_nonnegative_int('n_chains', n_chains, minimum=2)
     check_nonnegative_int('n_leapfrog', n_leapfrog, minimum=1)
@@ -72,10 +75,11 @@ def annealed_importance_sampling(model, dim=None, base: Optional[D.Distribution]
     dtype = dtype or model_tensor_dtype(model) or base_dtype(base) or torch.get_default_dtype()
     device = torch.device(device) if device is not None else (model_tensor_device(model) or torch.device('cpu'))
     base = resolve_base(base, dim, dtype, device)
-    move, params, _ = transition_and_params(name, None, step_size, n_leapfrog)
+    move, params, default_target = transition_and_params(name, None, step_size, n_leapfrog)
     result = run_smc(TemperedModel(model, base), base.sample(n_chains, generator), move, params,
                      betas=betas.to(device), n_mutation_steps=n_steps_per_temperature, resampling=None,
-                     adapt_step_size=False, mutate_last=False, generator=generator)
+                     adapt_step_size=adapt_step_size, mutate_last=False, generator=generator,
+                     target_accept=default_target if target_accept is None else target_accept)
     weight_collapse_warning(result, 'annealed_importance_sampling')
     return AISResult(result.log_z, result.stderr, result.log_weights, result.samples, result.acceptance_rate)
 
@@ -83,9 +87,11 @@ def estimate_log_z(model, dim=None, base: Optional[D.Distribution] = None, n_cha
                    n_temperatures: int = 200, transition: str = 'langevin', step_size: float = 0.05,
                    n_leapfrog: int = 5, n_steps_per_temperature: int = 1, schedule: str = 'sigmoid',
                    betas: Optional[Sequence[float]] = None, *, generator: Optional[torch.Generator] = None,
-                   dtype: Optional[torch.dtype] = None, device=None) -> LogZEstimate:
+                   dtype: Optional[torch.dtype] = None, device=None, adapt_step_size: bool = True,
+                   target_accept: Optional[float] = None) -> LogZEstimate:
     "$\\log Z$ of `model` by annealed importance sampling, with its standard error: `(log_z, stderr)`."
     result = annealed_importance_sampling(model, dim, base, n_chains, n_temperatures, transition, step_size,
                                           n_leapfrog, n_steps_per_temperature, schedule, betas,
-                                          generator=generator, dtype=dtype, device=device)
+                                          generator=generator, dtype=dtype, device=device,
+                                          adapt_step_size=adapt_step_size, target_accept=target_accept)
     return LogZEstimate(result.log_z, result.stderr)
