@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import distributions as D
 
-from ..core.base import check_choice, check_nonnegative_int, check_positive, model_tensor_device, model_tensor_dtype
+from ..core.base import check_choice, check_fraction, check_nonnegative_int, check_positive, model_tensor_device, model_tensor_dtype
 from ..samplers.smc import SMCResult, base_dtype, event_shape, run_smc, weight_collapse_warning
 from ..samplers.tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 
@@ -76,6 +76,7 @@ def annealed_importance_sampling(model, dim=None, base: Optional[D.Distribution]
     device = torch.device(device) if device is not None else (model_tensor_device(model) or torch.device('cpu'))
     base = resolve_base(base, dim, dtype, device)
     move, params, default_target = transition_and_params(name, None, step_size, n_leapfrog)
+    if target_accept is not None: check_fraction('target_accept', target_accept)
     result = run_smc(TemperedModel(model, base), base.sample(n_chains, generator), move, params,
                      betas=betas.to(device), n_mutation_steps=n_steps_per_temperature, resampling=None,
                      adapt_step_size=adapt_step_size, mutate_last=False, generator=generator,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from ..core.base import (BaseModel, BaseSampler, BaseScheduler, ConstantScheduler, check_batch, check_choice, check_finite,
-                                check_nonnegative_int, check_positive, eval_mode, resolve_model, run_steps,
+                                check_fraction, check_nonnegative_int, check_positive, eval_mode, resolve_model, run_steps,
                                 warn_deprecated)
 from ..integrators import MassMatrix
 from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, acceptance_probability, checked_energy, evaluated,
@@ -362,7 +362,7 @@ class AdaptationOptions(NamedTuple):
 def adaptation_options(adapt_step_size: bool, adapt_mass, target_accept: float, n_adapt_steps: Optional[int],
                        adapt_per_chain: bool, jitter: float) -> AdaptationOptions:
     "Validated `AdaptationOptions` from a sampler's constructor arguments (`adapt_mass`: bool, 'diagonal' or 'dense')."
-    if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+    check_fraction('target_accept', target_accept)
     if n_adapt_steps is not None: check_nonnegative_int('n_adapt_steps', n_adapt_steps)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
         raise ValueError(f"jitter must be a number in [0, 1), got {jitter!r}")
@@ -680,7 +680,7 @@ class DualAveraging:
                  gamma: float = 0.05,  # shrinkage toward mu = log(10 step_size): larger moves the step size less
                  t0: float = DUAL_AVERAGING_T0,  # offset that damps the first updates
                  kappa: float = DUAL_AVERAGING_KAPPA):  # decay exponent of the averaging weight m^-kappa, in (0.5, 1]
-        if not 0 < target < 1: raise ValueError(f"target acceptance must be in (0, 1), got {target!r}")
+        check_fraction('target', target)
         self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
         self.restart(step_size)
 
@@ -804,7 +804,7 @@ class Warmup:
                  stuck_below: float = 0.01,  # mean acceptance under which a chain counts as stuck
                  gamma: Optional[float] = None):  # dual-averaging shrinkage (None: 0.05 shared, `PER_CHAIN_GAMMA` per chain)
         check_nonnegative_int('n_warmup', n_warmup); check_nonnegative_int('restart_every', restart_every)
-        if not 0 < target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+        check_fraction('target_accept', target_accept)
         if adapt_metric is not None: check_choice('adapt_metric', adapt_metric, ADAPT_METRICS)
         self.n_warmup, self.target_accept, self.adapt_step_size = n_warmup, target_accept, bool(adapt_step_size)
         self.adapt_metric, self.per_chain, self.restart_every, self.stuck_below = adapt_metric, bool(per_chain), restart_every, stuck_below

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..core.base import BaseSampler, check_choice, check_nonnegative_int, check_positive, eval_mode, model_tensor_dtype
+from ..core.base import BaseSampler, check_choice, check_fraction, check_nonnegative_int, check_positive, eval_mode, model_tensor_dtype
 from .mcmc import run_chain
 from .tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
 from .transitions import ChainState, Transition
@@ -193,11 +193,11 @@ class SequentialMonteCarlo(BaseSampler):
         check_positive('step_size', step_size)
         check_nonnegative_int('n_leapfrog_steps', n_leapfrog_steps, minimum=1)
         check_nonnegative_int('n_mutation_steps', n_mutation_steps)
-        for name, value in (('target_ess', target_ess), ('resample_threshold', resample_threshold)):
-            if not 0 < value < 1: raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        check_fraction('target_ess', target_ess); check_fraction('resample_threshold', resample_threshold)
         self.transition, self.params, default_target = transition_and_params(transition, params, step_size,
                                                                              n_leapfrog_steps)
         self.target_accept = default_target if target_accept is None else target_accept
+        check_fraction('target_accept', self.target_accept)
         self.resampling = None if resampling is None else check_choice('resampling', resampling, list(RESAMPLING))
         self.base, self.n_mutation_steps, self.target_ess = base, n_mutation_steps, target_ess
         self.resample_threshold, self.adapt_step_size = resample_threshold, adapt_step_size

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import distributions as D
 
-from ..core.base import BaseModel, BaseSampler, check_choice, check_nonnegative_int, check_positive, eval_mode
+from ..core.base import BaseModel, BaseSampler, check_choice, check_fraction, check_nonnegative_int, check_positive, eval_mode
 from .mcmc import (ChainMonitor, dual_averaging_final, dual_averaging_init, dual_averaging_update,
                                     run_chain)
 from .transitions import (
@@ -169,7 +169,7 @@ def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Te
 def geometric_ladder(n_temperatures: int, min_beta: float, dtype=torch.float64, device=None) -> torch.Tensor:
     "Inverse temperatures `[n_temperatures]` spaced geometrically from `min_beta` up to 1."
     check_nonnegative_int('n_temperatures', n_temperatures, minimum=2)
-    if not 0 < min_beta < 1: raise ValueError(f"min_beta must be in (0, 1), got {min_beta!r}")
+    check_fraction('min_beta', min_beta)
     return torch.logspace(math.log10(min_beta), 0, n_temperatures, dtype=dtype, device=device)
 
 def equalized_ladder(betas: torch.Tensor, swap_rate: torch.Tensor, min_rejection: float = 1e-3) -> torch.Tensor:
@@ -309,7 +309,7 @@ class ParallelTempering(BaseSampler):
         self.transition, self.params, default_target = transition_and_params(transition, params, step_size,
                                                                              n_leapfrog_steps)
         self.target_accept = default_target if target_accept is None else target_accept
-        if not 0 < self.target_accept < 1: raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+        check_fraction('target_accept', self.target_accept)
         self.swap_scheme = check_choice('swap_scheme', swap_scheme, SWAP_SCHEMES)
         self.base, self.adapt_ladder, self.step_size = base, adapt_ladder, step_size
         if betas is None: self.betas = geometric_ladder(n_temperatures, min_beta)
