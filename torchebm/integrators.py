@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'RK4Integrator', 'Dopri5Integrator', 'INTEGRATORS',
            'IntegratorState', 'as_integrator_state', 'axpy', 'FixedStepIntegrator', 'EulerMaruyama', 'Heun', 'RK4',
-           'MassMatrix', 'Leapfrog', 'EmbeddedRungeKutta', 'Dopri5', 'Bosh3', 'AdaptiveHeun', 'Dopri8',
-           'ImplicitEulerMaruyama', 'get_integrator']
+           'MassMatrix', 'leapfrog_steps', 'Leapfrog', 'EmbeddedRungeKutta', 'Dopri5', 'Bosh3', 'AdaptiveHeun',
+           'Dopri8', 'ImplicitEulerMaruyama', 'get_integrator']
 
 # %% ../nbs/10_integrators.ipynb #096b2193
 import functools
@@ -216,6 +216,27 @@ def _as_mass(mass) -> Optional[MassMatrix]:
     if mass is None or isinstance(mass, MassMatrix): return mass
     return MassMatrix(mass)
 
+def leapfrog_steps(x: torch.Tensor,  # positions `[batch, *dim]`
+                   p: torch.Tensor,  # momenta `[batch, *dim]`
+                   g: torch.Tensor,  # what kicks at `x`: the force, or (with `kick=-1`) the gradient of U
+                   h,  # step size: a number or a tensor broadcasting against `x` (e.g. `[batch, 1, ...]`)
+                   n_steps: int,  # leapfrog steps >= 1
+                   velocity: Callable,  # p -> M^{-1} p
+                   evaluate: Callable,  # (x, i) -> (g, aux) at the point after drift i; aux comes back at the end
+                   kick: float = 1.0,  # +1: `g` is the force -dU/dx; -1: `g` is dU/dx
+                   after_drift: Optional[Callable] = None):  # (x, p) -> (x, p) after each drift (walls)
+    "The kick-drift-kick scheme, written once for `Leapfrog` and the MCMC transitions; returns `(x, p, g, aux)` at the end."
+    p = axpy(p, kick * 0.5 * h, g)
+    aux = None
+    for i in range(n_steps):
+        x = axpy(x, h, velocity(p))
+        if after_drift is not None: x, p = after_drift(x, p)
+        g, aux = evaluate(x, i)
+        p = axpy(p, kick * (h if i < n_steps - 1 else 0.5 * h), g)
+    return x, p, g, aux
+
+def _unit_velocity(p: torch.Tensor) -> torch.Tensor: return p
+
 class Leapfrog(FixedStepIntegrator):
     "Symplectic, time-reversible leapfrog on a state with momenta `p`; `drift(x, t)` is the force $-\\nabla U$."
     @_accepts_dicts
@@ -226,11 +247,11 @@ class Leapfrog(FixedStepIntegrator):
         _check_no_noise('Leapfrog', noise_scale)
         if state.p is None: raise ValueError("Leapfrog needs momenta: IntegratorState(x, p) or a dict {'x': x, 'p': p}")
         mass = _as_mass(mass)
-        x, h = state.x, step_size
-        p_half = axpy(state.p, 0.5 * h, _drift_at(state, drift, t))
-        x_new = axpy(x, h, p_half if mass is None else mass.velocity(p_half))
-        force = drift(x_new, _later(t, h))
-        return IntegratorState(x_new, axpy(p_half, 0.5 * h, force), force)
+        t_end = _later(t, step_size)
+        x, p, force, _ = leapfrog_steps(state.x, state.p, _drift_at(state, drift, t), step_size, 1,
+                                        _unit_velocity if mass is None else mass.velocity,
+                                        lambda x, i: (drift(x, t_end), None))
+        return IntegratorState(x, p, force)
 
     def integrate(self, state, step_size, n_steps, *, drift, t0=0.0, noise_scale=0.0, generator=None, mass=None):
         "`n_steps` leapfrog steps (one force evaluation each, the previous one reused); returns the final state."

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.base import BaseModel, check_choice, check_positive
-from ..integrators import MassMatrix, axpy
+from ..integrators import MassMatrix, axpy, leapfrog_steps
 
 # %% ../../nbs/11_transitions.ipynb #6ccf4ce5
 class ChainState(NamedTuple):
@@ -194,17 +194,14 @@ def leapfrog(model,
                          "metric's velocity does not conserve the kinetic energy")
     h = per_chain(step_size, x)
     only_grad = gradient_only(model)
-    def force(grad):
+    def potential_gradient(grad):
         grad = clip_gradient(grad, grad_clip)
         return grad if temperature == 1.0 else grad / temperature
-    p = axpy(momentum, -0.5 * h, force(state.grad))
-    energy = None
-    for i in range(n_steps):
-        x = axpy(x, h, metric.velocity(p))
-        if box is not None: x, p = box.apply(x, p)
-        if only_grad: grad = model.gradient(x)
-        else: energy, grad = model_energy_and_gradient(model, x)
-        p = axpy(p, -(h if i < n_steps - 1 else 0.5 * h), force(grad))
+    def evaluate(x, i):
+        energy, grad = (None, model.gradient(x)) if only_grad else model_energy_and_gradient(model, x)
+        return potential_gradient(grad), (energy, grad)
+    x, p, _, (energy, grad) = leapfrog_steps(x, momentum, potential_gradient(state.grad), h, n_steps, metric.velocity,
+                                             evaluate, kick=-1.0, after_drift=None if box is None else box.apply)
     if only_grad: energy = model_energy(model, x)
     return ChainState(x, energy, grad), p
 
