@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from torchebm.core.base import BaseModel, BaseScheduler, expect_one_deprecation
+from torchebm.core.energies import GaussianModel
 from torchebm.samplers import (GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, MCMCSampler,
                                NesterovSampler)
 from torchebm.samplers import mcmc
@@ -634,3 +635,15 @@ def test_run_chain_records_the_steps_asked_for():
     for bad in ([3, 3], [10], [-1]):
         with pytest.raises(ValueError, match='record_at must hold distinct steps'):
             mcmc.run_chain(count, state, 10, return_trajectory=True, record_at=bad)
+
+
+@pytest.mark.parametrize('make', [lambda m: HamiltonianMonteCarlo(m, step_size=0.3, use_kernels=False),
+                                  lambda m: LangevinDynamics(m, step_size=0.1, metropolis=True, use_kernels=False)])
+def test_progress_bar_and_result_form_do_not_change_the_draws_of_the_reference_loop(make):
+    "With one seed the reference loop gives the same draws with or without a progress bar or a SamplingResult."
+    model, x = GaussianModel(torch.zeros(2), torch.eye(2)), torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    sampler, seeded = make(model), lambda: torch.Generator().manual_seed(1)
+    plain = sampler.sample(x, n_steps=20, generator=seeded())
+    assert torch.equal(plain, sampler.sample(x, n_steps=20, generator=seeded(), progress=True))
+    assert torch.equal(plain, sampler.sample(x, n_steps=20, generator=seeded(), return_result=True).samples)
+    assert not torch.equal(plain, sampler.sample(x, n_steps=20, generator=torch.Generator().manual_seed(2)))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from torchebm.core.base import BaseModel, BaseScheduler
-from torchebm.samplers import GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, NesterovSampler
+from torchebm.samplers import (GradientDescentSampler, HamiltonianMonteCarlo, LangevinDynamics, NesterovSampler,
+                               NoUTurnSampler)
 
 F64 = torch.float64
 
@@ -218,6 +219,8 @@ def test_box_grad_clip_and_adaptation_options_are_checked(cls):
         cls(model, box=(1.0, -1.0))
     with pytest.raises(ValueError, match="box_mode='wrap' is not valid; expected one of \\['clamp', 'reflect'\\]"):
         cls(model, box=(0.0, 1.0), box_mode='wrap')
+    with pytest.raises(ValueError, match="box_mode='wrap' is not valid"):
+        cls(model, box_mode='wrap')  # checked without a box too, not ignored
     with pytest.raises(ValueError, match='grad_clip'):
         cls(model, grad_clip=0.0)
     extra = {'metropolis': True} if cls is LangevinDynamics else {}
@@ -265,3 +268,15 @@ def test_more_warmup_steps_than_steps():
     with pytest.raises(ValueError, match='n_adapt_steps=50 is more than n_steps=40'):
         sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=40)
     sampler.sample(x=torch.zeros(4, 2, dtype=F64), n_steps=50)  # all warm-up is allowed
+
+
+@pytest.mark.parametrize('make', [lambda m: HamiltonianMonteCarlo(m, step_size=0.1),
+                                  lambda m: LangevinDynamics(m, step_size=0.1, metropolis=True),
+                                  lambda m: NoUTurnSampler(m, step_size=0.1)])
+def test_a_start_at_a_nan_energy_is_an_error_naming_the_chains(make):
+    "A chain that starts where the energy is NaN could never leave it (every Metropolis test fails), so it is refused."
+    model = lambda x: torch.where(x[:, 0] > 5, torch.nan, 0.5 * x.pow(2).sum(-1))
+    x = torch.zeros(4, 2)
+    x[2, 0] = 6.0
+    with pytest.raises(ValueError, match=r'energy at the start is NaN or -inf for 1 of 4 chains \(chains \[2\]\)'):
+        make(model).sample(x, n_steps=3, generator=torch.Generator().manual_seed(0))

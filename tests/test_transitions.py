@@ -257,6 +257,18 @@ def test_warm_start_reuses_what_was_adapted_without_adapting_again():
         sampler.sample(x=first.samples[:4], n_steps=1, warm_start=per_chain)
 
 
+@pytest.mark.parametrize('make', [lambda m: HamiltonianMonteCarlo(m, step_size=0.1, n_leapfrog_steps=3),
+                                  lambda m: LangevinDynamics(m, step_size=0.05, metropolis=True)])
+def test_a_float64_warm_start_leaves_float32_chains_float32(make):
+    "The metric and step sizes of a float64 run are cast to the chains' dtype, as NUTS casts them (it once upcast them)."
+    model = GaussianModel(torch.zeros(3), torch.eye(3))
+    warm = AdaptedParameters(torch.full((8,), 0.2, dtype=F64), MassMatrix(torch.tensor([1.0, 2.0, 3.0], dtype=F64)))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    out = make(model).sample(x, n_steps=5, warm_start=warm, return_result=True,
+                             generator=torch.Generator().manual_seed(1))
+    assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
+
+
 def test_sampling_another_model_leaves_the_sampler_unchanged():
     a = GaussianModel(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
     b = GaussianModel(torch.full((2,), 5.0, dtype=F64), torch.eye(2, dtype=F64) * 0.25)

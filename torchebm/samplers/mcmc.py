@@ -8,11 +8,12 @@ __all__ = ['NAN_POLICIES', 'ENERGY_LIMIT', 'ENERGY_GROWTH', 'MIN_WINDOW', 'COLLA
            'resolve_sampler_model', 'schedule_values', 'check_schedule', 'chain_moments', 'check_chains_finite',
            'ChainMonitor', 'run_chain', 'compile_options', 'traced_energy_and_gradient', 'with_own_code',
            'compiled_energy_and_gradient', 'TracedModel', 'CompiledModel', 'AdaptedParameters', 'SamplingResult',
-           'fused_kernels', 'check_start_finite', 'AdaptationOptions', 'adaptation_options', 'MCMCSampler',
-           'check_step_sizes', 'per_step_tensor', 'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update',
-           'dual_averaging_final', 'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init',
-           'welford_update', 'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains',
-           'WarmupState', 'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
+           'fused_kernels', 'check_start_finite', 'invalid_energy', 'check_start_energy', 'metric_like',
+           'AdaptationOptions', 'adaptation_options', 'MCMCSampler', 'check_step_sizes', 'per_step_tensor',
+           'DualAveragingState', 'dual_averaging_init', 'dual_averaging_update', 'dual_averaging_final',
+           'DualAveraging', 'mass_adaptation_windows', 'WelfordState', 'welford_init', 'welford_update',
+           'welford_covariance', 'welford_final', 'metric_from_covariance', 'restart_stuck_chains', 'WarmupState',
+           'Warmup', 'jittered', 'ChainState', 'checked_energy', 'model_energy', 'model_gradient',
            'model_energy_and_gradient', 'evaluated', 'acceptance_probability']
 
 # %% ../../nbs/12_mcmc.ipynb #3031807f
@@ -29,7 +30,7 @@ from ..core.base import (BaseModel, BaseSampler, BaseScheduler, ConstantSchedule
                                 check_fraction, check_nonnegative_int, check_positive, eval_mode, resolve_model, run_steps,
                                 warn_deprecated)
 from ..integrators import MassMatrix
-from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, acceptance_probability, checked_energy, evaluated,
+from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, acceptance_probability, as_metric, checked_energy, evaluated,
                                            model_energy, model_energy_and_gradient, model_gradient)
 
 # %% ../../nbs/12_mcmc.ipynb #90a1ac22
@@ -350,6 +351,27 @@ def check_start_finite(x: torch.Tensor) -> torch.Tensor:
     if kernels is not None and kernels.all_finite(x): return x
     return check_finite(x, 'x')
 
+def invalid_energy(energy: torch.Tensor) -> torch.Tensor:
+    "Where an energy is NaN or $-\\infty$: a chain there can never leave (+inf, outside the support, can be left)."
+    return torch.isnan(energy) | (energy == -math.inf)
+
+def check_start_energy(state: ChainState, owner: str) -> ChainState:
+    "`state` unless a chain starts at an invalid energy (`invalid_energy`): a `ValueError` naming those chains (one host sync)."
+    if state.energy is None: return state
+    bad = invalid_energy(state.energy)
+    if bool(bad.any()):
+        raise ValueError(f"{owner}: the energy at the start is NaN or -inf for {int(bad.sum())} of {len(bad)} chains "
+                         f"(chains {bad.nonzero().flatten()[:10].tolist()}); start them where the energy is finite")
+    return state
+
+def metric_like(metric: Optional[MassMatrix], x: torch.Tensor) -> MassMatrix:
+    "`metric` (identity if `None`) on `x`'s device and dtype, checked against its event shape."
+    metric = as_metric(metric)
+    if metric.kind != 'scalar' and (metric.mass.device != x.device or metric.mass.dtype != x.dtype):
+        metric = MassMatrix(metric.mass.to(device=x.device, dtype=x.dtype), kind=metric.kind)
+    metric.velocity(x[:1])
+    return metric
+
 class AdaptationOptions(NamedTuple):
     "How a transition-based sampler warms up (see `Warmup`) and jitters its step size afterwards."
     step_size: bool = False  # dual averaging of the step size
@@ -487,11 +509,7 @@ class MCMCSampler(BaseSampler):
 
     def metric_for(self, x: torch.Tensor) -> MassMatrix:
         "The sampler's metric (its `mass`, a sub-module, if it has one) on `x`'s device and dtype, checked against its event shape."
-        mass = getattr(self, 'mass', None) or MassMatrix(1.0)
-        if mass.kind != 'scalar' and (mass.mass.device != x.device or mass.mass.dtype != x.dtype):
-            mass = MassMatrix(mass.mass.to(device=x.device, dtype=x.dtype), kind=mass.kind)
-        mass.velocity(x[:1])
-        return mass
+        return metric_like(getattr(self, 'mass', None), x)
 
     def start_points(self, x, dim, n_samples, generator, model=None, finite: bool = True) -> torch.Tensor:
         """Validated starting points (checked against the run's model and its `dim` when it knows it), also checked
@@ -519,7 +537,8 @@ class MCMCSampler(BaseSampler):
                        generator: Optional[torch.Generator], warm_start: Optional[AdaptedParameters]):
         "`(step, initial state, n_warmup, adapted())` of a transition-based run: warm-up, then fixed (jittered) steps."
         options = self.adaptation or AdaptationOptions()
-        metric = warm_start.metric if warm_start is not None and warm_start.metric is not None else self.metric_for(x)
+        metric = metric_like(warm_start.metric, x) if warm_start is not None and warm_start.metric is not None \
+            else self.metric_for(x)
         fixed_h = None if warm_start is None else _warm_step_size(warm_start.step_size, x)
         adapt = warm_start is None and (options.step_size or options.metric is not None)
         if adapt and options.n_warmup is not None and options.n_warmup > n_steps:
@@ -549,7 +568,7 @@ class MCMCSampler(BaseSampler):
         def adapted():
             if warmup is not None: return warmup.final(run['warmup'])
             return warm_start
-        return step, transition.init(model, x), n_warmup, adapted
+        return step, check_start_energy(transition.init(model, x), type(self).__name__), n_warmup, adapted
 
     def sample(self, x: Optional[torch.Tensor] = None, dim=None, n_steps: Optional[int] = None, n_samples: int = 1,
                thin: int = 1, return_trajectory: bool = False, return_diagnostics: bool = False, *,

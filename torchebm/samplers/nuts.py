@@ -8,7 +8,7 @@ __all__ = ['NUTS', 'COMPILED_LEAVES_PER_CALL', 'MIN_VECTORIZED_EVENT', 'COMPILED
            'leapfrog_leaf', 'kinetic', 'is_turning', 'merge_log_prob', 'Draw', 'Subtree', 'GrowingSubtree',
            'LevelMasks', 'level_masks', 'leaf_chunks', 'grow_leaf', 'grow_leaves', 'native_leaf', 'inverse_mass',
            'native_grow_leaf', 'empty_subtree', 'compiled_levels', 'build_subtree', 'NUTSParams', 'Trajectory',
-           'start_trajectory', 'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'metric_like', 'compiled_metric',
+           'start_trajectory', 'join_subtree', 'NUTSInfo', 'per_chain_step_size', 'compiled_metric',
            'NoUTurnTransition', 'start_leaf', 'AsyncRecords', 'empty_records', 'record_at', 'draws_per_run',
            'AsyncNUTS', 'find_reasonable_step_size']
 
@@ -23,8 +23,9 @@ from ..core.base import check_choice, check_nonnegative_int, check_positive, eva
 from ..integrators import MassMatrix
 from .mcmc import (ADAPT_METRICS, DUAL_AVERAGING_KAPPA, DUAL_AVERAGING_T0, AdaptedParameters, ChainMonitor,
                                     CompiledModel, DualAveragingState, MCMCSampler, SamplingResult, Warmup,
-                                    adaptation_options, check_step_sizes, fused_kernels, jittered, run_chain)
-from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, as_metric, evaluated, leapfrog,
+                                    adaptation_options, check_start_energy, check_step_sizes, fused_kernels, jittered, metric_like,
+                                    run_chain)
+from .transitions import (MAX_ENERGY_ERROR, ChainState, Transition, evaluated, leapfrog,
                                            model_energy_and_gradient)
 
 # %% ../../nbs/18_nuts.ipynb #2a50f9db
@@ -146,7 +147,7 @@ class NoUTurnSampler(MCMCSampler):
         monitor = ChainMonitor(x, owner=owner, quiet=self._reported, divergence_limit=self.max_energy_error)
         with torch.no_grad(), eval_mode(run_model):
             evaluation = self.evaluation_model(run_model)
-            state = self.transition.init(evaluation, x)
+            state = check_start_energy(self.transition.init(evaluation, x), owner)
             record = thin if return_result and return_trajectory else 0
             if warm_start is not None: check_step_sizes('warm_start.step_size', warm_start.step_size)
             state, adapted, warm_divergent, warm_evals, warm_draws = self.warmup(evaluation, state, n_warmup, generator,
@@ -493,15 +494,6 @@ def per_chain_step_size(step_size, x: torch.Tensor) -> torch.Tensor:
         return step_size.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
     check_positive('step_size', step_size)
     return torch.full((x.shape[0],), float(step_size), device=x.device, dtype=x.dtype)
-
-
-def metric_like(metric: Optional[MassMatrix], x: torch.Tensor) -> MassMatrix:
-    "`metric` (identity if `None`) on `x`'s device and dtype, checked against its event shape."
-    metric = as_metric(metric)
-    if metric.kind != 'scalar' and (metric.mass.device != x.device or metric.mass.dtype != x.dtype):
-        metric = MassMatrix(metric.mass.to(device=x.device, dtype=x.dtype), kind=metric.kind)
-    metric.velocity(x[:1])
-    return metric
 
 
 def compiled_metric(metric: MassMatrix, x: torch.Tensor) -> MassMatrix:

@@ -136,11 +136,11 @@ class Box(NamedTuple):
         return x, torch.where(torch.remainder(folds, 2) == 1, -p, p)
 
 def as_box(box, box_mode: str = 'clamp') -> Optional[Box]:
-    "A `Box` from `None`, a `Box` or a `(low, high)` pair with `low < high`, kept by `box_mode`."
+    "A `Box` from `None`, a `Box` or a `(low, high)` pair with `low < high`, kept by `box_mode` (checked also without a box)."
+    box_mode = check_choice('box_mode', box_mode, BOX_MODES)
     if box is None or isinstance(box, Box): return box
     if not isinstance(box, (tuple, list)) or len(box) != 2:
         raise TypeError(f"box must be a (low, high) pair, got {box!r}")
-    check_choice('box_mode', box_mode, BOX_MODES)
     low, high = box
     if not bool(torch.all(torch.as_tensor(low) < torch.as_tensor(high))):
         raise ValueError(f"box must have low < high, got {box!r}")
