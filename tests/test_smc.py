@@ -105,6 +105,40 @@ def test_smc_float64_base_and_parameter_free_energy():
     assert abs(result.log_z.item() - math.log(2 * math.pi)) < 1e-12  # base = target: one stage, exact
 
 
+class HalfNormal(torch.nn.Module):
+    "$x^2/2$ on $x > 0$ and +inf elsewhere: $Z = \\sqrt{2\\pi}/2$. Half the base's draws get weight 0 at the first stage."
+    def forward(self, x):
+        return torch.where(x[:, 0] > 0, 0.5 * x[:, 0] ** 2, torch.full_like(x[:, 0], math.inf))
+
+
+def check_half_normal_log_z(dtype):
+    result = SequentialMonteCarlo(HalfNormal(), dtype=dtype).sample(
+        dim=1, n_samples=2048, generator=torch.Generator().manual_seed(0))
+    assert result.samples.dtype == dtype
+    check_log_z(result, math.log(math.sqrt(2 * math.pi) / 2))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_smc_log_z_of_a_target_with_infinite_energies(dtype):
+    """No beta keeps the conditional ESS at target_ess (half the particles die at any beta > 0), so the first stage
+    stops at 1e-12; the target's energy must then be evaluated afresh, not recovered by dividing by beta."""
+    check_half_normal_log_z(dtype)
+
+
+def test_half_normal_check_catches_energies_recovered_at_a_tiny_beta(monkeypatch):
+    "Recovering E from E_beta at beta = 1e-12 loses it in float32 (log Z -0.69 +- 0.02 instead of 0.23)."
+    monkeypatch.setattr(smc, 'min_recoverable_beta', lambda dtype: 0.0)
+    with pytest.raises(AssertionError, match='log Z'):
+        check_half_normal_log_z(torch.float32)
+
+
+def test_smc_raises_at_once_on_a_nan_energy():
+    "A NaN energy among the base's draws is an error at stage 1 (it used to creep up by 1e-12 for 10,000 stages)."
+    model = lambda x: torch.where(x.abs().max(-1).values > 3, torch.nan, 0.5 * x.pow(2).sum(-1))
+    with pytest.raises(ValueError, match=r'SequentialMonteCarlo: the energy is NaN or -inf at particles \[\d+'):
+        SequentialMonteCarlo(model).sample(dim=2, n_samples=256, generator=torch.Generator().manual_seed(0))
+
+
 def test_smc_without_resampling_is_ais_and_warns_when_the_weights_collapse():
     """`resampling=None` never resamples: log Z within 4 standard errors on a Gaussian, and a warning (not the
     void-ancestry one) when a narrow far target leaves the weights on a few particles."""

@@ -78,29 +78,30 @@ def test_swap_permutation_pairs_and_metropolis():
 
 
 # -- stationarity of one replica-exchange step -----------------------------------------------------------------
-def _gaussian_path(hottest):
+def _gaussian_path(hottest, dtype=torch.float64):
     "Target N(m, s^2 I), base N(0, I): every pi_beta is Gaussian with precision beta/s^2 + 1 - beta."
-    m, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
-    model = GaussianModel(m, s ** 2 * torch.eye(2, dtype=torch.float64))
-    base = GaussianBase(torch.zeros(2, dtype=torch.float64), 2, std=torch.ones(2, dtype=torch.float64))
-    betas = torch.tensor([hottest, 0.2, 0.5, 1.0], dtype=torch.float64)
+    m, s = torch.tensor([3.0, 0.0], dtype=dtype), 0.5
+    model = GaussianModel(m, s ** 2 * torch.eye(2, dtype=dtype))
+    base = GaussianBase(torch.zeros(2, dtype=dtype), 2, std=torch.ones(2, dtype=dtype))
+    betas = torch.tensor([hottest, 0.2, 0.5, 1.0], dtype=dtype)
     precision = betas / s ** 2 + 1 - betas
     return model, base, betas, (betas / s ** 2)[:, None] * m / precision[:, None], precision.rsqrt()
 
 
-def check_exchange_is_stationary(hottest=0.0, n=400, k=2, seed=0):
+def check_exchange_is_stationary(hottest=0.0, n=400, k=2, seed=0, dtype=torch.float64):
     """Start at exact draws of every temperature, apply k exchange steps, compare each rung with fresh exact draws.
-    A rung at beta = 0 needs the path's ends evaluated afresh; otherwise they come from the transition's state."""
-    model, base, betas, mean, std = _gaussian_path(hottest)
+    A rung below `min_recoverable_beta` (as in `ParallelTempering.sample`) needs the path's ends evaluated afresh;
+    otherwise they come from the transition's state."""
+    model, base, betas, mean, std = _gaussian_path(hottest, dtype)
     g = torch.Generator().manual_seed(seed)
-    exact = lambda: mean[:, None] + std[:, None, None] * torch.randn(4, n, 2, generator=g, dtype=torch.float64)
+    exact = lambda: mean[:, None] + std[:, None, None] * torch.randn(4, n, 2, generator=g, dtype=dtype)
     x = exact().reshape(4 * n, 2)
     parts = TemperedModel(model, base).parts(x)
     state = ChainState(x, *parts.at(betas.repeat_interleave(n)))
     params = LangevinParams(step_size=(0.05 * std ** 2).repeat_interleave(n))  # small moves: swaps dominate
     for t in range(k):
         state, _, _ = replica_exchange_step(model, base, state, betas, MALA(), params, torch.tensor(t % 2), g,
-                                            evaluate=hottest == 0)
+                                            evaluate=hottest < tempering.min_recoverable_beta(dtype))
     fresh = exact()
     p = [energy_distance_test(state.x.reshape(4, n, 2)[i], fresh[i], n_permutations=999, generator=g).p_value.item()
          for i in range(4)]
@@ -110,6 +111,17 @@ def check_exchange_is_stationary(hottest=0.0, n=400, k=2, seed=0):
 @pytest.mark.parametrize('hottest', [0.0, 0.05])
 def test_exchange_step_is_stationary(hottest):
     check_exchange_is_stationary(hottest)
+
+
+def test_exchange_step_is_stationary_with_a_tiny_rung_in_float32():
+    check_exchange_is_stationary(1e-9, dtype=torch.float32)
+
+
+def test_stationarity_check_catches_energies_recovered_at_a_tiny_beta(monkeypatch):
+    "Dividing by beta = 1e-9 in float32 loses the target's energy at the hottest rung: the swaps then move the wrong states."
+    monkeypatch.setattr(tempering, 'min_recoverable_beta', lambda dtype: 0.0)
+    with pytest.raises(AssertionError, match='moved away'):
+        check_exchange_is_stationary(1e-9, dtype=torch.float32)
 
 
 def test_stationarity_check_catches_a_swap_without_metropolis_test(monkeypatch):
@@ -247,3 +259,12 @@ def test_nan_guard_stops_the_run_naming_chains(phase):
                        warm_start=fixed, generator=torch.Generator().manual_seed(0))
     assert ('warm-up' in str(error.value)) == (phase == 'warm-up')
     assert model.calls <= 202  # stopped at the check after step 200, not at the end of the run
+
+
+def test_a_start_at_a_nan_energy_is_an_error_naming_the_chains():
+    "Not a NaN 'appearing between steps': the start itself is refused, naming each temperature's copy of the chain."
+    model = lambda x: torch.where(x[:, 0] > 5, torch.nan, 0.5 * x.pow(2).sum(-1))
+    x = torch.zeros(4, 2)
+    x[1, 0] = 6.0
+    with pytest.raises(ValueError, match=r'energy at the start is NaN or -inf for 3 of 12 chains \(chains \[1, 5, 9\]\)'):
+        ParallelTempering(model, n_temperatures=3).sample(x, n_steps=3, n_warmup=2)

@@ -352,11 +352,13 @@ class BaseSampler(DeviceMixin):
 
     # -- the sampling contract -------------------------------------------------------------------------
     def initial_chains(self, x: Optional[torch.Tensor] = None, dim=None, n_samples: int = 1,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        "Validated starting points: `x` itself, or standard normal noise `[n_samples, *dim]`."
-        if x is not None: return check_batch(x, 'x', model=self.model, dim=dim)
+                       generator: Optional[torch.Generator] = None, model=None) -> torch.Tensor:
+        """Validated starting points: `x` itself (checked against `dim`, else the model's `dim` when it has one), or
+        standard normal noise `[n_samples, *dim]`. `model` is the run's model (default: the sampler's)."""
+        model = self.model if model is None else model
+        if dim is None: dim = getattr(model, 'dim', None)
+        if x is not None: return check_batch(x, 'x', model=model, dim=dim)
         check_nonnegative_int('n_samples', n_samples, minimum=1)
-        if dim is None: dim = getattr(self.model, 'dim', None)
         if dim is None:
             raise ValueError(f"{type(self).__name__}.sample: pass x= (starting points) or dim=; "
                              "the model does not know its dimension")

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['RESAMPLING', 'weight_ess', 'incremental_log_weight', 'conditional_ess', 'next_beta', 'systematic_resample',
-           'multinomial_resample', 'log_z_variance', 'SMCResult', 'run_smc', 'weight_collapse_warning', 'event_shape',
-           'base_dtype', 'SequentialMonteCarlo']
+           'multinomial_resample', 'log_z_variance', 'SMCResult', 'check_gap', 'run_smc', 'weight_collapse_warning',
+           'event_shape', 'base_dtype', 'SequentialMonteCarlo']
 
 # %% ../../nbs/18b_smc.ipynb #6bc710b7
 import math
@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.base import BaseSampler, check_choice, check_fraction, check_nonnegative_int, check_positive, eval_mode, model_tensor_dtype
-from .mcmc import run_chain
-from .tempering import GaussianBase, TemperedModel, resolve_base, transition_and_params
+from .mcmc import invalid_energy, run_chain
+from .tempering import GaussianBase, TemperedModel, min_recoverable_beta, resolve_base, transition_and_params
 from .transitions import ChainState, Transition
 
 # %% ../../nbs/18b_smc.ipynb #989df186
@@ -85,6 +85,14 @@ class SMCResult(NamedTuple):
     n_resampled: int               # resampling events
     n_ancestors: int               # distinct time-0 ancestors of the final particles (1: the standard error is void)
 
+def check_gap(gap: torch.Tensor, beta: torch.Tensor, owner: str) -> torch.Tensor:
+    "`gap` $E - E_0$ `[n]` unless a particle's is NaN or $-\\infty$ (+inf is allowed: a point outside the support gets weight 0)."
+    bad = invalid_energy(gap)
+    if bool(bad.any()):
+        raise ValueError(f"{owner}: the energy is NaN or -inf at particles {bad.nonzero().flatten()[:10].tolist()} "
+                         f"(beta = {float(beta):.3g}); the target must be finite or +inf (outside its support)")
+    return gap
+
 def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, params, *,
             betas: Optional[torch.Tensor] = None, target_ess: float = 0.9, n_mutation_steps: int = 5,
             resampling: Optional[str] = 'systematic', resample_threshold: float = 0.5,
@@ -114,7 +122,7 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
             return state, info
         bar = tqdm(total=1.0, disable=not progress, desc=owner)
         for k in range(1, max_stages + 1):
-            gap = parts.gap.to(torch.float64)
+            gap = check_gap(parts.gap.to(torch.float64), beta, owner)
             new_beta = betas[k] if betas is not None else next_beta(log_w, gap, beta, target_ess)
             increment = incremental_log_weight(gap, beta, new_beta)
             log_z = log_z + torch.logsumexp(torch.log_softmax(log_w, 0) + increment, 0)
@@ -135,7 +143,8 @@ def run_smc(tempered: TemperedModel, x: torch.Tensor, transition: Transition, pa
                                         owner=f'{owner} stage {k}')
                 accept_history.append(accept)
                 step_history.append(step_size)
-                x, parts = state.x, tempered.parts_from_state(state)  # beta > 0 here: no extra evaluation
+                fresh = bool(beta < min_recoverable_beta(x.dtype))  # else no extra evaluation
+                x, parts = state.x, tempered.parts(state.x) if fresh else tempered.parts_from_state(state)
             if last: break
         else:
             raise RuntimeError(f"SMC did not reach beta = 1 within {max_stages} stages (beta = {float(beta):.3g}); "
@@ -158,13 +167,22 @@ def weight_collapse_warning(result: SMCResult, owner: str, min_ess_fraction: flo
                       stacklevel=3)
 
 # %% ../../nbs/18b_smc.ipynb #6cd866a5
+def _as_shape(dim) -> tuple:
+    return tuple(dim) if isinstance(dim, (tuple, list, torch.Size)) else (dim,)
+
 def event_shape(model, dim, base) -> tuple:
-    "The event shape from `dim=`, else the model's `dim`, else the base's."
-    if dim is None: dim = getattr(model, 'dim', None)
+    "The event shape from `dim=`, else the model's `dim`, else the base's; positive sizes, and the model's `dim` if it has one."
+    model_dim = getattr(model, 'dim', None)
+    if dim is None: dim = model_dim
     if dim is None and base is not None:
         dim = base.event_shape if isinstance(base, GaussianBase) else (tuple(base.event_shape) or None)
     if dim is None: raise ValueError("pass dim= (or a base distribution with an event shape); the model does not know its dimension")
-    return tuple(dim) if isinstance(dim, (tuple, list, torch.Size)) else (dim,)
+    shape = _as_shape(dim)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"dim must be a positive int or a tuple of them, got {dim!r}")
+    if model_dim is not None and shape != _as_shape(model_dim):
+        raise ValueError(f"dim={dim!r} does not match the model's dim {model_dim!r}")
+    return shape
 
 def base_dtype(base) -> Optional[torch.dtype]:
     "The floating dtype of a base's parameters (a `GaussianBase` or a `torch.distributions` object), else None."
@@ -212,6 +230,7 @@ class SequentialMonteCarlo(BaseSampler):
         The model runs in eval mode (its modes are restored afterwards), without a graph."""
         check_nonnegative_int('n_samples', n_samples, minimum=2)
         run_model = self.model if model is None else model
+        if run_model is None: raise ValueError("SequentialMonteCarlo has no model; pass model= to the constructor or to sample")
         dim = event_shape(run_model, dim, self.base)
         dtype = self._dtype or model_tensor_dtype(run_model) or base_dtype(self.base) or torch.get_default_dtype()
         base = resolve_base(self.base, dim, dtype, self.device)
