@@ -727,3 +727,11 @@ def test_async_chains_give_the_same_numbers_run_after_run():
                 x=x0, n_steps=1, return_result=True, generator=torch.Generator().manual_seed(0))
         runs.append(result.adapted.step_size)
     assert all(torch.equal(runs[0], r) for r in runs[1:]), [float(r.sum()) for r in runs]
+
+
+def test_diagnostics_of_a_run_without_draws_keep_their_dtypes():
+    "n_steps=0 gives empty per-draw diagnostics with the dtypes of a run with draws (bool flags, int64 counts)."
+    sampler, x = NoUTurnSampler(GaussianModel(torch.zeros(2), torch.eye(2)), step_size=0.3), torch.randn(4, 2)
+    dtypes = lambda n_steps: {k: v.dtype for k, v in
+                              sampler.sample(x, n_steps=n_steps, n_warmup=0, return_diagnostics=True)[1].items()}
+    assert dtypes(0) == dtypes(1)

@@ -171,6 +171,8 @@ class TransformedModel(BaseModel):
                  model,  # energy `E(x): [batch, *dim] -> [batch]` on the constrained support
                  transform: Union[str, Transform]):  # a `Transform` or a support name for `transform_for`
         super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be an energy (a callable such as a BaseModel), got {type(model).__name__}")
         self.model, self.transform = model, transform_for(transform)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,9 @@ class NoUTurnSampler(MCMCSampler):
             state, trajectory, _ = run_chain(step, state, n_steps, thin=thin, return_trajectory=return_trajectory,
                                              progress=progress, owner=owner, nan_policy=self.nan_policy, monitor=monitor)
         self._reported = monitor.found
-        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos else torch.empty(0, n, device=x.device)
+        kinds = {'is_divergent': torch.bool, 'hit_max_depth': torch.bool, 'tree_depth': torch.long, 'n_leapfrog': torch.long}
+        diagnostics = {k: torch.stack([getattr(info, k) for info in infos]) if infos
+                       else torch.empty(0, n, device=x.device, dtype=kinds.get(k, x.dtype))
                        for k in ('accept_prob', 'is_divergent', 'energy_error', 'tree_depth', 'n_leapfrog', 'hit_max_depth')}
         diagnostics.update(step_size=step_size.expand(n),
                            n_grad_evals=torch.tensor(sum(info.n_grad_evals for info in infos), device=x.device),
