@@ -61,7 +61,7 @@ class VariancePreservingInterpolant(BaseInterpolant):
     def compute_sigma_t(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         "`(sqrt(1 - alpha^2), -alpha * d alpha / sigma)`; the derivative is -inf at t = 1."
         alpha, d_alpha = self.compute_alpha_t(t)
-        sigma = torch.sqrt(-torch.expm1(2 * torch.log(alpha)))  # 1 - alpha^2 without cancellation near t = 1
+        sigma = torch.sqrt(0.0 - torch.expm1(2 * torch.log(alpha)))  # 1 - alpha^2 without cancellation; +0 (not -0) at t = 1
         return sigma, -alpha * d_alpha / sigma
 
     def __repr__(self): return f"VariancePreservingInterpolant(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"

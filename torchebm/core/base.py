@@ -68,9 +68,12 @@ def expect_one_deprecation(f: Callable):
 
 # %% ../../nbs/00_base.ipynb #f30983e7
 def resolve_option(value, registry: Dict[str, Callable], name: str, **kwargs):
-    "Return `value` itself, or build `registry[value](**kwargs)` when `value` is a registered name."
+    "Return `value` itself, or build `registry[value](**kwargs)` when `value` is a registered name (options only go with a name)."
     if isinstance(value, str):
         return registry[check_choice(name, value, list(registry))](**kwargs)
+    if kwargs:
+        raise TypeError(f"{name} is already built ({type(value).__name__}), so the options {sorted(kwargs)} would be "
+                        f"ignored; pass them to its constructor or give {name} as a name")
     return value
 
 # %% ../../nbs/00_base.ipynb #1a51b878
@@ -470,7 +473,7 @@ class BaseInterpolant(DeviceMixin):
         if not isinstance(t, torch.Tensor): raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
         if batch is not None and t.shape != (batch,):
             raise ValueError(f"t must have shape [batch] = ({batch},), got {tuple(t.shape)}")
-        if bool(((t < 0) | (t > 1)).any()): raise ValueError("t must lie in [0, 1]")
+        if not bool(((t >= 0) & (t <= 1)).all()): raise ValueError("t must lie in [0, 1] (NaN does not)")
         return t
 
     def __call__(self, t: torch.Tensor) -> InterpolantSchedule:

@@ -7,6 +7,7 @@ __all__ = ['BUFFER_INITS', 'run_sampler', 'ContrastiveDivergence', 'PersistentCo
 
 # %% ../../nbs/20_contrastive_divergence.ipynb #294db58a
 import inspect
+import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,12 +32,15 @@ def run_sampler(sampler, model, start: torch.Tensor, n_steps: int, generator: Op
     raise TypeError(f"{type(sampler).__name__}.sample must accept model= to sample the energy being trained "
                     "(or the sampler must have been built with that model)")
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 class ContrastiveDivergence(EnergyModelLoss):
     "Contrastive divergence (CD-k, or persistent CD): `loss, negatives = cd(x)`."
     def __init__(self,
                  model=None,  # energy model `E(x) -> [batch]` being trained
                  sampler=None,  # MCMC sampler drawing the negatives (e.g. `LangevinDynamics(model, ...)`)
-                 k_steps: int = 10,  # sampler steps per loss call
+                 k_steps: Optional[int] = None,  # sampler steps per loss call (default 10)
                  persistent: bool = False,  # keep chains in a replay buffer between calls (PCD)
                  buffer_size: int = 10000,  # PCD: chains in the replay buffer
                  reinit_prob: float = 0.05,  # PCD: chance that a drawn chain restarts from noise
@@ -56,13 +60,14 @@ class ContrastiveDivergence(EnergyModelLoss):
             sampler, model = model, None
             old_forms['ContrastiveDivergence(sampler, ...)'] = 'ContrastiveDivergence(model=..., sampler=...)'
         if k is not None:
-            if k_steps != 10: raise TypeError("ContrastiveDivergence: pass k_steps= (or the older k=), not both")
+            if k_steps is not None: raise TypeError("ContrastiveDivergence: pass k_steps= (or the older k=), not both")
             k_steps, old_forms['ContrastiveDivergence(k=...)'] = k, 'k_steps=...'
         if batch_size is not None:
             if n_negatives is not None:
                 raise TypeError("ContrastiveDivergence: pass n_negatives= (or the older batch_size=), not both")
             n_negatives, old_forms['ContrastiveDivergence(batch_size=...)'] = batch_size, 'n_negatives=...'
         if old_forms: warn_deprecated(', '.join(old_forms), ', '.join(old_forms.values()))
+        if k_steps is None: k_steps = 10
         if sampler is None or not callable(getattr(sampler, 'sample', None)):
             raise TypeError(f"ContrastiveDivergence needs sampler= (an object with sample(x=, n_steps=, generator=)), "
                             f"got {type(sampler).__name__}")
@@ -74,16 +79,15 @@ class ContrastiveDivergence(EnergyModelLoss):
         if n_negatives is not None: check_nonnegative_int('n_negatives', n_negatives, minimum=1)
         if isinstance(reinit_prob, bool) or not isinstance(reinit_prob, (int, float)) or not 0 <= reinit_prob <= 1:
             raise ValueError(f"reinit_prob must be a number in [0, 1], got {reinit_prob!r}")
-        if isinstance(energy_reg, bool) or not isinstance(energy_reg, (int, float)) or not energy_reg >= 0:
-            raise ValueError(f"energy_reg must be a number >= 0, got {energy_reg!r}")
+        if not _finite_number(energy_reg) or not energy_reg >= 0:
+            raise ValueError(f"energy_reg must be a finite number >= 0, got {energy_reg!r}")
         check_positive('init_std', init_std)
         self.buffer_init = check_choice('buffer_init', buffer_init, BUFFER_INITS)
         if (not isinstance(init_range, (tuple, list)) or len(init_range) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init_range)
-                or not init_range[0] < init_range[1]):
-            raise ValueError(f"init_range must be a (low, high) pair of numbers with low < high, got {init_range!r}")
-        if isinstance(data_noise, bool) or not isinstance(data_noise, (int, float)) or not data_noise >= 0:
-            raise ValueError(f"data_noise must be a number >= 0, got {data_noise!r}")
+                or not all(_finite_number(v) for v in init_range) or not init_range[0] < init_range[1]):
+            raise ValueError(f"init_range must be a (low, high) pair of finite numbers with low < high, got {init_range!r}")
+        if not _finite_number(data_noise) or not data_noise >= 0:
+            raise ValueError(f"data_noise must be a finite number >= 0, got {data_noise!r}")
         self.init_range, self.data_noise = (float(init_range[0]), float(init_range[1])), float(data_noise)
         self.sampler, self.k_steps, self.persistent = sampler, k_steps, bool(persistent)
         self.buffer_size, self.reinit_prob, self.energy_reg = buffer_size, float(reinit_prob), float(energy_reg)
@@ -192,7 +196,7 @@ class PersistentContrastiveDivergence(ContrastiveDivergence):
     def __init__(self,
                  model=None,  # energy model `E(x) -> [batch]` being trained
                  sampler=None,  # MCMC sampler drawing the negatives (e.g. `LangevinDynamics(model, ...)`)
-                 k_steps: int = 10,  # sampler steps per loss call
+                 k_steps: Optional[int] = None,  # sampler steps per loss call (default 10)
                  buffer_size: int = 10000,  # chains in the replay buffer (>= the negatives per call)
                  reinit_prob: float = 0.05,  # chance that a drawn chain restarts from noise
                  energy_reg: float = 0.0,  # weight of the E(x)^2 regulariser on positive and negative energies

@@ -72,6 +72,8 @@ class SlicedScoreMatching(EnergyModelLoss):
 # %% ../../nbs/21_score_matching.ipynb #b629e222
 def noise_levels(sigma) -> Tuple[float, ...]:
     "The noise level(s) of `sigma` (a number or a sequence / 1-D tensor of numbers) as positive floats."
+    if isinstance(sigma, torch.Tensor) and sigma.ndim > 1:
+        raise ValueError(f"sigma must be a number or a 1-D tensor of noise levels, got a tensor of shape {tuple(sigma.shape)}")
     levels = sigma.tolist() if isinstance(sigma, torch.Tensor) else sigma
     levels = tuple(levels) if isinstance(levels, (list, tuple)) else (levels,)
     if not levels: raise ValueError("sigma must hold at least one noise level")
@@ -82,18 +84,17 @@ class DenoisingScoreMatching(EnergyModelLoss):
     "Denoising score matching $\\mathbb E\\,\\frac12\\lVert\\nabla_x E(x+\\sigma\\varepsilon) - \\varepsilon/\\sigma\\rVert^2$ (several levels: $\\sigma^2$-weighted)."
     def __init__(self,
                  model,  # energy model `E(x): [batch, *dim] -> [batch]` being trained
-                 sigma: Union[float, Sequence[float], torch.Tensor] = 0.1,  # noise std > 0, or several (one drawn per data point)
+                 sigma: Union[float, Sequence[float], torch.Tensor, None] = None,  # noise std > 0, or several (one drawn per data point); default 0.1
                  dtype: Optional[torch.dtype] = None,  # `.dtype` if the model has no float tensors; computed in x's dtype
                  device: Union[str, torch.device, None] = None,  # `.device` if the model has no float tensors; runs on x's device
                  *,
                  noise_scale: Union[float, Sequence[float], None] = None):  # deprecated name of `sigma`
         super().__init__(model, dtype=dtype, device=device)
         if noise_scale is not None:
-            if not (isinstance(sigma, float) and sigma == 0.1):
-                raise TypeError("DenoisingScoreMatching: pass sigma= (or the older noise_scale=), not both")
+            if sigma is not None: raise TypeError("DenoisingScoreMatching: pass sigma= (or the older noise_scale=), not both")
             warn_deprecated("DenoisingScoreMatching(noise_scale=...)", "DenoisingScoreMatching(sigma=...)")
             sigma = noise_scale
-        self.sigmas = noise_levels(sigma)
+        self.sigmas = noise_levels(0.1 if sigma is None else sigma)
 
     @property
     def sigma(self) -> Union[float, Tuple[float, ...]]:

@@ -192,7 +192,7 @@ RIEMANNIAN_METRICS = {'softabs': SoftAbsMetric}
 
 def as_riemannian_metric(metric, alpha: float = 1.0) -> RiemannianMetric:
     "A `RiemannianMetric` from a name in `RIEMANNIAN_METRICS` (built with `alpha`), a `RiemannianMetric` or a callable `metric_fn`."
-    metric = resolve_option(metric, RIEMANNIAN_METRICS, 'metric', alpha=alpha)
+    if isinstance(metric, str): metric = resolve_option(metric, RIEMANNIAN_METRICS, 'metric', alpha=alpha)
     if isinstance(metric, RiemannianMetric): return metric
     if callable(metric): return FunctionMetric(metric)
     raise TypeError(f"metric must be 'softabs', a RiemannianMetric or a callable x -> G(x) [n, d, d], got {type(metric).__name__}")
