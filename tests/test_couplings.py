@@ -1,4 +1,6 @@
 "Minibatch couplings: the exact plans against SciPy, the entropic plans' limits, label-aware pairing, bad input."
+import math
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -160,6 +162,82 @@ def test_registry_and_bad_input():
     with pytest.raises(ValueError, match='scaling'): auction_assignment(torch.rand(3, 3), scaling=1.0)
     with pytest.raises(ValueError, match="'free'"): auction_assignment(torch.rand(3, 3), bidders='some')
     with pytest.raises(ValueError, match='check_every'): auction_assignment(torch.rand(3, 3), check_every=0)
+
+
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize('bidders', ['free', 'all'])
+def test_auction_refuses_a_non_finite_cost_at_once(bad, bidders):
+    "No bid settles on NaN or inf: the auction used to spin to max_rounds (minutes at the default)."
+    cost = torch.rand(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cost[2, 3] = bad
+    with pytest.raises(ValueError, match='cost must be finite'): auction_assignment(cost, bidders=bidders, max_rounds=2000)
+    with pytest.raises(ValueError, match='cost must be finite'): auction_assignment(torch.tensor([[bad]]))
+
+
+@pytest.mark.parametrize('coupling', [ExactOTCoupling('scipy'), ExactOTCoupling('auction'), SinkhornCoupling(),
+                                      UnbalancedSinkhornCoupling()], ids=repr)
+def test_non_finite_input_raises_naming_it(coupling):
+    "Every coupling and solver raises the same ValueError, naming the batch that holds NaN or inf."
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    with pytest.raises(ValueError, match='x0 contains NaN or inf'): coupling(torch.where(x0 > 1, math.nan, x0), x1)
+    with pytest.raises(ValueError, match='x1 contains NaN or inf'): coupling(x0, torch.where(x1 > 1, math.inf, x1))
+
+
+def test_unbalanced_coupling_pairs_an_outlier_whose_row_mass_underflows():
+    """The outlier's row of the float32 plan is all 0, and normalising it gave NaN and a crash in multinomial. Each row is
+    now normalised in the log domain: the same conditional where the row has mass, and for the outlier the nearest noise."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    x1[0] = 10.0
+    coupling = UnbalancedSinkhornCoupling(reg_marginals=0.1)
+    plan = coupling.plan(x0, x1)
+    assert plan[0].sum() == 0 and (plan[1:].sum(1) > 0).all()
+    torch.testing.assert_close(coupling.log_plan(x0, x1)[1:].softmax(1), plan[1:] / plan[1:].sum(1, keepdim=True))
+    idx = coupling.pair(x0, x1, generator=g)
+    assert idx[0] == (x0 - x1[0]).square().sum(1).argmin()
+    assert torch.equal(coupling(x0, x1, generator=torch.Generator().manual_seed(1)),
+                       x0[coupling.pair(x0, x1, generator=torch.Generator().manual_seed(1))])
+
+
+_COST = torch.rand(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(a=torch.full((4,), 0.5, dtype=torch.float64)), ValueError, 'equal sums'),
+    (dict(b=torch.full((5,), 0.1, dtype=torch.float64)), ValueError, 'equal sums'),
+    (dict(a=torch.tensor([-0.2, 0.4, 0.4, 0.4], dtype=torch.float64)), ValueError, 'a must be finite and non-negative'),
+    (dict(b=torch.tensor([0.2, 0.2, math.nan, 0.2, 0.2])), ValueError, 'b must be finite and non-negative'),
+    (dict(a=torch.zeros(4), reg_marginals=1.0), ValueError, 'positive sum'),
+    (dict(a=torch.full((3,), 1 / 3)), ValueError, r'a must have shape \[4\]'),
+    (dict(a=[0.25] * 4), TypeError, 'a must be a tensor'),
+    (dict(tol=-1.0), ValueError, 'tol'),
+    (dict(tol=0.0), ValueError, 'tol'),
+])
+def test_sinkhorn_plan_checks_its_marginals_and_tol(kwargs, error, match):
+    with pytest.raises(error, match=match): sinkhorn_plan(_COST, 0.1, **kwargs)
+
+
+def test_sinkhorn_plan_takes_equal_masses_balanced_and_any_masses_unbalanced():
+    a, b = torch.full((4,), 0.5, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
+    plan = sinkhorn_plan(_COST, 0.1, a=a, b=b, n_iters=500, tol=1e-12)
+    torch.testing.assert_close(plan.sum(1), a); torch.testing.assert_close(plan.sum(0), b)
+    a[0] = 0.0  # a zero weight leaves its row empty
+    assert sinkhorn_plan(_COST, 0.1, a=a, b=2 * b, reg_marginals=1.0)[0].abs().max() == 0
+    torch.testing.assert_close(sinkhorn_plan(_COST, 0.1, log=True).exp(), sinkhorn_plan(_COST, 0.1))
+
+
+def test_float32_costs_and_sinkhorn_pairs_far_from_the_origin():
+    """At 1000 +- 0.01 the |x|^2 + |y|^2 - 2xy cost cancelled in float32 (errors 0.25 against costs <= 0.003) and the
+    Sinkhorn pairing was no better than chance; the float32 coupling must now match the float64 one."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = 1000 + 0.01 * torch.randn(64, 2, generator=g), 1000 + 0.01 * torch.randn(64, 2, generator=g)
+    true_cost = torch.cdist(x1.double(), x0.double()).square()
+    assert (squared_distance_cost(x1, x0).double() - true_cost).abs().max() < 1e-3 * true_cost.max()
+    def pair_cost(dtype):
+        plan = SinkhornCoupling().plan(x0.to(dtype), x1.to(dtype)).double()
+        return ((plan * true_cost).sum() / plan.sum()).item()
+    assert pair_cost(torch.float32) == pytest.approx(pair_cost(torch.float64), rel=1e-3)
+    assert pair_cost(torch.float32) < 0.5 * true_cost.diagonal().mean().item()  # well below independent pairs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

@@ -14,13 +14,16 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .core.base import check_choice, check_nonnegative_int, check_positive, resolve_option
+from .core.base import check_choice, check_finite, check_nonnegative_int, check_positive, resolve_option
 
 # %% ../nbs/16a_couplings.ipynb #4acfb29a
 def squared_distance_cost(x1: torch.Tensor, x0: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     "Cost `[n1, n0]` of squared Euclidean distances between flattened `x1: [n1, *dim]` and `x0: [n0, *dim]`, detached."
     a, b = x1.detach().flatten(1), x0.detach().flatten(1)
     if dtype is not None: a, b = a.to(dtype), b.to(dtype)
+    # |a|^2 + |b|^2 - 2ab cancels catastrophically far from the origin: shift both sets by their pooled mean first
+    centre = (a.sum(0) + b.sum(0)) / max(a.shape[0] + b.shape[0], 1)
+    a, b = a - centre, b - centre
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
 
 # %% ../nbs/16a_couplings.ipynb #9a634eca
@@ -42,7 +45,7 @@ def _auction_round(benefit, prices, owner, assigned, rows, eps, stamp, masked):
     assigned = torch.full((n + 1,), n, dtype=owner.dtype, device=owner.device).scatter_(0, owner % (n + 1), torch.arange(n, device=owner.device))[:n]
     return prices, owner, assigned
 
-def auction_assignment(cost: torch.Tensor,  # square cost `[n, n]` (any float dtype; solved in float64)
+def auction_assignment(cost: torch.Tensor,  # square finite cost `[n, n]` (any float dtype; solved in float64)
                        tol: float = 1e-9,  # final bid increment eps_final = tol (max C - min C) / n
                        scaling: float = 5.0,  # factor by which the bid increment shrinks between phases, > 1
                        bidders: str = 'auto',  # 'free' (bidders gathered each round: one host sync a round), 'all' (masked, device-clean) or 'auto' ('free' on the CPU)
@@ -54,8 +57,9 @@ def auction_assignment(cost: torch.Tensor,  # square cost `[n, n]` (any float dt
     bidders = check_choice('bidders', bidders, AUCTION_BIDDERS)
     n = cost.shape[0]
     benefit = -cost.detach().double()
-    if n == 1: return torch.zeros(1, dtype=torch.long, device=cost.device)
-    spread = float(benefit.max() - benefit.min())
+    spread = float(benefit.max() - benefit.min())  # NaN or inf unless every cost is finite
+    if not math.isfinite(spread):
+        raise ValueError("cost must be finite for the auction, got NaN or inf entries (only solver='scipy' takes inf for a forbidden pair)")
     if spread == 0: return torch.arange(n, device=cost.device)
     dense = bidders == 'all' or (bidders == 'auto' and cost.device.type != 'cpu')
     eps, eps_final = spread / 4, spread * tol / n
@@ -97,21 +101,44 @@ def linear_assignment(cost: torch.Tensor,  # square cost `[n, n]`
     return torch.as_tensor(cols, device=cost.device)
 
 # %% ../nbs/16a_couplings.ipynb #f2e33789
+def _marginal(name, weights, size, opts):
+    "`weights` (uniform `1/size` if None) cast to `opts`, checked `[size]`, finite, >= 0 and of positive sum (one host sync)."
+    if weights is None: return torch.full((size,), 1.0 / size, **opts)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape [{size}], got {type(weights).__name__}")
+    if weights.shape != (size,):
+        raise ValueError(f"{name} must have shape [{size}] to match cost, got {tuple(weights.shape)}")
+    weights = weights.to(**opts)
+    if not bool((weights.isfinite() & (weights >= 0)).all() & (weights.sum() > 0)):
+        raise ValueError(f"{name} must be finite and non-negative with a positive sum, "
+                         f"got min {weights.min().item():g} and sum {weights.sum().item():g}")
+    return weights
+
+def _check_equal_mass(a, b) -> None:
+    "Balanced transport moves all of `a` onto all of `b`: their sums must agree to sqrt(machine eps), relatively."
+    mass_a, mass_b = float(a.sum()), float(b.sum())
+    if abs(mass_a - mass_b) > math.sqrt(torch.finfo(a.dtype).eps) * max(mass_a, mass_b):
+        raise ValueError(f"a and b must have equal sums for balanced Sinkhorn (reg_marginals=None), got {mass_a:g} and "
+                         f"{mass_b:g}: normalise them, or pass reg_marginals for unequal masses")
+
 def sinkhorn_plan(cost: torch.Tensor,  # cost `[n, m]` (`inf` forbids a pair)
                   reg: float,  # entropic regularisation epsilon > 0, in the units of `cost`
-                  a: Optional[torch.Tensor] = None,  # row marginal `[n]` (default: uniform 1/n)
-                  b: Optional[torch.Tensor] = None,  # column marginal `[m]` (default: uniform 1/m)
+                  a: Optional[torch.Tensor] = None,  # row marginal `[n]`, >= 0 (default: uniform 1/n)
+                  b: Optional[torch.Tensor] = None,  # column marginal `[m]`, >= 0, of `a`'s total mass if balanced (default: uniform 1/m)
                   reg_marginals: Optional[float] = None,  # rho > 0 for KL-relaxed marginals (None: balanced, marginals imposed)
                   n_iters: int = 200,  # number of (f, g) updates
-                  tol: Optional[float] = None) -> torch.Tensor:  # stop early when the row marginal is off by less (checked every 10 updates)
+                  tol: Optional[float] = None,  # > 0: stop early when the row marginal is off by less (checked every 10 updates)
+                  log: bool = False) -> torch.Tensor:  # return log P instead of P (finite where P underflows to 0)
     "The entropic (optionally unbalanced) optimal-transport plan `[n, m]` for `cost`."
     check_positive('reg', reg); check_nonnegative_int('n_iters', n_iters, minimum=1)
     if reg_marginals is not None: check_positive('reg_marginals', reg_marginals)
+    if tol is not None: check_positive('tol', tol)
     if cost.ndim != 2: raise ValueError(f"cost must be a [n, m] matrix, got shape {tuple(cost.shape)}")
     n, m = cost.shape
     opts = dict(dtype=cost.dtype, device=cost.device)
-    a = torch.full((n,), 1.0 / n, **opts) if a is None else a.to(**opts)
-    b = torch.full((m,), 1.0 / m, **opts) if b is None else b.to(**opts)
+    custom_marginals = a is not None or b is not None
+    a, b = _marginal('a', a, n, opts), _marginal('b', b, m, opts)
+    if reg_marginals is None and custom_marginals: _check_equal_mass(a, b)
     kappa = 1.0 if reg_marginals is None else reg_marginals / (reg_marginals + reg)
     neg_c, log_a, log_b = -cost.detach() / reg, a.log(), b.log()
     f, g = torch.zeros(n, **opts), torch.zeros(m, **opts)  # potentials divided by reg
@@ -121,7 +148,8 @@ def sinkhorn_plan(cost: torch.Tensor,  # cost `[n, m]` (`inf` forbids a pair)
         if tol is not None and i % 10 == 9:
             row = torch.logsumexp(neg_c + f[:, None] + g[None, :], 1).exp()
             if float((row - a).abs().max()) < tol: break
-    return (neg_c + f[:, None] + g[None, :]).exp()
+    log_plan = neg_c + f[:, None] + g[None, :]
+    return log_plan if log else log_plan.exp()
 
 # %% ../nbs/16a_couplings.ipynb #9e9a0554
 def _check_pair(x0, x1) -> None:
@@ -130,6 +158,12 @@ def _check_pair(x0, x1) -> None:
             raise ValueError(f"{name} must be a tensor of shape [batch, *dim], got {getattr(x, 'shape', type(x).__name__)}")
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+
+def _finite_cost(x0, x1, dtype=None) -> torch.Tensor:
+    "The cost `[n1, n0]` between `x1` and `x0`, once both are checked finite (one host sync; the error names the culprit)."
+    if not bool(torch.isfinite(x0).all() & torch.isfinite(x1).all()):
+        for name, x in (('x0', x0), ('x1', x1)): check_finite(x, name)
+    return squared_distance_cost(x1, x0, dtype)
 
 class BaseCoupling:
     "Pairs noise with data: `coupling(x0, x1, *, y=None, generator=None) -> x0` re-indexed to match `x1`."
@@ -159,7 +193,7 @@ class ExactOTCoupling(BaseCoupling):
         self.solver = check_choice('solver', solver, ASSIGNMENT_SOLVERS)
 
     def pair(self, x0, x1, *, y=None, generator=None):
-        return linear_assignment(squared_distance_cost(x1, x0, torch.float64), self.solver)
+        return linear_assignment(_finite_cost(x0, x1, torch.float64), self.solver)
 
 class SinkhornCoupling(BaseCoupling):
     "Minibatch entropic OT: each datum's partner drawn from its row of the log-domain Sinkhorn plan."
@@ -171,15 +205,19 @@ class SinkhornCoupling(BaseCoupling):
         if reg_marginals is not None: check_positive('reg_marginals', reg_marginals)
         self.reg, self.n_iters, self.reg_marginals = float(reg), n_iters, reg_marginals
 
+    def log_plan(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        "The log of the plan `[n1, n0]` between the rows of `x1` and `x0` (finite where the plan underflows)."
+        cost = _finite_cost(x0, x1)
+        scale = cost.mean().clamp_min(torch.finfo(cost.dtype).tiny)
+        return sinkhorn_plan(cost / scale, self.reg, reg_marginals=self.reg_marginals, n_iters=self.n_iters, log=True)
+
     def plan(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         "The plan `[n1, n0]` between the rows of `x1` and `x0`."
-        cost = squared_distance_cost(x1, x0)
-        scale = cost.mean().clamp_min(torch.finfo(cost.dtype).tiny)
-        return sinkhorn_plan(cost / scale, self.reg, reg_marginals=self.reg_marginals, n_iters=self.n_iters)
+        return self.log_plan(x0, x1).exp()
 
     def pair(self, x0, x1, *, y=None, generator=None):
-        plan = self.plan(x0, x1)
-        return torch.multinomial(plan / plan.sum(1, keepdim=True), 1, generator=generator).squeeze(1)
+        # row i's conditional P_ij / sum_j P_ij, normalised in the log domain: defined even where row i's mass underflows
+        return torch.multinomial(self.log_plan(x0, x1).softmax(1), 1, generator=generator).squeeze(1)
 
 class UnbalancedSinkhornCoupling(SinkhornCoupling):
     "Minibatch unbalanced entropic OT (marginals relaxed by $\\rho\\,\\mathrm{KL}$): robust to outliers in the batch."
