@@ -34,9 +34,11 @@ def _arrays():
     yield ar1(0.5, 4, 100, 2, seed=3) * torch.tensor([1., 1., 3., 1.], dtype=torch.float64)[:, None, None] \
         + torch.tensor([0., 0.5, 0., 0.], dtype=torch.float64)[:, None, None]
     yield ar1(-0.6, 2, 7, 1, seed=4)
+    yield ar1(0.2, 3, 4, 2, seed=5)   # the shortest chains accepted: split halves of two draws
+    yield ar1(0.2, 2, 5, 1, seed=6)
 
 
-@pytest.mark.parametrize('case', list(range(5)))
+@pytest.mark.parametrize('case', list(range(7)))
 def test_matches_arviz(case):
     az = pytest.importorskip('arviz')
     x = list(_arrays())[case]
@@ -383,3 +385,89 @@ def test_ess_rejects_every_2d_tensor():
     # mcmc_summary's energies [T, n_chains] with many short chains still work
     diag = {'energy': torch.randn(20, 64, dtype=torch.float64)}
     assert mcmc_summary(diagnostics=diag)['energy_ess_bulk'].shape == ()
+
+
+def test_short_chains_have_an_ess():
+    "Four steps are accepted; with halves of two draws no lag can be estimated and the ESS is ArviZ's cap S log10 S."
+    for n_steps in (4, 5):
+        x = ar1(0.2, 2, n_steps, 1, seed=n_steps)
+        for method in ('bulk', 'tail', 'mean'):
+            assert effective_sample_size(x, method).item() == pytest.approx(8 * math.log10(8))
+        assert set(mcmc_summary(x)) == {'ess_bulk', 'ess_tail', 'r_hat'}
+
+
+@pytest.mark.parametrize('fn', [ess_bulk, ess_tail, lambda t: effective_sample_size(t, 'mean'), r_hat,
+                                lambda t: r_hat(t, 'split'), autocorrelation, mcmc_summary])
+def test_non_finite_trajectory_is_refused_naming_the_chains(fn):
+    x = ar1(0.5, 4, 100, 2, seed=0)
+    x[2, 5, 1] = float('nan')
+    with pytest.raises(ValueError, match=r'trajectory must be finite, but 1 of 4 chains hold NaN or inf \(chain 2\)'):
+        fn(x)
+    x[0] = float('inf')   # a whole diverged chain
+    with pytest.raises(ValueError, match=r'2 of 4 chains hold NaN or inf \(chains 0, 2\)'):
+        fn(x)
+
+
+def test_non_finite_energies_are_refused_naming_the_chains():
+    energy = torch.randn(50, 3, dtype=torch.float64)
+    energy[10, 1] = float('nan')
+    with pytest.raises(ValueError, match=r"diagnostics\['energy'\] must be finite, but 1 of 3 chains hold NaN or inf "
+                                         r"\(chain 1\)"):
+        mcmc_summary(diagnostics={'energy': energy})
+
+
+def test_r_hat_of_constant_chains():
+    "No within-chain variance: chains stuck at different values never agree (inf), chains stuck together do (1)."
+    stuck_apart = torch.cat([torch.zeros(2, 100, 1), torch.ones(2, 100, 1)])
+    stuck_together = torch.full((4, 100, 1), 0.1)
+    for method in ('rank', 'split'):
+        assert r_hat(stuck_apart, method).item() == math.inf
+        assert r_hat(stuck_together, method).item() == 1
+    x = ar1(0.5, 4, 100, 2, seed=0)
+    x[..., 0] = 0.3   # one coordinate frozen, the other mixing: each gets its own answer
+    rh = r_hat(x)
+    assert rh[0] == 1 and rh[1] == r_hat(x[..., 1:])[0] and rh[1].isfinite()
+
+
+def test_two_sample_distances_refuse_non_finite_samples():
+    x, y = torch.randn(20, 2), torch.randn(30, 2)
+    for fn in (maximum_mean_discrepancy, sliced_wasserstein_distance, energy_distance_test):
+        bad_x = x.clone()
+        bad_x[3, 1] = float('nan')
+        with pytest.raises(ValueError, match='x contains NaN or inf'):
+            fn(bad_x, y)
+        bad_y = y.clone()
+        bad_y[0, 0] = float('inf')
+        with pytest.raises(ValueError, match='y contains NaN or inf'):
+            fn(x, bad_y)
+
+
+def test_mmd_default_bandwidth_ignores_ties():
+    """The median heuristic leaves out the distances between copies of one point: discrete or tied samples get a
+    positive width (1 if all samples coincide), and samples without ties keep the plain median."""
+    from torchebm.diagnostics import _median_distance
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(200, 1, generator=g) < 0.1).double()
+    y = (torch.rand(200, 1, generator=g) < 0.5).double()
+    # every nonzero distance is 1, so the widths are the factors themselves
+    torch.testing.assert_close(maximum_mean_discrepancy(x, y),
+                               maximum_mean_discrepancy(x, y, bandwidths=[0.25, 0.5, 1.0, 2.0, 4.0]))
+    assert maximum_mean_discrepancy(torch.zeros(5, 2), torch.zeros(6, 2)).item() == 0
+    # against the definition, distances taken exactly (cdist's fast path does not give exact zeros for copies)
+    z = torch.randint(0, 4, (150, 3), generator=g).double() * 0.1
+    i, j = torch.triu_indices(300, 300, 1)
+    pooled = torch.cat([z, z.flip(0)])
+    exact = (pooled[i] - pooled[j]).norm(dim=1)
+    assert _median_distance(z, z.flip(0)).item() == exact[exact > 0].median().item()
+    w = torch.randn(120, 5, generator=g, dtype=torch.float64)
+    assert _median_distance(w[:50], w[50:]).item() == pytest.approx(torch.pdist(w).median().item(), rel=1e-12)
+
+
+def test_mmd_bad_bandwidths():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match='bandwidth_factors'):
+        maximum_mean_discrepancy(x, x, bandwidth_factors=[])
+    with pytest.raises(ValueError, match='bandwidth_factors'):
+        maximum_mean_discrepancy(x, x, bandwidth_factors=[1.0, 0.0])
+    with pytest.raises(ValueError, match='bandwidths'):
+        maximum_mean_discrepancy(x, x, bandwidths=[])

@@ -71,3 +71,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match='c must be'): ksd_test(x, MODEL, c=-1.0)
     with pytest.raises(ValueError, match='n_bootstrap'): ksd_test(x, MODEL, n_bootstrap=0)
     with pytest.raises(ValueError, match='score shaped'): stein_kernel_matrix(x, x[:, :1])
+
+
+def test_non_finite_samples_or_scores_are_refused():
+    "NaN would make every bootstrap comparison False and report the strongest rejection, p = 1/(B+1)."
+    x = torch.randn(10, 2)
+    bad = x.clone()
+    bad[3, 0] = float('nan')
+    with pytest.raises(ValueError, match='x contains NaN or inf'): ksd_test(bad, MODEL)
+    with pytest.raises(ValueError, match='x contains NaN or inf'): kernel_stein_discrepancy(bad, MODEL)
+    with pytest.raises(ValueError, match=r'score \(the model score at x\) contains NaN or inf'):
+        ksd_test(x, score=lambda z: torch.full_like(z, float('inf')))

@@ -16,12 +16,20 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.base import check_choice, check_nonnegative_int, check_positive
+from ..core.base import check_choice, check_finite, check_nonnegative_int, check_positive
 
 # %% ../../nbs/50_diagnostics.ipynb #a2b79c79
+def _check_finite_chains(trajectory: torch.Tensor, name: str) -> None:
+    "Raise `ValueError` naming the chains (first axis) of `trajectory` that hold NaN or inf."
+    bad = (~torch.isfinite(trajectory.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        listing = ', '.join(map(str, bad[:10])) + (', ...' if len(bad) > 10 else '')
+        raise ValueError(f"{name} must be finite, but {len(bad)} of {len(trajectory)} chains hold NaN or inf "
+                         f"(chain{'s' if len(bad) > 1 else ''} {listing})")
+
 def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: int = 1,
                min_steps: int = 4) -> Tuple[torch.Tensor, torch.Size]:
-    "Check `trajectory: [n_chains, n_steps, *dim]` (at least 3-D); return it as float64 `[p, n_chains, n_steps]` and `dim`."
+    "Check `trajectory: [n_chains, n_steps, *dim]` (at least 3-D, finite); return it as float64 `[p, n_chains, n_steps]` and `dim`."
     if not isinstance(trajectory, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [n_chains, n_steps, *dim], "
                         f"got {type(trajectory).__name__}")
@@ -37,6 +45,7 @@ def _as_chains(trajectory: torch.Tensor, name: str = 'trajectory', min_chains: i
         raise ValueError(f"{name} needs at least {min_chains} chains, got {n_chains}")
     if n_steps < min_steps:
         raise ValueError(f"{name} needs at least {min_steps} steps per chain, got {n_steps}")
+    _check_finite_chains(trajectory, name)
     x = trajectory.detach()
     x = x.to(torch.float64) if x.device.type != 'mps' else x.float()
     return x.reshape(n_chains, n_steps, -1).permute(2, 0, 1), trajectory.shape[2:]
@@ -106,7 +115,8 @@ def _ess(x: torch.Tensor) -> torch.Tensor:
     rho = 1 - (mean_var.unsqueeze(1) - mean_acov) / var_plus.unsqueeze(1)
     rho[:, 0] = 1
     # Pairs (rho_2k, rho_2k+1) for k <= k_max; the sum is truncated at the first pair that is not positive.
-    k_max = (n - 1) // 2 - 1
+    # Halves of two draws (4 or 5 steps) still get the pair (rho_0, rho_1), as in ArviZ: tau hits its floor.
+    k_max = max((n - 1) // 2 - 1, 0)
     pair_sums = rho[:, :2 * (k_max + 1)].reshape(p, k_max + 1, 2).sum(-1)
     stops = pair_sums <= 0
     first_stop = torch.where(stops.any(1), stops.to(torch.int64).argmax(1), torch.full_like(stops[:, 0], k_max,
@@ -124,11 +134,15 @@ def _ess(x: torch.Tensor) -> torch.Tensor:
     return torch.where(constant, torch.full_like(ess, m * n), ess)
 
 def _rhat(x: torch.Tensor) -> torch.Tensor:
-    "Gelman-Rubin potential scale reduction of `x: [p, m, n]` -> `[p]`."
+    "Gelman-Rubin potential scale reduction of `x: [p, m, n]` -> `[p]`; constant chains give 1 if they agree, else inf."
     n = x.shape[-1]
     between = n * x.mean(-1).var(1)
     within = x.var(-1).mean(1)
-    return ((between / within + n - 1) / n).sqrt()
+    rhat = ((between / within + n - 1) / n).sqrt()
+    # Chains that never move have no within-chain variance: the ratio is 0/0 when they sit at one value, c/0 when not.
+    stuck = (x.amax(-1) == x.amin(-1)).all(1)
+    agree = x.amax((1, 2)) == x.amin((1, 2))
+    return torch.where(stuck, torch.where(agree, torch.ones_like(rhat), torch.full_like(rhat, math.inf)), rhat)
 
 # %% ../../nbs/50_diagnostics.ipynb #f8f04e52
 _ESS_METHODS = ('bulk', 'tail', 'mean')
@@ -168,7 +182,8 @@ def r_hat(trajectory: torch.Tensor, method: str = 'rank') -> torch.Tensor:
 
     `trajectory: [n_chains >= 2, n_steps, *dim]` -> `[*dim]`. `method='rank'` (default) is the rank-normalised
     split R-hat of Vehtari et al. (2021): the larger of the bulk R-hat and the R-hat of the draws folded around
-    their median (which catches chains that differ in scale only). `method='split'` is the classic split R-hat."""
+    their median (which catches chains that differ in scale only). `method='split'` is the classic split R-hat.
+    Constant chains have no within-chain variance: stuck at different values they give inf, at one value 1."""
     method = check_choice('method', method, _RHAT_METHODS)
     x, dim = _as_chains(trajectory, min_chains=2)
     split = _split_chains(x)
@@ -194,6 +209,7 @@ def mcmc_summary(trajectory: Optional[torch.Tensor] = None,
         if not isinstance(diagnostics, dict) or 'energy' not in diagnostics:
             raise TypeError("diagnostics must be a sampler diagnostics dict with an 'energy' entry [T, n_chains]")
         energy = diagnostics['energy'].transpose(0, 1)[..., None]  # [n_chains, T, 1]: one scalar per draw
+        _check_finite_chains(energy, "diagnostics['energy']")
         summary.update(energy_ess_bulk=ess_bulk(energy)[0], energy_ess_tail=ess_tail(energy)[0])
         if energy.shape[0] > 1: summary['energy_r_hat'] = r_hat(energy)[0]
         if 'acceptance_rate' in diagnostics: summary['acceptance_rate'] = diagnostics['acceptance_rate'].mean()
@@ -209,26 +225,45 @@ def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
             raise ValueError(f"{name} must have shape [n >= 2, *dim], got {tuple(t.shape)}")
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(f"x and y must have the same event shape, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])}")
+    for name, t in (('x', x), ('y', y)): check_finite(t, name)
     return x.detach().flatten(1), y.detach().flatten(1).to(x.dtype)
 
+def _lower_weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    "Median of `values` counted `weights` times each (the lower middle value for an even count, as `Tensor.median`)."
+    order = values.argsort()
+    cumulative = weights[order].cumsum(0)
+    return values[order][torch.searchsorted(cumulative, (cumulative[-1] + 1) // 2)]
+
 def _median_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 2000) -> torch.Tensor:
-    "Median of the pairwise distances among the pooled samples (the usual bandwidth heuristic; strided subset)."
+    "Median of the nonzero pairwise distances among the pooled samples, 1 if all coincide (bandwidth heuristic; strided subset)."
     z = torch.cat([x, y])
     z = z[::max(1, len(z) // max_points)]
-    d = torch.cdist(z, z)
-    return d[torch.triu_indices(len(z), len(z), 1, device=z.device).unbind()].median()
+    # Copies are merged exactly before the distances: cdist's fast path gives copies small nonzero distances.
+    distinct, copies = z.unique(dim=0, return_counts=True)
+    if len(distinct) == 1: return z.new_ones(())
+    i, j = torch.triu_indices(len(distinct), len(distinct), 1, device=z.device)
+    return _lower_weighted_median(torch.cdist(distinct, distinct)[i, j], copies[i] * copies[j])
+
+def _positive_numbers(name: str, values: Sequence[float]) -> list:
+    "`values` as a list, checked to hold at least one number, all positive and finite."
+    try: values = list(values)
+    except TypeError: raise TypeError(f"{name} must be a sequence of positive numbers, got {type(values).__name__}") from None
+    if not values: raise ValueError(f"{name} must hold at least one positive number, got an empty sequence")
+    for value in values: check_positive(name, value)
+    return values
 
 def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, bandwidths: Optional[Sequence[float]] = None,
                              bandwidth_factors: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
     """Unbiased squared MMD between `x: [n, *dim]` and `y: [m, *dim]` with a sum of RBF kernels.
 
-    `bandwidths`: the RBF widths $h$; by default `bandwidth_factors` times the median pairwise distance."""
+    `bandwidths`: the RBF widths $h$; by default `bandwidth_factors` times the median of the nonzero pairwise
+    distances among the pooled samples (1 if all samples coincide)."""
     x, y = _flat_pair(x, y)
     if bandwidths is None:
-        h = _median_distance(x, y) * torch.tensor(bandwidth_factors, dtype=x.dtype, device=x.device)
+        factors = _positive_numbers('bandwidth_factors', bandwidth_factors)
+        h = _median_distance(x, y) * torch.tensor(factors, dtype=x.dtype, device=x.device)
     else:
-        for b in bandwidths: check_positive('bandwidths', b)
-        h = torch.tensor(list(bandwidths), dtype=x.dtype, device=x.device)
+        h = torch.tensor(_positive_numbers('bandwidths', bandwidths), dtype=x.dtype, device=x.device)
     def kernel(a, b):
         d2 = torch.cdist(a, b).pow(2)
         return sum(torch.exp(-d2 / (2 * width ** 2)) for width in h)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import check_nonnegative_int, check_positive, eval_mode
+from ..core.base import check_finite, check_nonnegative_int, check_positive, eval_mode
 from ..models.image import ConvEnergy
 
 # %% ../../nbs/53_sample_quality.ipynb #63912f65
@@ -104,6 +104,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> torc
     for name, f in (('features_a', features_a), ('features_b', features_b)):
         if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] < 2:
             raise ValueError(f"{name} must be a tensor [n >= 2, F], got {getattr(f, 'shape', type(f))}")
+        check_finite(f, name)
     if features_a.shape[1] != features_b.shape[1]:
         raise ValueError(f"feature widths differ: {features_a.shape[1]} and {features_b.shape[1]}")
     a, b = features_a.double(), features_b.double()

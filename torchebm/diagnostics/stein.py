@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..core.base import check_nonnegative_int, check_positive
+from ..core.base import check_finite, check_nonnegative_int, check_positive
 
 # %% ../../nbs/54_stein.ipynb #e30f6066
 def _check_imq(c: float, beta: float) -> None:
@@ -56,7 +56,8 @@ def _score_at(x: torch.Tensor, model, score: Optional[Callable]) -> torch.Tensor
 def _u_statistic_matrix(x, model, score, c, beta) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] < 2:
         raise ValueError(f"x must be a tensor [n, *dim] with n >= 2 samples, got {getattr(x, 'shape', type(x).__name__)}")
-    u = stein_kernel_matrix(x, _score_at(x, model, score), c, beta)
+    check_finite(x, 'x')
+    u = stein_kernel_matrix(x, check_finite(_score_at(x, model, score), 'score (the model score at x)'), c, beta)
     return u - torch.diag_embed(u.diagonal())
 
 def kernel_stein_discrepancy(x: torch.Tensor,  # samples `[n, *dim]`, n >= 2
