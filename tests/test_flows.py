@@ -598,3 +598,38 @@ def test_energy_matching_warm_up_flow_lands_on_the_data_and_bad_input():
     with pytest.raises(ValueError, match='negatives'): em(data[:4], negatives=torch.zeros(4, 3))
     with pytest.raises(ValueError, match='n_sampler_steps'): EnergyMatchingLoss(potential, n_sampler_steps=0)
     with pytest.raises(TypeError, match='callable energy'): EnergyMatchingLoss(None)
+
+
+# ---- audit: what the constructor refuses, the likelihood's integrator, non-finite input ----
+from torchebm.samplers.likelihood import flow_likelihood
+
+
+@pytest.mark.parametrize('integrator', ['bosh3', 'dopri8', 'adaptive_heun', 'dopri5', 'rk4'])
+def test_sde_mode_with_an_ode_only_integrator_is_refused_on_construction(integrator):
+    with pytest.raises(ValueError, match=r"mode='sde' needs a stochastic integrator .* integrates ODEs only"):
+        FlowSampler(gaussian_velocity, mode='sde', integrator=integrator)
+
+
+@pytest.mark.parametrize('prediction, mode', [('score', 'ode'), ('noise', 'ode'), ('velocity', 'sde'), ('score', 'sde')])
+def test_a_stochastic_interpolant_needs_a_velocity_ode_on_construction(prediction, mode):
+    with pytest.raises(ValueError, match=f"prediction='velocity' and mode='ode', got prediction='{prediction}', mode='{mode}'"):
+        FlowSampler(gaussian_velocity, interpolant='stochastic', prediction=prediction, mode=mode, integrator='euler')
+    ode = FlowSampler(gaussian_velocity, interpolant='stochastic', integrator='euler', n_steps=4)
+    assert ode.sample(dim=2, n_samples=2, generator=gen()).shape == (2, 2)
+
+
+def test_log_likelihood_with_the_implicit_integrator_says_why_it_cannot():
+    sampler = FlowSampler(gaussian_velocity, integrator='implicit_euler_maruyama', n_steps=3)
+    with pytest.raises(ValueError, match='explicit integrator'): sampler.log_likelihood(torch.ones(3, 2, dtype=F64))
+    assert sampler.sample(x=torch.ones(3, 2, dtype=F64)).shape == (3, 2)  # sampling with it works
+
+
+def test_non_finite_input_is_reported_as_the_input():
+    sampler = FlowSampler(gaussian_velocity, n_steps=3, dtype=F64)
+    x = torch.ones(2, 2, dtype=F64)
+    for bad in (math.nan, math.inf):
+        x[1, 1] = bad
+        with pytest.raises(ValueError, match='^x contains NaN or inf values$'): sampler.sample(x=x)
+        with pytest.raises(ValueError, match='^x contains NaN or inf values$'): sampler.log_likelihood(x)
+        with pytest.raises(ValueError, match='^x contains NaN or inf values$'):
+            flow_likelihood(sampler, x, n_levels=17)

@@ -362,3 +362,103 @@ def test_bad_states_and_inputs_name_the_argument():
     with pytest.raises(ValueError, match="'heun', 'implicit_euler_maruyama', 'leapfrog', 'rk4'"):
         get_integrator('midpoint')
     with pytest.raises(ValueError, match='n_steps or t1'): AdaptiveHeun().integrate({'x': x}, 0.1, drift=force)
+
+
+# ---- audit: drift shapes, non-finite times and states, per-chain step sizes, Newton convergence ----
+from torchebm.integrators import leapfrog_steps
+
+FIXED_STEP = ['euler_maruyama', 'heun', 'rk4', 'leapfrog', 'implicit_euler_maruyama']
+ADAPTIVE = ['dopri5', 'bosh3', 'adaptive_heun', 'dopri8']
+
+
+def summed_drift(x, t):
+    "A drift that sums over the event dimension: [batch] instead of [batch, 1] (it used to reshape the state)."
+    return -(x ** 3 - x).sum(1)
+
+
+@pytest.mark.parametrize('name', sorted(INTEGRATORS))
+def test_a_drift_not_shaped_like_x_is_refused_by_step_and_integrate(name):
+    state = {'x': torch.zeros(4, 1, dtype=F64), 'p': torch.zeros(4, 1, dtype=F64)}
+    with pytest.raises(ValueError, match=r'drift\(x, t\) must return a tensor with the shape of x \(4, 1\), got shape \(4,\)'):
+        get_integrator(name).integrate(state, 0.1, 3, drift=summed_drift)
+    with pytest.raises(ValueError, match='shape of x'):
+        get_integrator(name).step(state, 0.1, drift=lambda x, t: -x[:1])  # a later stage's output, broadcastable
+    with pytest.raises(ValueError, match='got float'):
+        get_integrator(name).step(state, 0.1, drift=lambda x, t: 0.0)
+
+
+@pytest.mark.parametrize('name', ADAPTIVE)
+@pytest.mark.parametrize('times', [{'t1': math.inf}, {'t1': -math.inf}, {'t1': math.nan},
+                                   {'t0': math.nan, 't1': 1.0}, {'t0': math.inf, 't1': 1.0}])
+def test_adaptive_integrate_refuses_non_finite_times(name, times):
+    which = 't0' if 't0' in times else 't1'
+    with pytest.raises(ValueError, match=f'{which} must be a finite number'):
+        get_integrator(name, max_steps=50).integrate({'x': torch.ones(2, 1, dtype=F64)}, 0.1, drift=lambda x, t: -x,
+                                                     **times)
+
+
+@pytest.mark.parametrize('name', FIXED_STEP)
+def test_fixed_step_integrate_refuses_non_finite_times_noise_and_states(name):
+    integ, decay = get_integrator(name), lambda x, t: -x
+    state = lambda x: {'x': x, 'p': torch.zeros_like(x)}
+    ones = state(torch.ones(2, 1, dtype=F64))
+    for t0 in (math.nan, math.inf):
+        with pytest.raises(ValueError, match='t0 must be a finite number'): integ.integrate(ones, 0.1, 3, drift=decay, t0=t0)
+    if name in ('euler_maruyama', 'heun', 'implicit_euler_maruyama'):
+        with pytest.raises(ValueError, match='noise_scale must be a finite number'):
+            integ.integrate(ones, 0.1, 3, drift=decay, noise_scale=math.nan)
+    with pytest.raises(ValueError, match='NaN or inf appeared'):  # in the state, or in the Newton solve (implicit)
+        integ.integrate(ones, 0.1, 3, drift=lambda x, t: x * math.inf)
+    with pytest.raises(ValueError, match='state .*contains NaN or inf'):
+        integ.integrate(state(torch.tensor([[1.0], [math.nan]], dtype=F64)), 0.1, 3, drift=decay)
+    assert torch.isfinite(integ.integrate(ones, 0.1, 3, drift=decay)['x']).all()
+
+
+def test_leapfrog_integrate_checks_the_momenta_too():
+    "The force at the end of the last step only reaches p: a NaN there leaves x finite."
+    force = lambda x, t: torch.where(x > 1.05, math.nan, -x)
+    with pytest.raises(ValueError, match='NaN or inf appeared'):
+        Leapfrog().integrate({'x': torch.ones(1, 1, dtype=F64), 'p': torch.ones(1, 1, dtype=F64)}, 0.1, 1, drift=force)
+
+
+@pytest.mark.parametrize('name', FIXED_STEP)
+def test_integrate_takes_one_step_size_for_the_batch(name):
+    state = {'x': torch.ones(3, 2, dtype=F64), 'p': torch.zeros(3, 2, dtype=F64)}
+    with pytest.raises(ValueError, match=r'one step_size for the whole batch .* shape \(3, 1\)'):
+        get_integrator(name).integrate(state, torch.full((3, 1), 0.1, dtype=F64), 4, drift=lambda x, t: -x)
+    for one in (torch.tensor(0.1, dtype=F64), torch.tensor([0.1], dtype=F64)):
+        torch.testing.assert_close(get_integrator(name).integrate(state, one, 4, drift=lambda x, t: -x)['x'],
+                                   get_integrator(name).integrate(state, 0.1, 4, drift=lambda x, t: -x)['x'])
+
+
+@pytest.mark.parametrize('n_steps', [0, -1])
+def test_leapfrog_steps_needs_at_least_one_step(n_steps):
+    "With no step it used to hand back p after the opening half kick."
+    with pytest.raises(ValueError, match='n_steps must be an int >= 1'):
+        leapfrog_steps(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.1, n_steps, lambda p: p,
+                       lambda x, i: (-x, None))
+
+
+def test_implicit_euler_maruyama_refuses_an_unconverged_newton_iterate():
+    "-50 sin(x) at h = 0.1: I - h J is near singular for some chains; Newton wanders (it left a residual of 6.24)."
+    x = torch.linspace(-2, 2, 8, dtype=F64).reshape(4, 2)
+    steep = lambda x, t: -50 * torch.sin(x)
+    with pytest.raises(RuntimeError, match=r"did not converge in newton_steps=20 iterations at step_size=0\.1 .*smaller "
+                                           r"step_size, more newton_steps"):
+        ImplicitEulerMaruyama().step({'x': x}, 0.1, drift=steep)
+    new = ImplicitEulerMaruyama().integrate({'x': x}, 0.01, 10, drift=steep)['x']  # small steps converge
+    assert torch.isfinite(new).all()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_implicit_euler_maruyama_default_tolerance_follows_the_dtype(dtype):
+    "float32 used to run all 20 Newton iterations (42 drift calls) per step: tol=1e-10 was out of its reach."
+    calls = []
+    def double_well(x, t): calls.append(1); return -4 * x * (x * x - 1)
+    x = torch.linspace(-2, 2, 8, dtype=dtype).reshape(4, 2)
+    new = ImplicitEulerMaruyama().step({'x': x}, 0.1, drift=double_well)['x']
+    assert len(calls) < 20
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(new, x + 0.1 * double_well(new, None), rtol=0, atol=50 * eps)
+    assert ImplicitEulerMaruyama().tol is None and ImplicitEulerMaruyama(tol=1e-6).tol == 1e-6
+    with pytest.raises(ValueError, match='tol'): ImplicitEulerMaruyama(tol=0.0)

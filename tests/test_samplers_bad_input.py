@@ -109,7 +109,7 @@ def test_missing_model_and_both_models(make):
         make(42)
 
 
-@pytest.mark.parametrize('name', ['rk4', 'dopri5', 'leapfrog'])
+@pytest.mark.parametrize('name', ['rk4', 'dopri5', 'dopri8', 'bosh3', 'adaptive_heun', 'leapfrog'])
 def test_langevin_refuses_deterministic_integrators(name):
     with pytest.raises(ValueError, match='stochastic integrator'):
         LangevinDynamics(Gaussian2D(), integrator=name)

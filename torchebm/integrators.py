@@ -11,6 +11,7 @@ __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'R
 # %% ../nbs/10_integrators.ipynb #096b2193
 import functools
 import math
+import numbers
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -40,13 +41,41 @@ def as_integrator_state(state: Union[IntegratorState, Dict[str, torch.Tensor]]) 
 # %% ../nbs/10_integrators.ipynb #19a84dab
 def _same(state): return state
 
-def _accepts_dicts(step: Callable) -> Callable:
-    "Let a `step` written on `IntegratorState` also take, and give back, a state dict."
+def _checked_step(step: Callable) -> Callable:
+    "Let a `step` written on `IntegratorState` also take, and give back, a state dict, and check every `drift` output's shape."
     @functools.wraps(step)
-    def wrapper(self, state, *args, **kwargs):
+    def wrapper(self, state, *args, drift: Callable, **kwargs):
         typed, restore = as_integrator_state(state)
-        return restore(step(self, typed, *args, **kwargs))
+        return restore(step(self, typed, *args, drift=_shape_checked(drift), **kwargs))
     return wrapper
+
+def _shape_checked(drift: Callable) -> Callable:
+    "`drift`, raising `ValueError` when an output is not a tensor shaped like its input `x` (a shape comparison: no sync)."
+    def checked(x: torch.Tensor, t) -> torch.Tensor:
+        out = drift(x, t)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"drift(x, t) must return a tensor with the shape of x {tuple(x.shape)}, got {got}")
+        return out
+    return checked
+
+def _check_finite_number(name: str, value) -> None:
+    "Raise unless `value` is a finite real number; a tensor is let through unread (reading it would sync with the device)."
+    if isinstance(value, torch.Tensor): return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value): raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+def _is_finite(state: IntegratorState) -> bool:
+    "Whether the positions and momenta of `state` are free of NaN and inf (one host sync)."
+    return bool(torch.stack([torch.isfinite(v).all() for v in (state.x, state.p) if v is not None]).all())
+
+def _check_finite_end(owner: str, start: IntegratorState, end: IntegratorState) -> None:
+    "Raise `ValueError` if the positions or momenta of `end` hold NaN or inf, saying whether those of `start` did."
+    if _is_finite(end): return
+    if not _is_finite(start): raise ValueError(f"{owner}.integrate: the starting state (x or p) contains NaN or inf values")
+    raise ValueError(f"{owner}.integrate: NaN or inf appeared in the state while integrating; "
+                     "check what drift returns, or reduce step_size")
 
 def _is_zero(value) -> bool:
     "True for a plain number equal to zero (tensors are never inspected: that would sync with the device)."
@@ -87,15 +116,25 @@ class FixedStepIntegrator(BaseIntegrator):
     def integrate(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, n_steps: int, *,
                   drift: Callable, t0: float = 0.0, noise_scale: float = 0.0,
                   generator: Optional[torch.Generator] = None, **step_kwargs):
-        "`n_steps` steps of `step` from time `t0` on `state.x: [batch, *dim]`; returns the final state in the form given."
+        """`n_steps` steps of `step` from time `t0` on `state.x: [batch, *dim]`; returns the final state in the form given.
+        `step_size` is one for the whole batch: a number, or a one-element tensor that is not read back (so not
+        validated: no host sync). Raises `ValueError` if the final state holds NaN or inf (one host sync per call)."""
+        owner = type(self).__name__
+        _check_finite_number('t0', t0); _check_finite_number('noise_scale', noise_scale)
+        if isinstance(step_size, torch.Tensor) and step_size.numel() != 1:
+            raise ValueError(f"{owner}.integrate takes one step_size for the whole batch (a number or a one-element "
+                             f"tensor), got a tensor of shape {tuple(step_size.shape)}; per-chain step sizes are for "
+                             "axpy and leapfrog_steps")
         typed, restore = as_integrator_state(state)
-        return restore(super().integrate(typed, step_size, n_steps, drift=drift, t0=t0, noise_scale=noise_scale,
-                                         generator=generator, **step_kwargs))
+        end = super().integrate(typed, step_size, n_steps, drift=drift, t0=t0, noise_scale=noise_scale,
+                                generator=generator, **step_kwargs)
+        _check_finite_end(owner, typed, end)
+        return restore(end)
 
 # %% ../nbs/10_integrators.ipynb #17ca4c23
 class EulerMaruyama(FixedStepIntegrator):
     "Euler-Maruyama: `x + h f(x, t) + sqrt(2 h) * noise_scale * eps` (explicit Euler when `noise_scale=0`)."
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None) -> IntegratorState:
@@ -108,7 +147,7 @@ class EulerMaruyama(FixedStepIntegrator):
 # %% ../nbs/10_integrators.ipynb #1e0cdbe0
 class Heun(FixedStepIntegrator):
     "Heun's predictor-corrector (trapezoidal) method; second order for ODEs, additive noise for SDEs."
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None) -> IntegratorState:
@@ -126,7 +165,7 @@ class Heun(FixedStepIntegrator):
 # %% ../nbs/10_integrators.ipynb #66d69d66
 class RK4(FixedStepIntegrator):
     "Classical fourth-order Runge-Kutta for ODEs (`noise_scale` must be 0)."
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None) -> IntegratorState:
@@ -226,6 +265,7 @@ def leapfrog_steps(x: torch.Tensor,  # positions `[batch, *dim]`
                    kick: float = 1.0,  # +1: `g` is the force -dU/dx; -1: `g` is dU/dx
                    after_drift: Optional[Callable] = None):  # (x, p) -> (x, p) after each drift (walls)
     "The kick-drift-kick scheme, written once for `Leapfrog` and the MCMC transitions; returns `(x, p, g, aux)` at the end."
+    check_nonnegative_int('n_steps', n_steps, minimum=1)  # 0 steps would still apply the opening half kick
     p = axpy(p, kick * 0.5 * h, g)
     aux = None
     for i in range(n_steps):
@@ -239,7 +279,7 @@ def _unit_velocity(p: torch.Tensor) -> torch.Tensor: return p
 
 class Leapfrog(FixedStepIntegrator):
     "Symplectic, time-reversible leapfrog on a state with momenta `p`; `drift(x, t)` is the force $-\\nabla U$."
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None, mass=None) -> IntegratorState:
@@ -289,7 +329,7 @@ class EmbeddedRungeKutta(BaseIntegrator):
             ks.append(drift(_combine(x, h, a, ks), _later(t, c * h)))
         return ks
 
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None) -> IntegratorState:
@@ -314,16 +354,18 @@ class EmbeddedRungeKutta(BaseIntegrator):
                   noise_scale: float = 0.0, generator: Optional[torch.Generator] = None):
         "Integrate `state.x: [batch, *dim]` from `t0` to `t1` (default `t0 + n_steps * step_size`) adaptively."
         owner = type(self).__name__
-        _check_no_noise(owner, noise_scale); check_positive('step_size', step_size)
+        _check_no_noise(owner, noise_scale); check_positive('step_size', step_size); _check_finite_number('t0', t0)
         if t1 is None:
             if n_steps is None: raise ValueError(f"{owner}.integrate needs n_steps or t1")
             check_nonnegative_int('n_steps', n_steps)
             t1 = t0 + n_steps * step_size
+        _check_finite_number('t1', t1)
         state, restore = as_integrator_state(state)
         self.n_function_evals = self.n_accepted = self.n_rejected = 0
+        checked = _shape_checked(drift)
         def counted(x, t):
             self.n_function_evals += 1
-            return drift(x, t)
+            return checked(x, t)
         direction, exponent = (1.0 if t1 >= t0 else -1.0), -1.0 / (self.error_order + 1)
         def attempt(carry, i):  # one tried step of size h from time t: accepted (t moves on) or rejected
             state, t, h = carry
@@ -458,36 +500,51 @@ class Dopri8(EmbeddedRungeKutta):
 class ImplicitEulerMaruyama(FixedStepIntegrator):
     "Drift-implicit Euler-Maruyama $x' = x + h f(x', t + h) + \\sqrt{2h}\\,s\\,\\xi$, solved by Newton's method (stiff drifts)."
     def __init__(self,
-                 newton_steps: int = 20,  # most Newton iterations per step
-                 tol: float = 1e-10,  # stop when the largest update is below tol * (1 + |x|)
+                 newton_steps: int = 20,  # most Newton iterations per step (RuntimeError when they do not converge)
+                 tol: Optional[float] = None,  # stop when the largest update is below tol * (1 + |x|); None: sqrt(eps) of x's dtype
                  device=None,  # device recorded on the integrator (states keep their own)
                  dtype=None):  # dtype recorded on the integrator (states keep their own)
         super().__init__(device=device, dtype=dtype)
-        check_nonnegative_int('newton_steps', newton_steps, minimum=1); check_positive('tol', tol)
+        check_nonnegative_int('newton_steps', newton_steps, minimum=1)
+        if tol is not None: check_positive('tol', tol)
         self.newton_steps, self.tol = newton_steps, tol
 
-    @_accepts_dicts
+    @_checked_step
     def step(self, state: Union[IntegratorState, Dict[str, torch.Tensor]], step_size: float, *, drift: Callable,
              t: Optional[torch.Tensor] = None, noise_scale: float = 0.0,
              generator: Optional[torch.Generator] = None) -> IntegratorState:
         "One implicit step from `state.x: [batch, *dim]`; returns the new state (with the drift at the new point)."
-        from torch.func import jacrev, vmap
         x, h = state.x, step_size
         base = x if _is_zero(noise_scale) else x + _diffusion(x, h, noise_scale, generator)
         t_new = _later(t, h)
-        shape, flat = x.shape[1:], x.reshape(x.shape[0], -1)
-        def single(y, s): return drift(y.reshape(1, *shape), None if s is None else s.reshape(1)).reshape(-1)
-        jacobian = vmap(jacrev(single), in_dims=(0, None if t_new is None else 0))
-        eye = torch.eye(flat.shape[1], dtype=x.dtype, device=x.device)
-        y = axpy(base, h, _drift_at(state, drift, t)).reshape(flat.shape)  # explicit predictor
-        for _ in range(self.newton_steps):
-            f = drift(y.reshape(x.shape), t_new).reshape(flat.shape)
-            residual = y - base.reshape(flat.shape) - h * f
-            update = torch.linalg.solve(eye - h * jacobian(y, t_new), residual.unsqueeze(-1)).squeeze(-1)
-            y = y - update
-            if float(update.abs().max()) <= self.tol * (1 + float(y.abs().max())): break
-        x_new = y.reshape(x.shape)
+        x_new = self._newton(base, axpy(base, h, _drift_at(state, drift, t)), h, drift, t_new)  # explicit predictor
         return IntegratorState(x_new, state.p, drift(x_new, t_new))
+
+    def _newton(self, base: torch.Tensor, guess: torch.Tensor, h, drift: Callable, t) -> torch.Tensor:
+        "Solve $y = \\text{base} + h f(y, t)$ (`[batch, *dim]`) by Newton's method from `guess`; one host sync per iteration."
+        from torch.func import jacrev, vmap
+        shape, flat = base.shape[1:], base.reshape(base.shape[0], -1)
+        def single(y, s): return drift(y.reshape(1, *shape), None if s is None else s.reshape(1)).reshape(-1)
+        jacobian = vmap(jacrev(single), in_dims=(0, None if t is None else 0))
+        eye = torch.eye(flat.shape[1], dtype=base.dtype, device=base.device)
+        tol = self.tol if self.tol is not None else torch.finfo(base.dtype).eps ** 0.5
+        y = guess.reshape(flat.shape)
+        for _ in range(self.newton_steps):
+            residual = y - flat - h * drift(y.reshape(base.shape), t).reshape(flat.shape)
+            update = torch.linalg.solve(eye - h * jacobian(y, t), residual.unsqueeze(-1)).squeeze(-1)
+            y = y - update
+            if bool(update.abs().max() <= tol * (1 + y.abs().max())): return y.reshape(base.shape)
+        raise self._newton_failure(base, update, h, tol)
+
+    def _newton_failure(self, base: torch.Tensor, update: torch.Tensor, h, tol: float) -> Exception:
+        "Why Newton's method stopped unconverged (it has failed, so reading the tensors back costs nothing that matters)."
+        if not bool(torch.isfinite(base).all()):
+            return ValueError("ImplicitEulerMaruyama: the state x (or the noise added to it) contains NaN or inf values")
+        if not bool(torch.isfinite(update).all()):
+            return ValueError("ImplicitEulerMaruyama: NaN or inf appeared in Newton's method; check what drift returns")
+        return RuntimeError(f"ImplicitEulerMaruyama: Newton's method did not converge in newton_steps={self.newton_steps} "
+                            f"iterations at step_size={h} (last update {float(update.abs().max()):.3g}, tol={tol:.3g} "
+                            f"for {base.dtype}); use a smaller step_size, more newton_steps or a larger tol")
 
 # %% ../nbs/10_integrators.ipynb #0381b0e7
 EulerMaruyamaIntegrator, HeunIntegrator, LeapfrogIntegrator = EulerMaruyama, Heun, Leapfrog

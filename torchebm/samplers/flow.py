@@ -12,9 +12,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..core.base import (BaseInterpolant, BaseIntegrator, BaseSampler, check_batch, check_choice,
-                                check_nonnegative_int, check_positive, eval_mode, expand_like, rademacher_like)
-from ..integrators import Dopri5, Leapfrog, RK4, get_integrator
-from ..interpolants import get_interpolant
+                                check_finite, check_nonnegative_int, check_positive, eval_mode, expand_like, rademacher_like)
+from ..integrators import EmbeddedRungeKutta, ImplicitEulerMaruyama, Leapfrog, RK4, get_integrator
+from ..interpolants import StochasticInterpolant, get_interpolant
 from .mcmc import ChainState, check_chains_finite, run_chain
 
 # %% ../../nbs/17_flow_sampler.ipynb #ad4c5483
@@ -37,7 +37,7 @@ def _resolve_flow_integrator(integrator, mode: str) -> BaseIntegrator:
     if isinstance(resolved, Leapfrog):
         raise ValueError("Leapfrog integrates Hamiltonian dynamics (it needs momenta); "
                          "use 'euler', 'heun', 'rk4' or 'dopri5' for flows")
-    if mode == 'sde' and isinstance(resolved, (RK4, Dopri5)):
+    if mode == 'sde' and isinstance(resolved, (RK4, EmbeddedRungeKutta)):
         raise ValueError(f"mode='sde' needs a stochastic integrator ('euler' or 'heun'), "
                          f"got {type(resolved).__name__}, which integrates ODEs only")
     return resolved
@@ -62,6 +62,10 @@ class FlowSampler(BaseSampler):
         self.interpolant = get_interpolant(interpolant)
         self.prediction = check_choice('prediction', prediction, PREDICTIONS)
         self.mode = check_choice('mode', mode, MODES)
+        if isinstance(self.interpolant, StochasticInterpolant) and (self.prediction != 'velocity' or self.mode == 'sde'):
+            raise ValueError(f"a StochasticInterpolant needs prediction='velocity' and mode='ode', got "
+                             f"prediction={self.prediction!r}, mode={self.mode!r}: its velocity is not a function of "
+                             "a noise or score prediction, nor its noise (which the SDE needs) of the velocity")
         self.integrator = _resolve_flow_integrator(integrator, self.mode)
         if not isinstance(negate_velocity, bool):
             raise TypeError(f"negate_velocity must be True or False, got {negate_velocity!r}")
@@ -118,11 +122,12 @@ class FlowSampler(BaseSampler):
 
     # -- sampling -----------------------------------------------------------------------------------------
     def start_points(self, x, dim, n_samples, generator) -> torch.Tensor:
-        "The noise to start from: `x` (checked) or `N(0, I)` of shape `[n_samples, *dim]`."
+        "The noise to start from: `x` (checked, finite: one host sync) or `N(0, I)` of shape `[n_samples, *dim]`."
         if self.model is None: raise ValueError("FlowSampler has no model; pass model= to the constructor")
         if x is None and dim is None:
             dim = getattr(self.model, 'dim', None) or getattr(self.model, 'input_dim', None)
-        return self.initial_chains(x, dim, n_samples, generator)
+        start = self.initial_chains(x, dim, n_samples, generator)
+        return start if x is None else check_finite(start, 'x')
 
     def sample(self, x: Optional[torch.Tensor] = None, dim=None, n_steps: Optional[int] = None, n_samples: int = 1,
                thin: int = 1, return_trajectory: bool = False, return_diagnostics: bool = False, *,
@@ -140,10 +145,10 @@ class FlowSampler(BaseSampler):
         drift = (lambda z, t: self.sde_drift(z, t, kwargs)) if self.mode == 'sde' \
             else (lambda z, t: self.velocity(z, t, kwargs))
         with torch.no_grad(), eval_mode(self.model):
-            if isinstance(self.integrator, Dopri5):
+            if isinstance(self.integrator, EmbeddedRungeKutta):  # adaptive: Dopri5, Dopri8, Bosh3, AdaptiveHeun
                 if return_trajectory or return_diagnostics or thin != 1:
-                    raise ValueError("the adaptive Dopri5 integrator returns only the final samples; use a fixed-step "
-                                     "integrator ('euler', 'heun', 'rk4') for trajectories or diagnostics")
+                    raise ValueError(f"the adaptive {type(self.integrator).__name__} integrator returns only the final samples; "
+                                     "use a fixed-step integrator ('euler', 'heun', 'rk4') for trajectories or diagnostics")
                 x = self.integrator.integrate({'x': x}, h, n_steps, drift=drift, t0=t_start)['x']
                 trajectory = diagnostics = None
             else:
@@ -193,7 +198,11 @@ class FlowSampler(BaseSampler):
         """$\\log p(x)$ in nats `[batch]` of data `x: [batch, *dim]` under the probability-flow ODE:
         $\\log N(x_{t_0}; 0, I) - \\int_{t_0}^{t_1} \\nabla\\cdot v(x_t, t)\\,dt$, integrated from data back to noise
         with the model in eval mode (its previous mode restored)."""
-        x = check_batch(x, 'x', model=self.model)
+        if isinstance(self.integrator, ImplicitEulerMaruyama):
+            raise ValueError("log_likelihood needs an explicit integrator ('euler', 'heun', 'rk4', 'dopri5', ...), got "
+                             "ImplicitEulerMaruyama: its Newton solve differentiates the drift with torch.func, inside "
+                             "which the divergence's autograd cannot run")
+        x = check_finite(check_batch(x, 'x', model=self.model), 'x')
         method = check_choice('divergence', divergence, ('exact', 'hutchinson'))
         n_steps = self.n_steps if n_steps is None else n_steps
         check_nonnegative_int('n_steps', n_steps, minimum=1)

@@ -14,7 +14,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.base import BaseIntegrator, BaseScheduler, ConstantScheduler, check_positive
-from ..integrators import Dopri5, EulerMaruyama, Leapfrog, MassMatrix, RK4, get_integrator
+from ..integrators import EmbeddedRungeKutta, EulerMaruyama, Leapfrog, MassMatrix, RK4, get_integrator
 from .mcmc import (ENERGY_GROWTH, ENERGY_LIMIT, ChainState, MCMCSampler,
                                     adaptation_options, check_chains_finite, check_schedule, fused_kernels,
                                     model_gradient, per_step_tensor)
@@ -30,7 +30,7 @@ def check_schedulable(name: str, value, allow_zero: bool = False) -> None:
 def langevin_integrator(integrator, metropolis: bool) -> BaseIntegrator:
     "Resolve and check the integrator of a Langevin sampler (stochastic ones only; MALA needs Euler-Maruyama)."
     resolved = get_integrator(integrator)
-    if isinstance(resolved, (Leapfrog, RK4, Dopri5)):
+    if isinstance(resolved, (Leapfrog, RK4, EmbeddedRungeKutta)):  # ODE-only integrators
         raise ValueError(f"LangevinDynamics needs a stochastic integrator ('euler_maruyama', 'heun' or a custom "
                          f"BaseIntegrator), got {type(resolved).__name__}")
     if metropolis and type(resolved) is not EulerMaruyama:

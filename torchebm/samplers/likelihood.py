@@ -12,7 +12,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..core.base import check_batch, check_choice, check_nonnegative_int
+from ..core.base import check_batch, check_choice, check_finite, check_nonnegative_int
 from ..datasets import _check_value_range, uniform_dequantize
 from .flow import FlowSampler, nats_to_bits_per_dim
 
@@ -72,7 +72,7 @@ def flow_likelihood(sampler: FlowSampler,  # a `FlowSampler` around the trained 
     "Log-likelihood (nats) and bits/dim `[batch]` of `x` under the flow: exact for continuous data, the dequantisation bound for discrete data."
     if not callable(getattr(sampler, 'log_likelihood', None)):  # duck-typed: also a FlowSampler whose class a notebook redefines
         raise TypeError(f"sampler must be a FlowSampler, got {type(sampler).__name__}")
-    x = check_batch(x, 'x', model=sampler.model)
+    x = check_finite(check_batch(x, 'x', model=sampler.model), 'x')
     check_nonnegative_int('n_dequantizations', n_dequantizations, minimum=1)
     n_dims = x[0].numel()
     method = resolve_divergence(divergence, n_dims, max_exact_dim)
