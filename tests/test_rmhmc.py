@@ -144,9 +144,10 @@ def test_nonconvergence_warns_and_counts_as_divergent():
     x = funnel_draws(32, 1, torch.Generator().manual_seed(5))
     sampler = RiemannianManifoldHMC(Funnel(), step_size=0.5, n_leapfrog_steps=2, n_fixed_point_iters=2,
                                     fixed_point_tol=1e-12)
-    with pytest.warns(RuntimeWarning, match='fixed-point iterations did not converge'):
+    with pytest.warns(RuntimeWarning, match='fixed-point iterations did not converge') as caught:
         result = sampler.sample(x=x, n_steps=2, return_result=True, generator=torch.Generator().manual_seed(6))
     assert int(result.n_divergent.sum()) > 0
+    assert {w.filename for w in caught if 'fixed-point' in str(w.message)} == {__file__}  # points at the sample call
 
 
 def test_user_metric_not_positive_definite_is_rejected():

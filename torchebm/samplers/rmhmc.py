@@ -70,7 +70,7 @@ class RiemannianManifoldHMC(MCMCSampler):
                 warnings.warn(f"{type(self).__name__}: the fixed-point iterations did not converge in {int(unsettled.sum())} "
                               f"transitions of {len(chains)} of {x.shape[0]} chains (chains {chains[:20]}); they were "
                               "rejected and counted as divergent: lower step_size or raise n_fixed_point_iters",
-                              RuntimeWarning, stacklevel=4)  # points at the sample(...) call
+                              RuntimeWarning, stacklevel=5)  # counted <- run_steps <- run_chain <- sample <- the caller
             return new, out
         return counted, state, n_warmup, adapted
 
