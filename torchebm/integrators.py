@@ -11,13 +11,12 @@ __all__ = ['EulerMaruyamaIntegrator', 'HeunIntegrator', 'LeapfrogIntegrator', 'R
 # %% ../nbs/10_integrators.ipynb #096b2193
 import functools
 import math
-import numbers
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .core.base import (BaseIntegrator, DeviceMixin, check_choice, check_nonnegative_int, check_positive,
-                                resolve_option, run_steps)
+from .core.base import (BaseIntegrator, DeviceMixin, check_choice, check_finite_number, check_nonnegative_int,
+                                check_positive, resolve_option, run_steps)
 
 # %% ../nbs/10_integrators.ipynb #b11484d4
 class IntegratorState(NamedTuple):
@@ -61,10 +60,7 @@ def _shape_checked(drift: Callable) -> Callable:
 
 def _check_finite_number(name: str, value) -> None:
     "Raise unless `value` is a finite real number; a tensor is let through unread (reading it would sync with the device)."
-    if isinstance(value, torch.Tensor): return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value): raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(value, torch.Tensor): check_finite_number(name, value)
 
 def _is_finite(state: IntegratorState) -> bool:
     "Whether the positions and momenta of `state` are free of NaN and inf (one host sync)."

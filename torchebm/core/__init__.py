@@ -4,27 +4,27 @@
 
 # %% auto #0
 __all__ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', 'check_nonnegative_int', 'check_choice',
-           'check_fraction', 'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like', 'rademacher_like',
-           'DeviceMixin', 'BaseModel', 'deprecated_alias', 'model_tensor_dtype', 'model_tensor_device', 'check_batch',
-           'check_finite', 'resolve_model', 'BaseScheduler', 'ConstantScheduler', 'BaseSampler', 'BaseLoss',
-           'BaseIntegrator', 'InterpolantSchedule', 'expand_like', 'BaseInterpolant', 'LinearScheduler',
-           'CosineScheduler', 'ExponentialDecayScheduler', 'MultiStepScheduler', 'WarmupScheduler', 'GaussianEnergy',
-           'RosenbrockEnergy', 'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy', 'GaussianModel', 'DoubleWellModel',
-           'HarmonicModel', 'RosenbrockModel', 'RastriginModel', 'AckleyModel', 'HimmelblauModel', 'BoothModel',
-           'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP', 'EnergyModel', 'DoubleWellEnergy',
-           'Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform', 'StickBreakingTransform',
-           'IdentityTransform', 'BlockTransform', 'TransformedModel', 'transform_for', 'TRANSFORMS',
-           'TemperatureScheduler', 'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy', 'TemperedEnergy',
-           'ConditionalEnergy', 'model_input_dtype', 'IsingModel', 'RBM', 'exact_log_partition', 'exact_probabilities',
-           'all_states', 'state_codes', 'PottsModel', 'lattice_coupling', 'eval_mode', 'run_steps',
-           'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
+           'check_fraction', 'is_finite_number', 'check_finite_number', 'expect_one_deprecation', 'resolve_option',
+           'randn_like', 'rand_like', 'rademacher_like', 'DeviceMixin', 'BaseModel', 'deprecated_alias',
+           'model_tensor_dtype', 'model_tensor_device', 'check_batch', 'check_finite', 'resolve_model', 'BaseScheduler',
+           'ConstantScheduler', 'BaseSampler', 'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule', 'expand_like',
+           'BaseInterpolant', 'LinearScheduler', 'CosineScheduler', 'ExponentialDecayScheduler', 'MultiStepScheduler',
+           'WarmupScheduler', 'GaussianEnergy', 'RosenbrockEnergy', 'RastriginEnergy', 'AckleyEnergy', 'HarmonicEnergy',
+           'GaussianModel', 'DoubleWellModel', 'HarmonicModel', 'RosenbrockModel', 'RastriginModel', 'AckleyModel',
+           'HimmelblauModel', 'BoothModel', 'StyblinskiTangModel', 'CompositeEnergy', 'activation_class', 'MLP',
+           'EnergyModel', 'DoubleWellEnergy', 'Transform', 'ExpTransform', 'SoftplusTransform', 'IntervalTransform',
+           'StickBreakingTransform', 'IdentityTransform', 'BlockTransform', 'TransformedModel', 'transform_for',
+           'TRANSFORMS', 'TemperatureScheduler', 'TEMPERATURE_SCHEDULES', 'ProductOfExperts', 'MixtureEnergy',
+           'TemperedEnergy', 'ConditionalEnergy', 'model_input_dtype', 'IsingModel', 'RBM', 'exact_log_partition',
+           'exact_probabilities', 'all_states', 'state_codes', 'PottsModel', 'lattice_coupling', 'eval_mode',
+           'run_steps', 'PolynomialDecayScheduler', 'CyclicalCosineScheduler']
 
 # %% ../../nbs/03_core.ipynb #f8f72fa2
 from .base import *
 from .schedulers import *
 from .energies import *
 _all_ = ['BaseEnergyFunction', 'Sampler', 'warn_deprecated', 'check_positive', 'check_nonnegative_int',
-         'check_choice', 'check_fraction', 'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like',
+         'check_choice', 'check_fraction', 'is_finite_number', 'check_finite_number', 'expect_one_deprecation', 'resolve_option', 'randn_like', 'rand_like',
          'rademacher_like', 'DeviceMixin', 'BaseModel', 'deprecated_alias', 'model_tensor_dtype',
          'model_tensor_device', 'check_batch', 'check_finite', 'resolve_model', 'BaseScheduler',
          'ConstantScheduler', 'BaseSampler', 'BaseLoss', 'BaseIntegrator', 'InterpolantSchedule',

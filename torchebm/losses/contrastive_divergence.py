@@ -7,13 +7,12 @@ __all__ = ['BUFFER_INITS', 'run_sampler', 'ContrastiveDivergence', 'PersistentCo
 
 # %% ../../nbs/20_contrastive_divergence.ipynb #294db58a
 import inspect
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..core.base import (BaseSampler, check_batch, check_choice, check_nonnegative_int, check_positive,
-                                eval_mode, warn_deprecated)
+                                eval_mode, is_finite_number, warn_deprecated)
 from .loss_utils import (ConditionedModel, EnergyModelLoss, check_loss_finite, is_per_sample,
                                         merge_model_kwargs, model_energy, tile_model_kwargs)
 
@@ -31,9 +30,6 @@ def run_sampler(sampler, model, start: torch.Tensor, n_steps: int, generator: Op
     if getattr(sampler, 'model', None) is model: return sampler.sample(x=start, n_steps=n_steps, generator=generator)
     raise TypeError(f"{type(sampler).__name__}.sample must accept model= to sample the energy being trained "
                     "(or the sampler must have been built with that model)")
-
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 class ContrastiveDivergence(EnergyModelLoss):
     "Contrastive divergence (CD-k, or persistent CD): `loss, negatives = cd(x)`."
@@ -79,14 +75,14 @@ class ContrastiveDivergence(EnergyModelLoss):
         if n_negatives is not None: check_nonnegative_int('n_negatives', n_negatives, minimum=1)
         if isinstance(reinit_prob, bool) or not isinstance(reinit_prob, (int, float)) or not 0 <= reinit_prob <= 1:
             raise ValueError(f"reinit_prob must be a number in [0, 1], got {reinit_prob!r}")
-        if not _finite_number(energy_reg) or not energy_reg >= 0:
+        if not is_finite_number(energy_reg) or not energy_reg >= 0:
             raise ValueError(f"energy_reg must be a finite number >= 0, got {energy_reg!r}")
         check_positive('init_std', init_std)
         self.buffer_init = check_choice('buffer_init', buffer_init, BUFFER_INITS)
         if (not isinstance(init_range, (tuple, list)) or len(init_range) != 2
-                or not all(_finite_number(v) for v in init_range) or not init_range[0] < init_range[1]):
+                or not all(is_finite_number(v) for v in init_range) or not init_range[0] < init_range[1]):
             raise ValueError(f"init_range must be a (low, high) pair of finite numbers with low < high, got {init_range!r}")
-        if not _finite_number(data_noise) or not data_noise >= 0:
+        if not is_finite_number(data_noise) or not data_noise >= 0:
             raise ValueError(f"data_noise must be a finite number >= 0, got {data_noise!r}")
         self.init_range, self.data_noise = (float(init_range[0]), float(init_range[1])), float(data_noise)
         self.sampler, self.k_steps, self.persistent = sampler, k_steps, bool(persistent)
